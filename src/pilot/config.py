@@ -1,0 +1,282 @@
+"""Typed parameter models for every pipeline, checked before any compute.
+
+Each top-level parameter block (``data``, ``base``, ``guidance`` ...) has a pydantic model
+here. The project's ``before_pipeline_run`` hook validates every block the pipeline's nodes
+read, so a wrong type, a negative loss weight, an unknown task or an injection layer outside
+the student stops the run at once, with one sentence naming the key, the bad value and what
+is allowed. Unknown keys are errors too (a typo is never silently ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pilot.tasks import check_task_name
+
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class ParameterError(ValueError):
+    """A parameter is invalid; the message is one sentence naming key, value and what is allowed."""
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _describe(error: dict[str, Any], prefix: str) -> str:
+    key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"Parameter '{key}' is not a known setting; remove it or fix its spelling."
+    if error["type"] == "missing":
+        return f"Parameter '{key}' is required but missing."
+    message = message.removeprefix("Value error, ")
+    return f"Parameter '{key}' = {error.get('input')!r} is invalid: {message[0].lower()}{message[1:]}."
+
+
+def validate(model: type[Params], value: Any, prefix: str) -> Params:
+    """``model.model_validate(value)``, re-raising failures as one-sentence :class:`ParameterError`."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as error:
+        raise ParameterError(_describe(error.errors()[0], prefix)) from None
+
+
+# ---------------------------------------------------------------------------------- data
+class TaskParams(Params):
+    name: str
+    size: PositiveInt
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        check_task_name(name)
+        return name
+
+
+class DataParams(Params):
+    seed: int = 0
+    val_per_task: PositiveInt = 100
+    test_per_task: PositiveInt = 300
+    tasks: list[TaskParams] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------------- base
+class LMTrainConfig(Params):
+    """Next-token training of a whole model or adapter (base models, LoRA)."""
+
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 64
+    learning_rate: Positive = 3e-3
+    warmup_steps: NonNegativeInt = 50
+    weight_decay: NonNegative = 0.01
+    seed: int = 0
+
+
+class ModelParams(Params):
+    pretrained: bool = False
+    family: Literal["llama", "qwen2", "gpt2"] = "llama"
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt | None = None
+    max_positions: PositiveInt = 256
+    plan_loss: bool = True
+    training: LMTrainConfig = LMTrainConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        return self
+
+
+class TokenizerParams(Params):
+    vocab_size: Annotated[int, Field(ge=300)] = 512
+
+
+class BaseParams(Params):
+    tokenizer: TokenizerParams = TokenizerParams()
+    student: ModelParams
+    teacher: ModelParams
+
+
+# ---------------------------------------------------------------------------------- shared
+class GuidanceParams(Params):
+    """Where the guidance is read and injected, shared by latents, stages and baselines."""
+
+    read_layer: int = -1
+    inject_layer: NonNegativeInt = 0
+    align_layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
+    reader: Literal["mean", "attention"] = "mean"
+    mlp_hidden: PositiveInt = 256
+    attention_heads: PositiveInt = 4
+    guidance_scale: Positive = 1.0
+    init_log_std: float = -1.0
+
+    def resolved_align_layers(self, num_layers: int) -> list[int]:
+        return sorted({layer % num_layers for layer in self.align_layers})
+
+    def check_against(self, num_layers: int) -> None:
+        """Layer indices must exist in a student with ``num_layers`` decoder layers."""
+        allowed = f"0..{num_layers - 1} (or negative from the end)"
+        if not 0 <= self.inject_layer < num_layers:
+            raise ParameterError(
+                f"Parameter 'guidance.inject_layer' = {self.inject_layer} is outside the student's "
+                f"layers: allowed {allowed}."
+            )
+        for key, layers in (("read_layer", [self.read_layer]), ("align_layers", self.align_layers)):
+            for layer in layers:
+                if not -num_layers <= layer < num_layers:
+                    raise ParameterError(
+                        f"Parameter 'guidance.{key}' = {layer} is outside the student's layers: allowed {allowed}."
+                    )
+        if min(self.resolved_align_layers(num_layers)) < self.inject_layer:
+            raise ParameterError(
+                f"Parameter 'guidance.align_layers' = {self.align_layers} must be at or after "
+                f"inject_layer={self.inject_layer}: earlier layers cannot see the guidance."
+            )
+
+
+class GenerationParams(Params):
+    max_new_tokens: PositiveInt = 16
+    batch_size: PositiveInt = 128
+
+
+# ---------------------------------------------------------------------------------- plans
+class PlansParams(Params):
+    teacher: Literal["hf", "oracle"] = "hf"
+    max_plan_tokens: PositiveInt = 64
+
+
+class LatentsParams(Params):
+    splits: list[Literal["train", "val"]] = Field(default_factory=lambda: ["train"], min_length=1)
+    shard_size: PositiveInt = 512
+    batch_size: PositiveInt = 128
+    dtype: Literal["float32", "float16"] = "float32"
+    on_stale: Literal["rebuild", "error"] = "rebuild"
+
+
+# ---------------------------------------------------------------------------------- stages
+class Stage1Config(Params):
+    """Stage-1 loop settings; the loss weights carry the paper's names."""
+
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    learning_rate: Positive = 1e-3
+    warmup_steps: NonNegativeInt = 20
+    weight_decay: NonNegative = 0.0
+    alignment_weight: NonNegative = 1.0
+    contrastive_weight: NonNegative = 0.1
+    temperature: Positive = 0.1
+    lm_weight: NonNegative = 1.0
+    rl_weight: NonNegative = 0.1
+    rl_every: PositiveInt = 4
+    rl_batch: PositiveInt = 8
+    rl_samples: Annotated[int, Field(ge=2)] = 4
+    latent_reward_weight: NonNegative = 0.5
+    eval_every: PositiveInt = 50
+    checkpoint_every: NonNegativeInt = 50
+    seed: int = 0
+
+
+class Stage1Params(Params):
+    use_tuned_weights: bool = False
+    resume: bool = True
+    checkpoint_dir: str = "data/06_models/checkpoints/stage1"
+    training: Stage1Config = Stage1Config()
+
+
+class Stage2Config(Params):
+    """Stage-2 loop settings."""
+
+    steps: PositiveInt = 150
+    batch_size: PositiveInt = 16
+    group_size: Annotated[int, Field(ge=2)] = 4
+    learning_rate: Positive = 3e-4
+    warmup_steps: NonNegativeInt = 10
+    policy_weight: NonNegative = 1.0
+    self_supervision_weight: NonNegative = 0.5
+    anchor_weight: NonNegative = 0.1
+    eval_every: PositiveInt = 50
+    checkpoint_every: NonNegativeInt = 50
+    seed: int = 0
+
+
+class Stage2Params(Params):
+    resume: bool = True
+    checkpoint_dir: str = "data/06_models/checkpoints/stage2"
+    training: Stage2Config = Stage2Config()
+
+
+# ---------------------------------------------------------------------------------- baselines
+class LoraParams(Params):
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    lora_alpha_ratio: Positive = 2.0
+    training: LMTrainConfig = LMTrainConfig(steps=300, learning_rate=1e-3, warmup_steps=20)
+
+
+class CaaParams(Params):
+    scales: list[Positive] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0], min_length=1)
+
+
+class BaselinesParams(Params):
+    lora: LoraParams = LoraParams()
+    caa: CaaParams = CaaParams()
+
+
+# ---------------------------------------------------------------------------------- tuning
+class SearchRange(Params):
+    low: Positive
+    high: Positive
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.low >= self.high:
+            raise ValueError(f"low={self.low} must be below high={self.high}")
+        return self
+
+
+class TuneParams(Params):
+    study_name: str = "pilot-stage1-loss-balance"
+    storage: str = "sqlite:///data/07_model_output/optuna.db"
+    n_trials: PositiveInt = 12
+    timeout_s: PositiveInt | None = None
+    sampler_seed: int = 0
+    trial_steps: PositiveInt = 60
+    eval_every: PositiveInt = 20
+    stage2_steps: NonNegativeInt = 0
+    pruner_warmup_steps: NonNegativeInt = 20
+    contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
+    rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
+    guidance_scale: SearchRange | None = None
+    inject_layers: list[NonNegativeInt] | None = None
+
+
+class TrackingParams(Params):
+    on_unavailable: Literal["fail", "disable"] = "fail"
+
+
+PARAMETER_MODELS: dict[str, type[Params]] = {
+    "tracking": TrackingParams,
+    "data": DataParams,
+    "base": BaseParams,
+    "guidance": GuidanceParams,
+    "generation": GenerationParams,
+    "plans": PlansParams,
+    "latents": LatentsParams,
+    "stage1": Stage1Params,
+    "stage2": Stage2Params,
+    "baselines": BaselinesParams,
+    "tune": TuneParams,
+}

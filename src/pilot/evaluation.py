@@ -1,0 +1,107 @@
+"""Answering and scoring, shared by every method, and the metrics of the results table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pilot.generation import Guidance, generate
+from pilot.models import CausalLM
+from pilot.prompts import answer_prompt
+from pilot.verifier import score_answers
+
+PREDICTION_COLUMNS = ("method", "id", "task", "prediction", "correct", "new_tokens", "seconds_per_query")
+
+
+def answer_and_score(
+    student: CausalLM,
+    rows: pd.DataFrame,
+    *,
+    plans: Sequence[str] | None = None,
+    guidance: Guidance | None = None,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    method: str = "",
+    progress: str | None = None,
+    extra_seconds: Sequence[float] | None = None,
+) -> pd.DataFrame:
+    """Answer every row (optionally with plans in context or guidance) and verify the answers.
+
+    ``extra_seconds`` adds a per-row cost paid outside the student, e.g. the teacher writing the
+    plan at run time for plan-in-context.
+    """
+    questions = rows["question"].tolist()
+    prompts = [answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
+    result = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      guidance=guidance, progress=progress)
+    rewards = score_answers(rows["task"].tolist(), result.answers, rows["answer"].tolist(),
+                            rows["metadata"].tolist(), questions)
+    seconds = np.asarray(result.seconds_per_query)
+    if extra_seconds is not None:
+        seconds = seconds + np.asarray(extra_seconds, dtype=float)
+    frame = pd.DataFrame({
+        "method": method,
+        "id": rows["id"].to_numpy(),
+        "task": rows["task"].to_numpy(),
+        "prediction": result.answers,
+        "correct": np.asarray(rewards) == 1.0,
+        "new_tokens": result.new_tokens,
+        "seconds_per_query": seconds,
+    })
+    return frame[list(PREDICTION_COLUMNS)]
+
+
+METHODS = ("zero_shot", "plan_in_context", "lora", "caa", "pilot_stage1", "pilot_stage2")
+
+
+def accuracy(student: CausalLM, rows: pd.DataFrame, **kwargs) -> float:
+    return float(answer_and_score(student, rows, **kwargs)["correct"].mean())
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a proportion (well-behaved at 0 and 1)."""
+    if total == 0:
+        return (math.nan, math.nan)
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def gap_recovered(acc: float, acc_zero_shot: float, acc_plan: float) -> float:
+    """(acc - acc_zero_shot) / (acc_plan_in_context - acc_zero_shot); NaN without a plan gap."""
+    gap = acc_plan - acc_zero_shot
+    return (acc - acc_zero_shot) / gap if abs(gap) > 1e-12 else math.nan
+
+
+def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
+              plan_in_context: str = "plan_in_context") -> pd.DataFrame:
+    """One row per (method, task) plus an ``overall`` row per method.
+
+    Columns: accuracy with its 95 % interval, n, median latency per query (ms), mean generated
+    tokens, and gap recovered against the zero-shot and plan-in-context rows of the same task.
+    """
+    records = []
+    groups = list(predictions.groupby(["method", "task"]))
+    groups += [((method, "overall"), part) for method, part in predictions.groupby("method")]
+    for (method, task), part in groups:
+        hits, n = int(part["correct"].sum()), len(part)
+        low, high = wilson_interval(hits, n)
+        records.append({
+            "method": method, "task": task, "n": n, "accuracy": hits / n,
+            "ci_low": low, "ci_high": high,
+            "median_ms_per_query": 1000 * float(part["seconds_per_query"].median()),
+            "mean_new_tokens": float(part["new_tokens"].mean()),
+        })
+    table = pd.DataFrame.from_records(records)
+    reference = table.set_index(["method", "task"])["accuracy"]
+    table["gap_recovered"] = [
+        gap_recovered(row.accuracy, reference.get((zero_shot, row.task), math.nan),
+                      reference.get((plan_in_context, row.task), math.nan))
+        for row in table.itertuples()
+    ]
+    return table.sort_values(["task", "method"]).reset_index(drop=True)

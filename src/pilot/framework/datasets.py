@@ -1,0 +1,195 @@
+"""Catalog dataset types for the project's own artefacts, all in safe formats.
+
+Models and tokenizers are ``save_pretrained`` folders, tensors are safetensors, tables are
+parquet, configs are JSON. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from kedro.io import AbstractDataset, DatasetError
+from safetensors.torch import load_file, save_file
+
+from pilot import tracking
+from pilot.guidance import HyperNetwork
+from pilot.latents import LatentCache, LatentCacheBuild, write_cache
+from pilot.models import CausalLM, PretrainedModelRef, load_causal_lm
+from pilot.training.baselines import LoraAdapter
+
+logger = logging.getLogger(__name__)
+
+
+class _FolderDataset(AbstractDataset):
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class CausalLMDataset(_FolderDataset):
+    """A Hugging Face causal LM folder (model + tokenizer), loaded with ``from_pretrained``.
+
+    ``pretrained: true`` marks a model this project must never overwrite (a local Hugging Face
+    model configured in place of the embedded default): saving anything but the ``base``
+    pipeline's :class:`PretrainedModelRef` to it is an error.
+    """
+
+    def __init__(self, path: str, pretrained: bool = False, device: str = "cpu", dtype: str = "float32",
+                 metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(path, metadata)
+        self._pretrained, self._device, self._dtype = pretrained, device, dtype
+
+    def _load(self) -> CausalLM:
+        return load_causal_lm(self._path, device=self._device, dtype=self._dtype)
+
+    def _save(self, data: CausalLM | PretrainedModelRef) -> None:
+        if isinstance(data, PretrainedModelRef):
+            if not (self._path / "config.json").is_file():
+                raise DatasetError(f"The {data.role} is configured as pretrained, but '{self._path}' holds no "
+                                   "Hugging Face model (no config.json); fix models.{role}.path in globals.yml.")
+            logger.info("The %s is the pretrained model at %s: kept as it is.", data.role, self._path)
+            return
+        if self._pretrained:
+            raise DatasetError(f"Refusing to overwrite the pretrained model at '{self._path}'.")
+        data.save(self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / "config.json").is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "pretrained": self._pretrained, "device": self._device}
+
+
+class HyperNetworkDataset(_FolderDataset):
+    """``hypernet.safetensors`` + ``hypernet_config.json``."""
+
+    def _load(self) -> HyperNetwork:
+        return HyperNetwork.load(self._path)
+
+    def _save(self, data: HyperNetwork) -> None:
+        data.save(self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / "hypernet.safetensors").is_file()
+
+
+class LatentCacheDataset(_FolderDataset):
+    """Sharded safetensors with a manifest; saving a build writes only missing shards."""
+
+    def _load(self) -> LatentCache:
+        return LatentCache(self._path)
+
+    def _save(self, data: LatentCacheBuild) -> None:
+        write_cache(data, self._path, on_stale=data.on_stale)
+
+    def _exists(self) -> bool:
+        return (self._path / "manifest.json").is_file()
+
+
+class LoraAdapterDataset(_FolderDataset):
+    """A peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+
+    def _load(self) -> LoraAdapter:
+        return LoraAdapter.load(self._path)
+
+    def _save(self, data: LoraAdapter) -> None:
+        data.save(self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / "adapter_config.json").is_file()
+
+
+class TensorsDataset(AbstractDataset):
+    """A dict of tensors in one safetensors file."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        return load_file(self._filepath)
+
+    def _save(self, data: dict[str, torch.Tensor]) -> None:
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in data.items()}, self._filepath)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class MlflowHistoryDataset(AbstractDataset):
+    """A per-step history table: saved as parquet first, then logged as MLflow metric histories.
+
+    Every numeric column becomes a metric named ``<prefix><column>`` with the ``step`` column as
+    its step, logged in batches. Without an active MLflow run only the parquet file is written.
+    """
+
+    def __init__(self, filepath: str, prefix: str = "", metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self._prefix = prefix
+        self.metadata = metadata
+
+    def _load(self) -> pd.DataFrame:
+        return pd.read_parquet(self._filepath)
+
+    def _save(self, data: pd.DataFrame) -> None:
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        data.to_parquet(self._filepath, index=False)
+        tracking.log_history(data, prefix=self._prefix)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "prefix": self._prefix}
+
+
+class OptionalJSONDataset(AbstractDataset):
+    """A small JSON document that may not exist yet: loads as ``{}`` until something saves it.
+
+    Used for ``tuned_loss_weights``, which stage 1 reads only when told to
+    (``stage1.use_tuned_weights``) and which exists only after the ``tune`` pipeline ran.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _load(self) -> dict:
+        return json.loads(self._filepath.read_text()) if self._filepath.is_file() else {}
+
+    def _save(self, data: dict) -> None:
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        self._filepath.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+    def _exists(self) -> bool:
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class TokenizerDataset(_FolderDataset):
+    """A transformers tokenizer folder (``save_pretrained``)."""
+
+    def _load(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self._path, local_files_only=True)
+
+    def _save(self, data) -> None:
+        data.save_pretrained(self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / "tokenizer_config.json").is_file()

@@ -1,0 +1,99 @@
+"""Project hooks: everything that must hold before the first node computes anything.
+
+- Every parameter block a node of the pipeline reads is validated (``pilot.config``), and the
+  guidance layers are checked against the student's layer count; a bad value stops the run with
+  one sentence before any compute.
+- The MLflow store is checked: if it is unreachable or locked the run stops now, with a clear
+  message, instead of after an hour of training -- or, with ``tracking.on_unavailable: disable``,
+  runs on with tracking switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kedro.config import MissingConfigException
+from kedro.framework.hooks import hook_impl
+from kedro.pipeline import Pipeline
+
+from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, TrackingParams, validate
+from pilot.tracking import TrackingUnavailableError, check_tracking_store
+
+logger = logging.getLogger(__name__)
+
+
+def _student_num_layers(catalog, params: dict[str, Any]) -> int | None:
+    """The student's decoder-layer count: from its config.json if it exists, else from ``base``."""
+    try:
+        dataset = catalog.get("student_model")
+        path = Path(dataset._describe()["path"]) / "config.json"
+    except Exception:  # no such entry in this catalog
+        path = None
+    if path is not None and path.is_file():
+        config = json.loads(path.read_text())
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                return int(config[key])
+    if "base" in params:
+        return validate(BaseParams, params["base"], "base").student.num_layers
+    return None
+
+
+def _tracking_uri(context) -> str | None:
+    try:
+        config = context.config_loader["mlflow"]
+    except MissingConfigException:
+        config = {}
+    return (config.get("server") or {}).get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+class PreflightHooks:
+    def __init__(self) -> None:
+        self._context = None
+        self._tracking_disabled = False
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        """Check the MLflow store before kedro-mlflow (or any node) touches it."""
+        self._context = context
+        self._tracking_disabled = False
+        uri = _tracking_uri(context)
+        if uri is None:
+            return
+        tracking = validate(TrackingParams, context.params.get("tracking") or {}, "tracking")
+        try:
+            check_tracking_store(uri)
+        except TrackingUnavailableError as error:
+            if tracking.on_unavailable == "fail":
+                raise
+            logger.warning("%s Tracking is disabled for this run (tracking.on_unavailable: disable).", error)
+            # kedro-mlflow still sets itself up at start; point it at a throwaway store and
+            # switch tracking off for the pipeline in before_pipeline_run.
+            scratch = Path(tempfile.mkdtemp(prefix="pilot-no-tracking-"))
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'unused.db'}"
+            context.config_loader.config_patterns["mlflow"] = ["__tracking_disabled__"]
+            self._tracking_disabled = True
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
+        """Validate parameters (and the guidance layers) before the first node runs."""
+        if self._tracking_disabled and self._context is not None and hasattr(self._context, "mlflow"):
+            names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
+            self._context.mlflow.tracking.disable_tracking.pipelines = list(names)
+        params = catalog.load("parameters")
+        wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
+                         if name.startswith("params:")})
+        for key in wanted:
+            if key in PARAMETER_MODELS:
+                if key not in params:
+                    raise ParameterError(f"Parameter block '{key}' is missing; add it to conf/base/parameters_{key}.yml.")
+                validate(PARAMETER_MODELS[key], params[key], key)
+        if "guidance" in wanted:
+            num_layers = _student_num_layers(catalog, params)
+            if num_layers is not None:
+                validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)

@@ -1,0 +1,233 @@
+"""The hyper-network and the injection of its guidance vector into the student.
+
+Two objects, as in pyvene/pyreft: the :class:`HyperNetwork` (what trains, saved on its own)
+and the :class:`GuidanceInjector` (an intervention named ``pilot_guidance``, attached to one
+decoder layer of the frozen student, switchable off). The backbone is never modified.
+
+Layer numbering: "layer i" is the output of decoder block i (0-based), i.e. the residual
+stream after block i. The hyper-network reads layer ``read_layer`` of an unguided pass over the
+query; the guidance is added to layer ``inject_layer`` at the answer positions, so every
+later block sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pilot.models import decoder_layers
+
+Reader = Literal["mean", "attention"]
+
+
+@dataclass
+class HyperNetConfig:
+    """Shape and placement of the guidance. ``hidden_size``/``num_layers`` are the student's."""
+
+    hidden_size: int
+    num_layers: int
+    read_layer: int = -1
+    inject_layer: int = 0
+    reader: Reader = "mean"
+    mlp_hidden: int = 256
+    attention_heads: int = 4
+    guidance_scale: float = 1.0
+    init_log_std: float = -1.0
+    extra: dict = field(default_factory=dict)
+
+    def check_fits(self, hidden_size: int | None, num_layers: int | None, where: str = "") -> None:
+        """Raise if this hyper-network was built for a student of another shape."""
+        problems = []
+        if hidden_size is not None and self.hidden_size != hidden_size:
+            problems.append(f"hidden size {self.hidden_size} != student's {hidden_size}")
+        if num_layers is not None and self.num_layers != num_layers:
+            problems.append(f"layer count {self.num_layers} != student's {num_layers}")
+        if problems:
+            raise ValueError(
+                f"The hyper-network {where} was trained for a different student: {'; '.join(problems)}; "
+                "retrain it for this student with `kedro run --pipeline stage1`."
+            )
+
+    def resolved_read_layer(self) -> int:
+        return self.read_layer % self.num_layers
+
+    def validate(self) -> None:
+        if not -self.num_layers <= self.read_layer < self.num_layers:
+            raise ValueError(
+                f"read_layer={self.read_layer} is outside the student's layers "
+                f"(allowed {-self.num_layers}..{self.num_layers - 1})."
+            )
+        if not 0 <= self.inject_layer < self.num_layers:
+            raise ValueError(
+                f"inject_layer={self.inject_layer} is outside the student's layers "
+                f"(allowed 0..{self.num_layers - 1})."
+            )
+        if self.reader not in ("mean", "attention"):
+            raise ValueError(f"reader='{self.reader}' is unknown; use 'mean' or 'attention'.")
+        if self.reader == "attention" and self.hidden_size % self.attention_heads:
+            raise ValueError(
+                f"attention_heads={self.attention_heads} must divide the student's hidden size "
+                f"{self.hidden_size}."
+            )
+
+
+def last_token_states(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The state of each row's last real token, for right- or left-padded batches."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask.bool(), positions, -1).argmax(dim=1)
+    return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+class HyperNetwork(nn.Module):
+    """Maps the student's plan-free reading of a query to a latent guidance vector g.
+
+    ``mean`` pools the query's token states and applies an MLP (as in the paper);
+    ``attention`` lets the last query token attend over all query tokens first. The output
+    layer starts at zero, so an untrained hyper-network leaves the student unchanged.
+    ``log_std`` is the spread of the Gaussian policy used by the latent-RL terms.
+    """
+
+    def __init__(self, config: HyperNetConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        self.norm = nn.LayerNorm(d)
+        if config.reader == "attention":
+            self.attention = nn.MultiheadAttention(d, config.attention_heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, d))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.log_std = nn.Parameter(torch.tensor(float(config.init_log_std)))
+
+    def forward(self, query_states: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        states = self.norm(query_states.to(self.norm.weight.dtype))
+        mask = query_mask.to(states.dtype)
+        if self.config.reader == "mean":
+            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            query = last_token_states(states, query_mask)[:, None, :]
+            pooled, _ = self.attention(query, states, states, key_padding_mask=~query_mask.bool(), need_weights=False)
+            pooled = pooled[:, 0] + query[:, 0]
+        return self.mlp(pooled)
+
+    def sample(self, mean: torch.Tensor, num_samples: int, generator: torch.Generator | None = None):
+        """Draw guidance vectors from N(mean, std^2 I); returns (samples, log-probabilities).
+
+        Samples are detached actions; the log-probabilities carry gradients to ``mean`` and
+        ``log_std`` for REINFORCE / GRPO.
+        """
+        std = self.log_std.exp()
+        expanded = mean.repeat_interleave(num_samples, dim=0)
+        noise = torch.randn(expanded.shape, generator=generator, dtype=expanded.dtype, device=expanded.device)
+        actions = (expanded + std * noise).detach()
+        log_prob = torch.distributions.Normal(expanded, std).log_prob(actions).sum(-1)
+        return actions, log_prob
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "hypernet.safetensors")
+        config = asdict(self.config)
+        config["extra"] = {**self.config.extra, **(extra or {})}
+        (path / "hypernet_config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, student_hidden_size: int | None = None,
+             student_num_layers: int | None = None) -> HyperNetwork:
+        """Load a saved hyper-network, checking it fits the student it will guide."""
+        path = Path(path)
+        config_file, weights_file = path / "hypernet_config.json", path / "hypernet.safetensors"
+        if not config_file.is_file() or not weights_file.is_file():
+            raise FileNotFoundError(f"No hyper-network at '{path}' (needs hypernet_config.json and hypernet.safetensors).")
+        config = HyperNetConfig(**json.loads(config_file.read_text()))
+        config.check_fits(student_hidden_size, student_num_layers, where=f"at '{path}'")
+        network = cls(config)
+        try:
+            network.load_state_dict(load_file(weights_file))
+        except Exception as error:  # safetensors raises its own error types on corrupt files
+            raise ValueError(
+                f"Hyper-network weights at '{weights_file}' are unreadable ({error}); "
+                "retrain with `kedro run --pipeline stage1`."
+            ) from error
+        return network
+
+
+class GuidanceInjector:
+    """Adds ``guidance_scale * rms(h) * g`` to the residual stream at one decoder layer.
+
+    Energy-aligned: the vector is scaled by the RMS norm of the hidden state it is added to,
+    so ``||delta|| / ||h|| = guidance_scale * ||g|| / sqrt(d)`` whatever the layer's scale.
+    Inactive unless inside :meth:`guide`; :meth:`remove` detaches it from the model.
+    """
+
+    name = "pilot_guidance"
+
+    def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float) -> None:
+        self.inject_layer = inject_layer
+        self.guidance_scale = guidance_scale
+        self.enabled = True
+        self._vectors: torch.Tensor | None = None
+        self._position_mask: torch.Tensor | None = None
+        self._handle = decoder_layers(model)[inject_layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self._vectors is None or not self.enabled:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
+        delta = self.guidance_scale * rms * self._vectors[:, None, :].to(hidden.dtype)
+        if self._position_mask is not None:
+            delta = delta * self._position_mask[..., None].to(hidden.dtype)
+        hidden = hidden + delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    @contextmanager
+    def guide(self, vectors: torch.Tensor | None, position_mask: torch.Tensor | None = None):
+        """Inject ``vectors`` (one per batch row) while inside; ``position_mask`` (B, T) limits
+        a full-sequence pass to the answer positions. ``None`` vectors guide nothing."""
+        previous = self._vectors, self._position_mask
+        self._vectors, self._position_mask = vectors, position_mask
+        try:
+            yield self
+        finally:
+            self._vectors, self._position_mask = previous
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@contextmanager
+def capture_layers(model: nn.Module, layers: list[int]):
+    """Record the outputs of the given decoder layers during forward passes inside the block.
+
+    Yields a dict that fills as the model runs: ``{layer: hidden states (B, T, d)}``.
+    Registered after any injector, so a captured injected layer includes the guidance.
+    """
+    blocks = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in sorted(set(layers)):
+        def hook(module, args, output, layer=layer):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+        handles.append(blocks[layer].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,369 @@
+"""The latent-state cache: the plan-conditioned trajectories stage 1 imitates.
+
+One frozen student forward pass per example with the kept plan in context, teacher-forced on
+the gold answer, records the hidden states at the alignment layers at the answer positions.
+A second, plan-free pass records what the hyper-network reads (the query's token states at
+``read_layer``) and the plan-free states at the injection layer (for the CAA steering vector).
+
+On disk: ``shard-00000.safetensors`` ... plus ``manifest.json``. Every shard carries in its
+safetensors header the cache fingerprint (student weights, tokenizer, examples, settings) and
+a sha256 of its tensors, so a truncated, corrupted or stale shard is detected on its own. A
+build skips shards that already exist with the right fingerprint, so an interrupted build
+computes only the missing shards next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pilot.config import GuidanceParams, LatentsParams
+from pilot.guidance import capture_layers
+from pilot.models import CausalLM, lm_fingerprint
+from pilot.prompts import answer_prompt, continuation
+from pilot.sequences import encode_pairs
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+class StaleCacheError(RuntimeError):
+    pass
+
+
+class CorruptCacheError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    read_layer: int
+    inject_layer: int
+    align_layers: tuple[int, ...]
+    shard_size: int = 256
+    batch_size: int = 64
+    dtype: Literal["float32", "float16"] = "float32"
+
+    def fingerprint_dict(self) -> dict:
+        # batch_size changes nothing stored, so it is not part of the fingerprint.
+        settings = asdict(self)
+        settings.pop("batch_size")
+        settings["align_layers"] = list(self.align_layers)
+        return settings
+
+
+def examples_fingerprint(ids: Sequence[str], questions: Sequence[str], plans: Sequence[str],
+                         answers: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for row in zip(ids, questions, plans, answers):
+        digest.update("\x1f".join(row).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+def cache_fingerprint(model_fingerprint: str, data_fingerprint: str, settings: CacheSettings) -> str:
+    payload = json.dumps({"model": model_fingerprint, "data": data_fingerprint,
+                          "settings": settings.fingerprint_dict()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = rows[0].new_zeros((len(rows), length, *rows[0].shape[1:]))
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+    return out
+
+
+@dataclass
+class LatentCacheBuild:
+    """A lazily computed cache: the node returns it, the dataset writes shards on save."""
+
+    student: CausalLM
+    ids: list[str]
+    questions: list[str]
+    plans: list[str]
+    answers: list[str]
+    settings: CacheSettings
+    fingerprint: str
+    on_stale: Literal["rebuild", "error"] = "rebuild"
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.num_examples // self.settings.shard_size))
+
+    def shard_range(self, shard: int) -> range:
+        size = self.settings.shard_size
+        return range(shard * size, min(self.num_examples, (shard + 1) * size))
+
+    @torch.no_grad()
+    def compute_shard(self, shard: int, progress: tqdm | None = None) -> dict[str, torch.Tensor]:
+        s = self.settings
+        model, tokenizer = self.student.model, self.student.tokenizer
+        dtype = getattr(torch, s.dtype)
+        query, targets, free_inject, plan_inject, free_rms, answer_lengths = [], [], [], [], [], []
+        rows = list(self.shard_range(shard))
+        for start in range(0, len(rows), s.batch_size):
+            chunk = rows[start:start + s.batch_size]
+            answers = [continuation(self.answers[i]) for i in chunk]
+            free = encode_pairs(tokenizer, [answer_prompt(self.questions[i]) for i in chunk], answers)
+            planned = encode_pairs(tokenizer, [answer_prompt(self.questions[i], self.plans[i]) for i in chunk], answers)
+            with capture_layers(model, [s.read_layer, s.inject_layer]) as free_states:
+                model(input_ids=free.input_ids.to(self.student.device), attention_mask=free.attention_mask.to(self.student.device))
+            with capture_layers(model, [s.inject_layer, *s.align_layers]) as plan_states:
+                model(input_ids=planned.input_ids.to(self.student.device), attention_mask=planned.attention_mask.to(self.student.device))
+            free_answer, plan_answer = free.answer_position_mask(), planned.answer_position_mask()
+            query_mask = free.query_mask()
+            for j in range(len(chunk)):
+                query.append(free_states[s.read_layer][j][query_mask[j]].cpu())
+                aligned = torch.stack([plan_states[layer][j][plan_answer[j]] for layer in s.align_layers])
+                targets.append(aligned.transpose(0, 1).cpu())  # (Ta, n_layers, d)
+                free_at_inject = free_states[s.inject_layer][j][free_answer[j]]
+                free_inject.append(free_at_inject.mean(0).cpu())
+                free_rms.append(free_at_inject.pow(2).mean(-1).sqrt().mean().cpu())
+                plan_inject.append(plan_states[s.inject_layer][j][plan_answer[j]].mean(0).cpu())
+                answer_lengths.append(int(free_answer[j].sum()))
+            if progress is not None:
+                progress.update(len(chunk))
+        query_lengths = [q.shape[0] for q in query]
+        return {
+            "row_index": torch.tensor(rows, dtype=torch.int64),
+            "query_states": _pad_stack(query, max(query_lengths)).to(dtype),
+            "query_lengths": torch.tensor(query_lengths, dtype=torch.int64),
+            "target_states": _pad_stack(targets, max(answer_lengths)).to(dtype),
+            "answer_lengths": torch.tensor(answer_lengths, dtype=torch.int64),
+            "inject_free_mean": torch.stack(free_inject).to(dtype),
+            "inject_plan_mean": torch.stack(plan_inject).to(dtype),
+            "inject_free_rms": torch.stack(free_rms).float(),
+        }
+
+
+def _shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"shard-{shard:05d}.safetensors"
+
+
+def read_shard(path: Path, expected_fingerprint: str | None = None) -> dict[str, torch.Tensor]:
+    """Load and verify one shard: readable, checksum intact, and (if given) the right fingerprint."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # truncated headers/data raise safetensors' own errors
+        raise CorruptCacheError(
+            f"Latent shard '{path}' is unreadable ({error}); rebuild it with `kedro run --pipeline latents`."
+        ) from error
+    if metadata.get("sha256") != _tensor_digest(tensors):
+        raise CorruptCacheError(
+            f"Latent shard '{path}' failed its checksum; rebuild it with `kedro run --pipeline latents`."
+        )
+    if expected_fingerprint is not None and metadata.get("fingerprint") != expected_fingerprint:
+        raise StaleCacheError(
+            f"Latent shard '{path}' was built for other inputs (fingerprint {metadata.get('fingerprint')} "
+            f"!= {expected_fingerprint}); rebuild with `kedro run --pipeline latents`."
+        )
+    return tensors
+
+
+def _shard_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return (handle.metadata() or {}).get("fingerprint")
+    except Exception:
+        return None
+
+
+def write_cache(build: LatentCacheBuild, directory: str | Path, on_stale: Literal["rebuild", "error"] = "rebuild") -> dict:
+    """Write (or complete) the cache for ``build`` in ``directory``; returns the manifest.
+
+    Shards already present with the build's fingerprint and a valid checksum are kept; stale
+    shards are deleted and rebuilt (``on_stale="rebuild"``) or stop the run (``"error"``).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted(directory.glob("shard-*.safetensors"))
+    stale = [p for p in existing if _shard_fingerprint(p) not in (build.fingerprint, None)]
+    if stale:
+        if on_stale == "error":
+            raise StaleCacheError(
+                f"Latent cache '{directory}' holds {len(stale)} shards built for other inputs; rerun with "
+                "`--params latents.on_stale=rebuild` or delete the folder."
+            )
+        logger.warning("Latent cache %s is stale (%d shards); rebuilding it.", directory, len(stale))
+        for path in existing:
+            path.unlink()
+        (directory / MANIFEST).unlink(missing_ok=True)
+    for path in directory.glob("shard-*.safetensors"):
+        if int(path.stem.split("-")[1]) >= build.num_shards:
+            path.unlink()
+
+    todo = []
+    for shard in range(build.num_shards):
+        path = _shard_path(directory, shard)
+        if path.exists():
+            try:
+                read_shard(path, build.fingerprint)
+                continue
+            except (CorruptCacheError, StaleCacheError) as error:
+                logger.warning("%s Recomputing it.", error)
+        todo.append(shard)
+    reused = build.num_shards - len(todo)
+    examples_todo = sum(len(build.shard_range(s)) for s in todo)
+    started = time.perf_counter()
+    with tqdm(total=examples_todo, desc="latent cache", unit="ex", dynamic_ncols=True) as bar:
+        for shard in todo:
+            tensors = build.compute_shard(shard, progress=bar)
+            metadata = {"fingerprint": build.fingerprint, "shard": str(shard), "sha256": _tensor_digest(tensors)}
+            tmp = directory / f".{_shard_path(directory, shard).name}.tmp-{os.getpid()}"
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, _shard_path(directory, shard))
+    seconds = time.perf_counter() - started
+    shards = [_shard_path(directory, s) for s in range(build.num_shards)]
+    manifest = {
+        "fingerprint": build.fingerprint,
+        "num_examples": build.num_examples,
+        "ids": build.ids,
+        "settings": build.settings.fingerprint_dict(),
+        "shards": [p.name for p in shards],
+        "bytes": sum(p.stat().st_size for p in shards),
+        "computed_shards": len(todo),
+        "reused_shards": reused,
+        "build_seconds": round(seconds, 3),
+        "examples_per_second": round(examples_todo / seconds, 2) if examples_todo and seconds > 0 else None,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    logger.info("Latent cache %s: %d examples in %d shards (%d computed, %d reused), %.1f MiB, %.1f ex/s",
+                directory, build.num_examples, build.num_shards, len(todo), reused,
+                manifest["bytes"] / 2**20, manifest["examples_per_second"] or 0.0)
+    return manifest
+
+
+class LatentCache:
+    """Read access to a complete cache folder (see :func:`write_cache`)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        manifest = self.directory / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"No complete latent cache at '{self.directory}' (no {MANIFEST}); run `kedro run --pipeline latents`."
+            )
+        self.manifest = json.loads(manifest.read_text())
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def ids(self) -> list[str]:
+        return self.manifest["ids"]
+
+    def check_fingerprint(self, expected: str) -> None:
+        if expected != self.fingerprint:
+            raise StaleCacheError(
+                f"Latent cache '{self.directory}' is stale: built for fingerprint {self.fingerprint}, the "
+                f"current student/plans/settings give {expected}; run `kedro run --pipeline latents`."
+            )
+
+    def shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        for name in self.manifest["shards"]:
+            yield read_shard(self.directory / name, self.fingerprint)
+
+    def load(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every shard, verified, re-padded and concatenated in example order."""
+        shards = list(self.shards())
+        tq = max(s["query_states"].shape[1] for s in shards)
+        ta = max(s["target_states"].shape[1] for s in shards)
+
+        def pad(t: torch.Tensor, length: int) -> torch.Tensor:
+            out = t.new_zeros((t.shape[0], length, *t.shape[2:]))
+            out[:, : t.shape[1]] = t
+            return out
+
+        merged = {
+            "row_index": torch.cat([s["row_index"] for s in shards]),
+            "query_states": torch.cat([pad(s["query_states"], tq) for s in shards]).to(dtype),
+            "query_lengths": torch.cat([s["query_lengths"] for s in shards]),
+            "target_states": torch.cat([pad(s["target_states"], ta) for s in shards]).to(dtype),
+            "answer_lengths": torch.cat([s["answer_lengths"] for s in shards]),
+            "inject_free_mean": torch.cat([s["inject_free_mean"] for s in shards]).to(dtype),
+            "inject_plan_mean": torch.cat([s["inject_plan_mean"] for s in shards]).to(dtype),
+            "inject_free_rms": torch.cat([s["inject_free_rms"] for s in shards]),
+        }
+        return merged
+
+
+def steering_vector(cache: LatentCache) -> dict[str, torch.Tensor]:
+    """CAA: the mean difference of plan-conditioned and plan-free states at the injection layer.
+
+    Also returns ``reference_rms``, the mean RMS norm of the plan-free states there, so the
+    vector can be injected through the same energy-aligned injector as PILOT's guidance.
+    """
+    total, rms_total, count = None, 0.0, 0
+    for shard in cache.shards():
+        difference = (shard["inject_plan_mean"].float() - shard["inject_free_mean"].float()).sum(0)
+        total = difference if total is None else total + difference
+        rms_total += float(shard["inject_free_rms"].sum())
+        count += shard["inject_plan_mean"].shape[0]
+    return {"vector": total / max(count, 1), "reference_rms": torch.tensor(rms_total / max(count, 1))}
+
+
+def select_examples(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, splits: Sequence[str]) -> pd.DataFrame:
+    """The rows stage 1 learns from: kept plans of the given splits, joined to their tasks, by id."""
+    kept = teacher_plans[teacher_plans["kept"] & teacher_plans["split"].isin(list(splits))][["id", "plan"]]
+    examples = tasks.merge(kept, on="id", how="inner").sort_values("id").reset_index(drop=True)
+    if examples.empty:
+        raise ValueError(
+            f"No kept plans in splits {list(splits)}: the student never verified a teacher plan. "
+            "Train the base models longer or use `--params plans.teacher=oracle`."
+        )
+    return examples
+
+
+def plan_cache_build(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, student: CausalLM,
+                     site: GuidanceParams, config: LatentsParams) -> LatentCacheBuild:
+    """What the cache must hold for the current student, kept plans and guidance settings.
+
+    Used both to build the cache and, by stage 1 and tuning, to check that the cache on disk has
+    the same fingerprint -- so a stale cache is never used silently.
+    """
+    site.check_against(student.num_layers)
+    examples = select_examples(teacher_plans, tasks, config.splits)
+    settings = CacheSettings(
+        read_layer=site.read_layer % student.num_layers,
+        inject_layer=site.inject_layer,
+        align_layers=tuple(site.resolved_align_layers(student.num_layers)),
+        shard_size=config.shard_size,
+        batch_size=config.batch_size,
+        dtype=config.dtype,
+    )
+    data = examples_fingerprint(examples["id"], examples["question"], examples["plan"], examples["answer"])
+    return LatentCacheBuild(
+        student=student, ids=examples["id"].tolist(), questions=examples["question"].tolist(),
+        plans=examples["plan"].tolist(), answers=examples["answer"].tolist(), settings=settings,
+        fingerprint=cache_fingerprint(lm_fingerprint(student), data, settings), on_stale=config.on_stale,
+    )

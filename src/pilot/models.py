@@ -1,0 +1,214 @@
+"""One way to build, save and load the student and teacher language models.
+
+The embedded default trains its own BPE tokenizer and small Llama-family models from a
+transformers config (no weights can be downloaded here). Any local Hugging Face causal LM
+folder works in their place: everything downstream only sees a :class:`CausalLM`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"
+Family = Literal["llama", "qwen2", "gpt2"]
+
+
+@dataclass
+class CausalLM:
+    """A causal language model and its tokenizer, moved and saved together."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
+        return load_causal_lm(path, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class PretrainedModelRef:
+    """Returned by the ``base`` pipeline when a model is configured as pretrained: nothing to
+    train, and the model folder the catalog points at is left exactly as it is."""
+
+    role: str
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The residual-stream blocks of Llama-, Qwen2- and GPT-2-family models, in order."""
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "model") and hasattr(base.model, "layers"):  # peft-wrapped
+        base = base.model
+    for owner in (base, getattr(base, "model", None), getattr(base, "transformer", None)):
+        if owner is None:
+            continue
+        for name in ("layers", "h"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+    raise TypeError(
+        f"Cannot find the decoder layers of {type(model).__name__}; supported families are "
+        "Llama-, Qwen2- and GPT-2-style models (model.layers or transformer.h)."
+    )
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped as a transformers fast tokenizer."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN)
+
+
+def build_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    family: Family = "llama",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_positions: int = 256,
+    seed: int = 0,
+) -> CausalLM:
+    """A freshly initialised causal LM of the given family, sized for ``tokenizer``."""
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": True,
+    }
+    intermediate = intermediate_size or 4 * hidden_size
+    if family in ("llama", "qwen2"):
+        config_cls = LlamaConfig if family == "llama" else Qwen2Config
+        config = config_cls(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            **common,
+        )
+    elif family == "gpt2":
+        config = GPT2Config(
+            n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=intermediate,
+            n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+    else:
+        raise ValueError(f"Unknown model family '{family}'; use one of llama, qwen2, gpt2.")
+    model = AutoModelForCausalLM.from_config(config)
+    model.eval()  # deterministic forward passes until a trainer switches it to train mode
+    return CausalLM(model=model, tokenizer=tokenizer)
+
+
+def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
+    """Load a local Hugging Face causal LM folder (never downloads anything)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No model at '{path}' (no config.json): run `kedro run --pipeline base` to train the "
+            "embedded default, or point the model path at a local Hugging Face model folder."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=getattr(torch, dtype)
+    ).to(device)
+    model.eval()
+    return CausalLM(model=model, tokenizer=tokenizer)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def lm_fingerprint(lm: CausalLM) -> str:
+    """A content fingerprint of a loaded model and its tokenizer.
+
+    Every parameter tensor contributes its name, shape and bytes (large tensors: their first and
+    last 64 KiB plus a strided sample), so retraining or swapping the model changes it, while a
+    multi-GB model is fingerprinted in about a second.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(lm.model.config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(sorted(lm.tokenizer.get_vocab().items())).encode())
+    for name, tensor in sorted(lm.model.state_dict().items()):
+        flat = tensor.detach().reshape(-1).cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+        if raw.numel() <= 1 << 18:
+            digest.update(raw.numpy().tobytes())
+        else:
+            step = max(1, raw.numel() // (1 << 16))
+            for part in (raw[: 1 << 16], raw[-(1 << 16):], raw[::step]):
+                digest.update(part.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def describe(lm: CausalLM) -> dict[str, int | str]:
+    return {
+        "architecture": type(lm.model).__name__,
+        "parameters": count_parameters(lm.model),
+        "layers": lm.num_layers,
+        "hidden_size": lm.hidden_size,
+        "vocab_size": len(lm.tokenizer),
+    }
+
+
+def config_summary(path: str | Path) -> dict:
+    """The model's config.json (for checks that must not load weights)."""
+    return json.loads((Path(path) / "config.json").read_text())

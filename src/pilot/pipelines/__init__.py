@@ -1,0 +1,1 @@
+"""Kedro pipelines: thin nodes over the ``pilot`` library, wired through the catalog."""

@@ -1,0 +1,35 @@
+"""Nodes of the ``data`` pipeline."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pilot.config import DataParams, validate
+from pilot.tasks import build_task_table, validate_task_table
+
+
+def generate_tasks(params: dict) -> pd.DataFrame:
+    """Draw every configured task from reasoning-gym's offline generators.
+
+    Args:
+        params: the ``data`` parameters (tasks with sizes and generator kwargs, split sizes, seed).
+    Returns:
+        One table of all rows with a ``split`` column; questions are unique across splits.
+    """
+    config = validate(DataParams, params, "data")
+    table = build_task_table([t.model_dump() for t in config.tasks], config.val_per_task,
+                             config.test_per_task, config.seed)
+    return validate_task_table(table)
+
+
+def split_tasks(tasks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Separate the splits and count rows per split and task.
+
+    Returns:
+        ``tasks_train``, ``tasks_val``, ``tasks_test`` and row counts for MLflow.
+    """
+    validate_task_table(tasks)
+    splits = tuple(tasks[tasks["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
+    counts = {f"rows_{split}_{task}": {"value": float(n), "step": 0}
+              for (split, task), n in tasks.groupby(["split", "task"]).size().items()}
+    return (*splits, counts)

@@ -1,0 +1,92 @@
+"""Figures for the report: accuracy by method and task, latency, training curves, guidance map."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are saved, never shown
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+
+def accuracy_by_method(results: pd.DataFrame) -> plt.Figure:
+    """Grouped bars: accuracy per task (and overall) for each method, with 95 % intervals."""
+    tasks = sorted(t for t in results["task"].unique() if t != "overall") + ["overall"]
+    methods = list(dict.fromkeys(results["method"]))
+    width = 0.8 / len(methods)
+    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 4.2))
+    for i, method in enumerate(methods):
+        part = results[results["method"] == method].set_index("task").reindex(tasks)
+        x = np.arange(len(tasks)) + (i - (len(methods) - 1) / 2) * width
+        errors = np.vstack([part["accuracy"] - part["ci_low"], part["ci_high"] - part["accuracy"]])
+        axis.bar(x, part["accuracy"], width, yerr=errors, capsize=2, label=method)
+    axis.set_xticks(np.arange(len(tasks)), tasks)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("test accuracy (95 % CI)")
+    axis.set_title("Accuracy by method and task")
+    axis.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def latency_by_method(results: pd.DataFrame) -> plt.Figure:
+    """Median latency per query of each method (overall rows), log scale."""
+    overall = results[results["task"] == "overall"].sort_values("median_ms_per_query")
+    figure, axis = plt.subplots(figsize=(6.5, 0.6 + 0.45 * len(overall)))
+    axis.barh(overall["method"], overall["median_ms_per_query"], color="tab:gray")
+    axis.set_xscale("log")
+    axis.set_xlabel("median ms per query (fixed batch size)")
+    axis.set_title("Latency by method")
+    for y, value in enumerate(overall["median_ms_per_query"]):
+        axis.text(value, y, f" {value:.2f}", va="center", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def training_curves(stage1_history: pd.DataFrame, stage1_validation: pd.DataFrame,
+                    stage2_history: pd.DataFrame, stage2_validation: pd.DataFrame) -> plt.Figure:
+    """Stage-1 loss terms, stage-2 reward, and validation accuracy of both stages."""
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for name in ("alignment", "contrastive", "lm", "latent_rl"):
+        if name in stage1_history:
+            series = stage1_history[["step", name]].dropna()
+            axes[0].plot(series["step"], series[name].rolling(10, min_periods=1).mean(), label=name)
+    axes[0].set_title("Stage 1 losses (rolling mean)")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    if "reward" in stage2_history:
+        axes[1].plot(stage2_history["step"], stage2_history["reward"].rolling(10, min_periods=1).mean(),
+                     color="tab:green", label="sampled reward")
+    axes[1].set_title("Stage 2 reward (rolling mean)")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(fontsize=8)
+    offset = int(stage1_validation["step"].max()) if len(stage1_validation) else 0
+    axes[2].plot(stage1_validation["step"], stage1_validation["val_accuracy"], marker="o", label="stage 1")
+    axes[2].plot(stage2_validation["step"] + offset, stage2_validation["val_accuracy"], marker="o", label="stage 2")
+    axes[2].set_title("Validation accuracy")
+    axes[2].set_xlabel("step (stage 2 continues stage 1)")
+    axes[2].set_ylim(0, 1)
+    axes[2].legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def guidance_map(vectors: torch.Tensor, labels: list[str]) -> plt.Figure:
+    """A 2-D PCA projection of guidance vectors, coloured by task."""
+    data = vectors.float() - vectors.float().mean(0, keepdim=True)
+    _, _, components = torch.pca_lowrank(data, q=2, center=False)
+    points = (data @ components[:, :2]).numpy()
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    for label in sorted(set(labels)):
+        mask = np.array([value == label for value in labels])
+        axis.scatter(points[mask, 0], points[mask, 1], s=8, alpha=0.6, label=label)
+    axis.set_title("Guidance vectors (PCA)")
+    axis.set_xlabel("PC 1")
+    axis.set_ylabel("PC 2")
+    axis.legend(fontsize=8, markerscale=2)
+    figure.tight_layout()
+    return figure

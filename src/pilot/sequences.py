@@ -1,0 +1,93 @@
+"""Tokenising prompt + target pairs into padded tensors, the same way for every trainer.
+
+Position conventions used across stage 1, stage 2, baselines and the latent cache: the
+*answer positions* of a row are the positions whose next-token prediction is a target token,
+i.e. from the last prompt token to the token before the final target token. Guidance is
+injected at exactly these positions, so training matches generation (which injects from the
+last prompt token onward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch of prompt + target sequences."""
+
+    input_ids: torch.Tensor       # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor          # (B, T), IGNORE_INDEX outside the targets
+    prompt_lengths: torch.Tensor  # (B,)
+    target_lengths: torch.Tensor  # (B,) including the end-of-sequence token
+
+    def answer_position_mask(self) -> torch.Tensor:
+        """(B, T) mask of the answer positions (see the module docstring)."""
+        positions = torch.arange(self.input_ids.shape[1])[None, :]
+        start = (self.prompt_lengths - 1)[:, None]
+        return (positions >= start) & (positions < start + self.target_lengths[:, None])
+
+    def query_mask(self) -> torch.Tensor:
+        """(B, T) mask of the prompt tokens the hyper-network reads (all but the last)."""
+        positions = torch.arange(self.input_ids.shape[1])[None, :]
+        return positions < (self.prompt_lengths - 1)[:, None]
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
+                                                   self.prompt_lengths, self.target_lengths)))
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_length: int | None = None,
+) -> TokenBatch:
+    """Tokenise ``prompt + target + eos``; the loss (labels) covers target and eos only."""
+    if len(prompts) != len(targets):
+        raise ValueError("encode_pairs needs as many targets as prompts.")
+    rows, prompt_lengths, target_lengths = [], [], []
+    for prompt, target in zip(prompts, targets):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = prompt_ids + target_ids
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(
+                f"A sequence of {len(ids)} tokens exceeds max_length={max_length}; raise the model's "
+                "max positions or shorten the task's prompts."
+            )
+        rows.append(ids)
+        prompt_lengths.append(len(prompt_ids))
+        target_lengths.append(len(target_ids))
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, p) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, p : len(ids)] = torch.tensor(ids[p:])
+    return TokenBatch(input_ids, attention_mask, labels,
+                      torch.tensor(prompt_lengths), torch.tensor(target_lengths))
+
+
+def shift_labels_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
+    if reduction == "none":
+        return loss
+    mask = labels != IGNORE_INDEX
+    if reduction == "per_row":
+        return (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return (loss * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,16 @@
+"""Kedro project settings."""
+
+from pilot.framework.hooks import PreflightHooks
+
+# kedro-mlflow registers its own hook through its entry point; ours run before any node:
+# parameter validation and the tracking-store check (see pilot.framework.hooks).
+HOOKS = (PreflightHooks(),)
+
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # Declared here (kedro-mlflow would add the same) so our preflight hook can read mlflow.yml.
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
+    # conf/<env> overrides individual keys of conf/base instead of whole top-level blocks.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
+}

@@ -1,0 +1,252 @@
+"""Verifiable reasoning tasks from reasoning-gym, rendered compactly, with oracle plans.
+
+Every row of a task table holds: ``id``, ``task``, ``split``, ``question`` (a compact prompt
+rendered for small models), ``answer`` (the gold answer string reasoning-gym's verifier
+expects), ``metadata`` (reasoning-gym's metadata as JSON) and ``oracle_plan``.
+
+An oracle plan is derived from the metadata and states strategy -- which steps, in which order,
+which branch -- never the final answer string. Rows whose plan would contain the answer as a
+whole phrase are skipped at generation time (and counted), so the guarantee holds on every row.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import operator
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import reasoning_gym
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TASK_COLUMNS = ("id", "task", "split", "question", "answer", "metadata", "oracle_plan")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    question: str
+    plan: str
+
+
+def _render_path_star(entry: dict[str, Any]) -> Rendered:
+    # reasoning-gym's last line is the task itself: "|u v|u v|.../start goal = ".
+    task_line = entry["question"].strip().splitlines()[-1]
+    edges, ends = task_line.rstrip(" =").split("/")
+    edge_text = " | ".join(edge.strip() for edge in edges.split("|") if edge.strip())
+    question = f"| {edge_text} / {ends.strip()} ="
+    path = entry["metadata"]["goal_path"]
+    # The strategy: walk back from the goal to find which branch of the centre leads there.
+    back = " , ".join(f"{path[i]} from {path[i - 1]}" for i in range(len(path) - 1, 1, -1))
+    return Rendered(question, f"back from goal: {back} ; branch {path[1]}")
+
+
+def _render_chain_sum(entry: dict[str, Any]) -> Rendered:
+    terms = entry["metadata"]["expression"].split()
+    total, steps = int(terms[0]), []
+    for i in range(1, len(terms) - 2, 2):
+        op, operand = terms[i], int(terms[i + 1])
+        new_total = total + operand if op == "+" else total - operand
+        steps.append(f"{total} {op} {operand} = {new_total}")
+        total = new_total
+    order = " , ".join(steps + [f"then {total} {terms[-2]} {terms[-1]}"])
+    return Rendered(f"{entry['metadata']['expression']} =", f"left to right: {order}")
+
+
+def _exact_division(a: int, b: int) -> int:
+    if b == 0 or a % b:
+        raise ValueError(f"{a} / {b} is not an exact integer division")
+    return a // b
+
+
+_OPERATORS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
+              ast.Div: ("/", _exact_division)}
+
+
+def _render_basic_arithmetic(entry: dict[str, Any]) -> Rendered:
+    # Walk the expression tree (never eval) in evaluation order: precedence and brackets
+    # decide which operation comes first, which is the strategy the plan spells out.
+    expression = entry["metadata"]["expression"]
+    steps: list[tuple[int, str, int, int]] = []
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            left, right = walk(node.left), walk(node.right)
+            symbol, apply = _OPERATORS[type(node.op)]
+            steps.append((left, symbol, right, apply(left, right)))
+            return steps[-1][3]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(
+            f"basic_arithmetic plans support + - * / on integers, not '{expression}'; restrict the task's "
+            "generator kwargs (e.g. operators: ['+', '-'])."
+        )
+
+    walk(ast.parse(expression, mode="eval").body)
+    *done, (left, symbol, right, _) = steps
+    order = " , ".join([f"{a} {s} {b} = {v}" for a, s, b, v in done] + [f"then {left} {symbol} {right}"])
+    return Rendered(f"{expression} =", f"order: {order}")
+
+
+def _render_leg_counting(entry: dict[str, Any]) -> Rendered:
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    animals = entry["metadata"]["animals"]
+    question = "legs: " + " , ".join(f"{n} {name}" for name, n in animals.items()) + " ="
+    each = " , ".join(f"{name} {ANIMALS[name]}" for name in animals)
+    products = " , ".join(f"{n} x {ANIMALS[name]} = {n * ANIMALS[name]}" for name, n in animals.items())
+    return Rendered(question, f"legs each: {each} ; {products} ; then add the products")
+
+
+def _render_count_bits(entry: dict[str, Any]) -> Rendered:
+    number = entry["metadata"]["number"]
+    bits = " ".join(bin(number)[2:])
+    return Rendered(f"ones in {number} =", f"binary {bits} ; count the 1s")
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
+    "path_star": _render_path_star,
+    "chain_sum": _render_chain_sum,
+    "basic_arithmetic": _render_basic_arithmetic,
+    "leg_counting": _render_leg_counting,
+    "count_bits": _render_count_bits,
+}
+
+
+def supported_tasks() -> list[str]:
+    """Task names that have a compact renderer and an oracle-plan derivation."""
+    return sorted(RENDERERS)
+
+
+def check_task_name(name: str) -> None:
+    if name not in RENDERERS:
+        known = "a reasoning-gym task" if name in reasoning_gym.factory.DATASETS else "not a reasoning-gym task"
+        raise ValueError(
+            f"Task '{name}' is {known} this project can render with an oracle plan; "
+            f"use one of {supported_tasks()}."
+        )
+
+
+def _phrase_tokens(text: str) -> list[str]:
+    return re.findall(r"[^\s,;:]+", text)
+
+
+def plan_reveals_answer(plan: str, answer: str) -> bool:
+    """True when the answer appears in the plan as a whole phrase (token-aligned)."""
+    plan_tokens, answer_tokens = _phrase_tokens(plan), _phrase_tokens(answer)
+    n = len(answer_tokens)
+    if n == 0:
+        return False
+    return any(plan_tokens[i : i + n] == answer_tokens for i in range(len(plan_tokens) - n + 1))
+
+
+def generate_task_rows(
+    name: str,
+    size: int,
+    generator_kwargs: dict[str, Any],
+    seed: int,
+    exclude_questions: set[str],
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Draw ``size`` unique rows of one task from reasoning-gym's offline generator.
+
+    Duplicate questions (also against ``exclude_questions``, the other tasks' questions) and rows
+    whose plan would reveal the answer are skipped; the returned counts say how many.
+    """
+    check_task_name(name)
+    render = RENDERERS[name]
+    pool = size * 4 + 100
+    dataset = reasoning_gym.create_dataset(name, size=pool, seed=seed, **generator_kwargs)
+    rows: list[dict[str, Any]] = []
+    counts = {"duplicates": 0, "plan_reveals_answer": 0}
+    seen = set(exclude_questions)
+    for index in range(pool):
+        entry = dataset[index]
+        rendered = render(entry)
+        if rendered.question in seen:
+            counts["duplicates"] += 1
+            continue
+        if plan_reveals_answer(rendered.plan, entry["answer"]):
+            counts["plan_reveals_answer"] += 1
+            continue
+        seen.add(rendered.question)
+        rows.append(
+            {
+                "task": name,
+                "question": rendered.question,
+                "answer": str(entry["answer"]),
+                "metadata": json.dumps(entry["metadata"], sort_keys=True, default=str),
+                "oracle_plan": rendered.plan,
+            }
+        )
+        if len(rows) == size:
+            return rows, counts
+    raise ValueError(
+        f"Task '{name}' with generator kwargs {generator_kwargs} yielded only {len(rows)} usable "
+        f"unique questions of the {size} asked for ({counts}); lower its size or widen its kwargs."
+    )
+
+
+def build_task_table(
+    tasks: list[dict[str, Any]], val_per_task: int, test_per_task: int, seed: int
+) -> pd.DataFrame:
+    """Generate every configured task and assign disjoint train/val/test splits.
+
+    Questions are unique across the whole table, so no question can appear in two splits.
+    """
+    frames = []
+    seen: set[str] = set()
+    for offset, spec in enumerate(tasks):
+        rows, counts = generate_task_rows(
+            spec["name"], spec["size"], dict(spec.get("kwargs") or {}), seed + 1000 * offset, seen
+        )
+        seen.update(row["question"] for row in rows)
+        if val_per_task + test_per_task >= len(rows):
+            raise ValueError(
+                f"Task '{spec['name']}' has {len(rows)} rows but val_per_task + test_per_task = "
+                f"{val_per_task + test_per_task}; raise its size or lower the split sizes."
+            )
+        order = list(range(len(rows)))
+        random.Random(seed + offset).shuffle(order)
+        for rank, index in enumerate(order):
+            rows[index]["split"] = (
+                "test" if rank < test_per_task else "val" if rank < test_per_task + val_per_task else "train"
+            )
+        logger.info(
+            "Task %s: %d rows (skipped %d duplicates, %d whose plan would reveal the answer)",
+            spec["name"], len(rows), counts["duplicates"], counts["plan_reveals_answer"],
+        )
+        frames.append(pd.DataFrame(rows))
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(0, "id", [f"{task}-{i:06d}" for i, task in enumerate(table["task"])])
+    return table[list(TASK_COLUMNS)]
+
+
+def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Check the schema and the invariants every downstream stage relies on."""
+    missing = [c for c in TASK_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"Task table is missing columns {missing}; rerun `kedro run --pipeline data`.")
+    for column in TASK_COLUMNS:
+        if not all(isinstance(v, str) and v for v in table[column]):
+            raise ValueError(f"Task table column '{column}' must hold non-empty strings.")
+    if table["id"].duplicated().any():
+        raise ValueError("Task table ids are not unique.")
+    bad_splits = set(table["split"]) - set(SPLITS)
+    if bad_splits:
+        raise ValueError(f"Task table has unknown splits {sorted(bad_splits)}; expected {SPLITS}.")
+    if table["question"].duplicated().any():
+        raise ValueError("A question appears twice in the task table, so splits would not be disjoint.")
+    return table
+
+
+def metadata_of(row: dict[str, Any] | pd.Series) -> dict[str, Any]:
+    return json.loads(row["metadata"])

@@ -1,0 +1,95 @@
+"""MLflow helpers that do not depend on Kedro: store checks, batched histories, nested runs.
+
+Tracking is always the last step: callers save their outputs first, then log. Every helper
+here is a no-op when no MLflow run is active, so the library works with tracking disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+
+class TrackingUnavailableError(RuntimeError):
+    pass
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`TrackingUnavailableError` (one clear sentence) if ``uri`` cannot take writes now.
+
+    SQLite stores must be in an existing, writable folder and not locked by another writer;
+    HTTP servers must answer their health endpoint within ``timeout_s``.
+    """
+    fix = "start it, fix the URI in conf/<env>/mlflow.yml, or set tracking.on_unavailable: disable"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.parent.is_dir():
+            raise TrackingUnavailableError(f"MLflow store '{uri}' is unreachable: folder '{path.parent}' does not exist; {fix}.")
+        try:
+            connection = sqlite3.connect(path, timeout=timeout_s)
+            try:
+                connection.execute("BEGIN IMMEDIATE")  # takes (and releases) the write lock
+                connection.rollback()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
+            raise TrackingUnavailableError(f"MLflow store '{uri}' is unavailable ({error}); {fix}.") from error
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise TrackingUnavailableError(f"MLflow server '{uri}' answered {response.status}; {fix}.")
+        except (urllib.error.URLError, OSError) as error:
+            raise TrackingUnavailableError(f"MLflow server '{uri}' is unreachable ({error}); {fix}.") from error
+
+
+def active() -> bool:
+    return mlflow.active_run() is not None
+
+
+def log_history(history: pd.DataFrame, prefix: str = "", step_column: str = "step") -> None:
+    """Log every numeric column of a per-step history as an MLflow metric history (batched)."""
+    run = mlflow.active_run()
+    if run is None or history.empty:
+        return
+    client = MlflowClient()
+    timestamp = int(pd.Timestamp.now().timestamp() * 1000)
+    metrics = [
+        Metric(f"{prefix}{column}", float(value), timestamp, int(step))
+        for column in history.columns if column != step_column and pd.api.types.is_numeric_dtype(history[column])
+        for step, value in zip(history[step_column], history[column]) if pd.notna(value)
+    ]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000], synchronous=True)
+
+
+@contextmanager
+def nested_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[str | None]:
+    """A child run of the active run (yields its id), or nothing when tracking is off."""
+    if not active():
+        yield None
+        return
+    with mlflow.start_run(run_name=name, nested=True, tags=dict(tags or {})) as run:
+        yield run.info.run_id
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    if active():
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_params(params: Mapping[str, object]) -> None:
+    if active():
+        mlflow.log_params({k: str(v)[:250] for k, v in params.items()})

@@ -1,0 +1,133 @@
+"""Baselines PILOT is compared with: LoRA at a matched parameter budget, and a CAA steering vector.
+
+Zero-shot and plan-in-context need no training: they are the student answering without and
+with a plan (see :mod:`pilot.evaluation`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from pilot.evaluation import accuracy
+from pilot.generation import Guidance
+from pilot.guidance import GuidanceInjector
+from pilot.models import CausalLM
+from pilot.prompts import answer_prompt, continuation
+from pilot.config import LMTrainConfig
+from pilot.training.base_lm import train_causal_lm
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- LoRA
+def lora_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> dict[str, torch.nn.Linear]:
+    """The Linear layers whose name ends with one of ``target_modules``."""
+    found = {name: module for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules}
+    if not found:
+        raise ValueError(f"No Linear layer of the student is named any of {list(target_modules)}; "
+                         "set baselines.lora.target_modules to the student's projection names.")
+    return found
+
+
+def lora_rank_for_budget(model: torch.nn.Module, target_modules: Sequence[str], budget: int,
+                         tolerance: float) -> tuple[int, int]:
+    """The LoRA rank whose trainable-parameter count is closest to ``budget``; (rank, count).
+
+    A rank-r adapter on a Linear(in, out) trains r * (in + out) parameters.
+    """
+    per_rank = sum(m.in_features + m.out_features for m in lora_targets(model, target_modules).values())
+    rank = max(1, round(budget / per_rank))
+    count = rank * per_rank
+    if abs(count - budget) > tolerance * budget:
+        raise ValueError(
+            f"No LoRA rank on {list(target_modules)} comes within {tolerance:.0%} of the hyper-network's "
+            f"{budget} parameters (rank {rank} gives {count}); change baselines.lora.target_modules."
+        )
+    return rank, count
+
+
+@dataclass
+class LoraAdapter:
+    """A trained LoRA adapter in peft's format, attachable to a fresh copy of the student."""
+
+    config: dict
+    state: dict[str, torch.Tensor]
+
+    def attach(self, student: CausalLM) -> CausalLM:
+        """A LoRA-adapted copy of ``student`` (the student itself is left untouched)."""
+        fields = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
+        model = get_peft_model(copy.deepcopy(student.model), LoraConfig(**fields))
+        set_peft_model_state_dict(model, self.state)
+        model.eval()
+        return CausalLM(model=model, tokenizer=student.tokenizer)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "adapter_config.json").write_text(json.dumps(self.config, indent=2, default=list))
+        save_file({k: v.contiguous() for k, v in self.state.items()}, path / "adapter_model.safetensors")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LoraAdapter:
+        path = Path(path)
+        return cls(json.loads((path / "adapter_config.json").read_text()),
+                   load_file(path / "adapter_model.safetensors"))
+
+
+def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_modules: Sequence[str],
+               tolerance: float, alpha_ratio: float, config: LMTrainConfig) -> tuple[LoraAdapter, list[dict]]:
+    """Fine-tune LoRA adapters on question -> answer with a trainable budget matched to ``budget``."""
+    rank, count = lora_rank_for_budget(student.model, target_modules, budget, tolerance)
+    present = sorted({name.rsplit(".", 1)[-1] for name in lora_targets(student.model, target_modules)})
+    lora_config = LoraConfig(r=rank, lora_alpha=alpha_ratio * rank, lora_dropout=0.0, bias="none",
+                             target_modules=present, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(student.model), lora_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA rank %d on %s: %d trainable parameters (hyper-network: %d)", rank, present, trainable, budget)
+    lm = CausalLM(model=model, tokenizer=student.tokenizer)
+    examples = [(answer_prompt(q), continuation(a)) for q, a in zip(rows["question"], rows["answer"])]
+    history = train_causal_lm(lm, examples, config, "lora")
+    config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
+    return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(model)), history
+
+
+# ----------------------------------------------------------------------------------- CAA
+def caa_guidance(steering: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The steering vector in the injector's units: the injector adds ``scale * rms(h) * g``,
+    so ``g = vector / reference_rms`` adds about ``scale * vector`` to a typical state."""
+    return steering["vector"] / steering["reference_rms"].clamp_min(1e-6)
+
+
+def choose_caa_scale(student: CausalLM, val_rows: pd.DataFrame, steering: dict[str, torch.Tensor],
+                     inject_layer: int, scales: Sequence[float], max_new_tokens: int,
+                     batch_size: int) -> tuple[float, pd.DataFrame]:
+    """Pick the steering scale with the best validation accuracy; returns (scale, sweep table)."""
+    vector = caa_guidance(steering)
+    sweep = []
+    for scale in scales:
+        injector = GuidanceInjector(student.model, inject_layer, scale)
+        try:
+            guidance = Guidance(injector, vectors=vector.expand(len(val_rows), -1))
+            value = accuracy(student, val_rows, guidance=guidance, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        finally:
+            injector.remove()
+        sweep.append({"scale": float(scale), "val_accuracy": value})
+        logger.info("CAA scale %.3g: validation accuracy %.3f", scale, value)
+    table = pd.DataFrame(sweep)
+    best = float(table.loc[table["val_accuracy"].idxmax(), "scale"])
+    return best, table

@@ -1,0 +1,79 @@
+import json
+
+import pandas as pd
+import pytest
+
+from pilot.tasks import (
+    RENDERERS,
+    build_task_table,
+    check_task_name,
+    generate_task_rows,
+    plan_reveals_answer,
+    validate_task_table,
+)
+
+
+def test_every_row_has_the_schema_and_a_plan(task_table):
+    assert list(task_table.columns) == ["id", "task", "split", "question", "answer", "metadata", "oracle_plan"]
+    assert set(task_table["task"]) == {"chain_sum", "basic_arithmetic"}
+    assert task_table.groupby("task").size().tolist() == [120, 120]
+    for metadata in task_table["metadata"]:
+        assert isinstance(json.loads(metadata), dict)
+
+
+def test_no_oracle_plan_contains_its_answer(task_table):
+    leaks = [(row.plan, row.answer) for row in task_table.rename(columns={"oracle_plan": "plan"}).itertuples()
+             if plan_reveals_answer(row.plan, row.answer)]
+    assert leaks == []
+
+
+@pytest.mark.parametrize("name", sorted(RENDERERS))
+def test_every_renderer_keeps_the_answer_out_of_its_plans(name):
+    kwargs = {"path_star": {"node_range": 100}, "count_bits": {"max_n": 255}}.get(name, {})
+    rows, counts = generate_task_rows(name, 40, kwargs, seed=3, exclude_questions=set())
+    assert len(rows) == 40
+    assert not any(plan_reveals_answer(r["oracle_plan"], r["answer"]) for r in rows)
+    assert all(r["question"] and r["oracle_plan"] for r in rows)
+
+
+def test_plan_leak_check_is_token_aligned():
+    assert plan_reveals_answer("left to right: 4 - 1 = 3 , then 3 - 7", "3")
+    assert not plan_reveals_answer("left to right: 4 - 1 = 3 , then 3 - 7", "-4")
+    assert not plan_reveals_answer("back from goal: 8 from 52 , 52 from 56", "19 56 52 8")
+    assert plan_reveals_answer("go 19 56 52 8 now", "19 56 52 8")
+
+
+def test_splits_are_disjoint(task_table):
+    by_split = {s: set(part["question"]) for s, part in task_table.groupby("split")}
+    assert set(by_split) == {"train", "val", "test"}
+    assert not by_split["train"] & by_split["val"]
+    assert not by_split["train"] & by_split["test"]
+    assert not by_split["val"] & by_split["test"]
+    assert (task_table[task_table["split"] == "test"].groupby("task").size() == 20).all()
+
+
+def test_generation_is_reproducible_from_its_seed():
+    spec = [{"name": "chain_sum", "size": 50, "kwargs": {"min_terms": 3, "max_terms": 3}}]
+    first = build_task_table(spec, 5, 5, seed=1)
+    pd.testing.assert_frame_equal(first, build_task_table(spec, 5, 5, seed=1))
+    assert not first["question"].equals(build_task_table(spec, 5, 5, seed=2)["question"])
+
+
+def test_unknown_task_names_the_supported_ones():
+    with pytest.raises(ValueError, match="use one of .*chain_sum"):
+        check_task_name("not_a_task")
+    with pytest.raises(ValueError, match="is a reasoning-gym task"):
+        check_task_name("sudoku")
+
+
+def test_too_small_a_task_space_is_a_clear_error():
+    with pytest.raises(ValueError, match="yielded only .* unique questions"):
+        generate_task_rows("count_bits", 500, {"max_n": 30}, seed=0, exclude_questions=set())
+
+
+def test_schema_validation_catches_broken_tables(task_table):
+    with pytest.raises(ValueError, match="missing columns"):
+        validate_task_table(task_table.drop(columns=["oracle_plan"]))
+    duplicated = pd.concat([task_table, task_table.iloc[:1].assign(id="dup")])
+    with pytest.raises(ValueError, match="appears twice"):
+        validate_task_table(duplicated)

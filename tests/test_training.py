@@ -1,0 +1,128 @@
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pilot.checkpoint import CheckpointManager, CorruptCheckpointError
+from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config
+from pilot.guidance import HyperNetwork
+from pilot.latents import LatentCache, plan_cache_build, write_cache
+from pilot.training.common import NonFiniteLossError
+from pilot.training.stage1 import make_hypernet, run_stage1, train_stage1
+from pilot.training.stage2 import group_advantages, run_stage2
+
+JOB = Path(__file__).parent / "jobs" / "stage1_job.py"
+GEN = GenerationParams(max_new_tokens=4, batch_size=16)
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_lm, task_table):
+    tiny_lm.save(tmp_path / "student")
+    task_table.to_parquet(tmp_path / "tasks.parquet")
+    plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
+    plans.to_parquet(tmp_path / "plans.parquet")
+    return tmp_path
+
+
+def _run_job(workdir: Path, steps: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(JOB), str(workdir), str(steps)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(workdir, tmp_path_factory):
+    reference = tmp_path_factory.mktemp("reference")
+    for name in ("student", "tasks.parquet", "plans.parquet"):
+        (shutil.copytree if name == "student" else shutil.copy)(workdir / name, reference / name)
+    assert _run_job(reference, 40).wait(timeout=600) == 0
+
+    job = _run_job(workdir, 40)
+    checkpoints = CheckpointManager(workdir / "checkpoints", every=4)
+    deadline = time.time() + 300
+    while not any(p.name >= "step-00000012" for p in checkpoints.list()):
+        assert job.poll() is None, "the job finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    kept = checkpoints.list()
+    assert kept and all(checkpoints.verify(p)["step"] % 4 == 0 for p in kept)  # no completed checkpoint lost
+    assert not (workdir / "hypernet").exists()
+
+    assert _run_job(workdir, 40).wait(timeout=600) == 0
+    resumed = HyperNetwork.load(workdir / "hypernet")
+    uninterrupted = HyperNetwork.load(reference / "hypernet")
+    assert resumed.fingerprint() == uninterrupted.fingerprint()
+    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "history.parquet"),
+                                  pd.read_parquet(reference / "history.parquet"))
+
+
+def _stage1_inputs(lm, task_table, tmp_path):
+    plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
+    site = GuidanceParams(mlp_hidden=16, attention_heads=2)
+    latents = LatentsParams(shard_size=64)
+    write_cache(plan_cache_build(plans, task_table, lm, site, latents), tmp_path / "cache")
+    return plans, site, latents
+
+
+def test_a_non_finite_loss_stops_training_naming_term_and_step(tiny_lm, task_table, tmp_path):
+    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    cache = LatentCache(tmp_path / "cache").load()
+    cache["target_states"][:] = float("inf")  # e.g. a corrupt, overflowing cache
+    examples = task_table[task_table["split"] == "train"].assign(plan=lambda f: f["oracle_plan"]).sort_values("id")
+    checkpoints = CheckpointManager(tmp_path / "ckpt", every=2)
+    with pytest.raises(NonFiniteLossError, match=r"'alignment' became (nan|inf) at step 0"):
+        train_stage1(tiny_lm, make_hypernet(site, tiny_lm, 0), cache, examples.reset_index(drop=True),
+                     task_table.head(4), [1], Stage1Config(steps=4, batch_size=4, rl_weight=0), GEN, checkpoints)
+
+
+def test_a_corrupted_checkpoint_is_reported_with_its_path(tiny_lm, task_table, tmp_path):
+    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    config = Stage1Config(steps=4, batch_size=4, rl_weight=0, eval_every=4, checkpoint_every=2)
+    val = task_table[task_table["split"] == "val"].head(4)
+    run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents, config, GEN,
+               checkpoint_dir=str(tmp_path / "ckpt"))
+    newest = CheckpointManager(tmp_path / "ckpt", 2).latest()
+    (newest / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CorruptCheckpointError, match=str(newest / "weights.safetensors")):
+        run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents, config, GEN,
+                   checkpoint_dir=str(tmp_path / "ckpt"))
+
+
+def test_stage1_refuses_a_stale_cache(tiny_lm, task_table, tmp_path):
+    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    moved = site.model_copy(update={"inject_layer": 1})
+    from pilot.latents import StaleCacheError
+
+    with pytest.raises(StaleCacheError, match="kedro run --pipeline latents"):
+        run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, task_table.head(4), moved, latents,
+                   Stage1Config(steps=2), GEN)
+
+
+def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_path):
+    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    val = task_table[task_table["split"] == "val"]
+    first = run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents,
+                       Stage1Config(steps=6, batch_size=8, rl_every=2, rl_batch=2, rl_samples=2, eval_every=3), GEN)
+    history = pd.DataFrame(first.history)
+    assert {"alignment", "contrastive", "lm", "latent_rl", "total"} <= set(history.columns)
+    assert history["alignment"].notna().all() and history["latent_rl"].notna().sum() == 3
+    assert [v["step"] for v in first.validation] == [0, 3, 6]
+    train = task_table[task_table["split"] == "train"]
+    second = run_stage2(tiny_lm, first.hypernet, train, val, Stage2Config(steps=4, batch_size=4, group_size=2,
+                                                                           eval_every=2), GEN)
+    history2 = pd.DataFrame(second.history)
+    assert {"policy", "self_supervision", "anchor", "reward"} <= set(history2.columns)
+    assert second.best_val_accuracy >= max(v["val_accuracy"] for v in second.validation[:1])
+
+
+def test_group_advantages_are_relative_to_the_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    advantages = group_advantages(rewards)
+    torch.testing.assert_close(advantages[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
+    assert torch.equal(advantages[1], torch.zeros(4))
