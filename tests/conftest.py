@@ -7,6 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -39,3 +45,53 @@ def tiny_lm(tokenizer):
     """A randomly initialised 2-layer Llama student (fresh per test: tests may attach hooks)."""
     torch.manual_seed(0)
     return build_causal_lm(tokenizer, family="llama", hidden_size=32, num_layers=2, num_heads=2, seed=0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_project(tmp_path: Path) -> Path:
+    """A copy of the project's configuration in a fresh folder (its own data/ and mlflow.db)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", project)
+    shutil.copy(ROOT / ".telemetry", project)
+    shutil.copytree(ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+    (project / "conf" / "local").mkdir()
+    (project / "src").mkdir()  # the package itself is installed; Kedro only checks the folder
+    # An absolute store per project: MLflow caches stores by URI, and every copy would otherwise
+    # share the relative `sqlite:///mlflow.db`.
+    (project / "conf" / "test" / "mlflow.yml").write_text(
+        f"server:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
+    return project
+
+
+def run(project: Path, monkeypatch, pipeline: str | None = None, env: str = "test", params: dict | None = None):
+    """``kedro run`` in-process, through a real KedroSession."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
+        return session.run(pipeline_names=[pipeline] if pipeline else None)
+
+
+def kedro_cli(project: Path, *args: str) -> subprocess.Popen:
+    """``kedro ...`` as a separate process in ``project`` (stdout and stderr captured)."""
+    return subprocess.Popen([str(Path(sys.executable).with_name("kedro")), *args], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One full `kedro run --env test`, shared by the assertions below."""
+    monkeypatch = pytest.MonkeyPatch()
+    project = make_project(tmp_path_factory.mktemp("run"))
+    try:
+        run(project, monkeypatch)
+        yield project
+    finally:
+        monkeypatch.undo()
+        mlflow.set_tracking_uri(None)

@@ -126,3 +126,15 @@ def test_float16_storage_is_smaller_and_close(tiny_lm, plans, task_table, tmp_pa
 def test_no_kept_plans_is_a_clear_error(tiny_lm, plans, task_table):
     with pytest.raises(ValueError, match="No kept plans"):
         _build(tiny_lm, plans.assign(kept=False), task_table)
+
+
+def test_cached_and_recomputed_batches_agree(tiny_lm, plans, task_table, tmp_path):
+    from pilot.latents import CachedLatents, RecomputedLatents
+
+    build = _build(tiny_lm, plans, task_table)
+    write_cache(build, tmp_path / "cache")
+    cached, fresh = CachedLatents(LatentCache(tmp_path / "cache").load()), RecomputedLatents(build)
+    index = torch.tensor([3, 0, 41, 150, 7])
+    a, b = cached.batch(index, "cpu"), fresh.batch(index, "cpu")
+    for name in ("query_states", "query_mask", "targets", "target_mask"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-4)

@@ -74,10 +74,11 @@ def test_a_non_finite_loss_stops_training_naming_term_and_step(tiny_lm, task_tab
     plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
     cache = LatentCache(tmp_path / "cache").load()
     cache["target_states"][:] = float("inf")  # e.g. a corrupt, overflowing cache
+    from pilot.latents import CachedLatents
     examples = task_table[task_table["split"] == "train"].assign(plan=lambda f: f["oracle_plan"]).sort_values("id")
     checkpoints = CheckpointManager(tmp_path / "ckpt", every=2)
     with pytest.raises(NonFiniteLossError, match=r"'alignment' became (nan|inf) at step 0"):
-        train_stage1(tiny_lm, make_hypernet(site, tiny_lm, 0), cache, examples.reset_index(drop=True),
+        train_stage1(tiny_lm, make_hypernet(site, tiny_lm, 0), CachedLatents(cache), examples.reset_index(drop=True),
                      task_table.head(4), [1], Stage1Config(steps=4, batch_size=4, rl_weight=0), GEN, checkpoints)
 
 

@@ -153,6 +153,7 @@ class GenerationParams(Params):
 # ---------------------------------------------------------------------------------- plans
 class PlansParams(Params):
     teacher: Literal["hf", "oracle"] = "hf"
+    keep: Literal["verified", "all"] = "verified"
     max_plan_tokens: PositiveInt = 64
 
 
@@ -217,12 +218,23 @@ class Stage2Params(Params):
 
 
 # ---------------------------------------------------------------------------------- baselines
+class LoraTrainingParams(Params):
+    """LoRA's loop; ``None`` steps/batch size mean "the same as PILOT's stage 1"."""
+
+    steps: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    learning_rate: Positive = 1e-3
+    warmup_steps: NonNegativeInt = 20
+    weight_decay: NonNegative = 0.0
+    seed: int = 0
+
+
 class LoraParams(Params):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
     lora_alpha_ratio: Positive = 2.0
-    training: LMTrainConfig = LMTrainConfig(steps=300, learning_rate=1e-3, warmup_steps=20)
+    training: LoraTrainingParams = LoraTrainingParams()
 
 
 class CaaParams(Params):
@@ -260,7 +272,6 @@ class TuneParams(Params):
     contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     guidance_scale: SearchRange | None = None
-    inject_layers: list[NonNegativeInt] | None = None
 
 
 class TrackingParams(Params):

@@ -127,7 +127,8 @@ class HyperNetwork(nn.Module):
         """
         std = self.log_std.exp()
         expanded = mean.repeat_interleave(num_samples, dim=0)
-        noise = torch.randn(expanded.shape, generator=generator, dtype=expanded.dtype, device=expanded.device)
+        # Drawn on the CPU from a seeded generator (the same numbers on any device), then moved.
+        noise = torch.randn(expanded.shape, generator=generator, dtype=expanded.dtype).to(expanded.device)
         actions = (expanded + std * noise).detach()
         log_prob = torch.distributions.Normal(expanded, std).log_prob(actions).sum(-1)
         return actions, log_prob

@@ -121,13 +121,16 @@ class LatentCacheBuild:
         size = self.settings.shard_size
         return range(shard * size, min(self.num_examples, (shard + 1) * size))
 
-    @torch.no_grad()
     def compute_shard(self, shard: int, progress: tqdm | None = None) -> dict[str, torch.Tensor]:
+        return self.compute_rows(list(self.shard_range(shard)), progress)
+
+    @torch.no_grad()
+    def compute_rows(self, rows: list[int], progress: tqdm | None = None) -> dict[str, torch.Tensor]:
+        """The cached tensors for these example rows, from frozen forward passes of the student."""
         s = self.settings
         model, tokenizer = self.student.model, self.student.tokenizer
         dtype = getattr(torch, s.dtype)
         query, targets, free_inject, plan_inject, free_rms, answer_lengths = [], [], [], [], [], []
-        rows = list(self.shard_range(shard))
         for start in range(0, len(rows), s.batch_size):
             chunk = rows[start:start + s.batch_size]
             answers = [continuation(self.answers[i]) for i in chunk]
@@ -315,6 +318,60 @@ class LatentCache:
             "inject_free_rms": torch.cat([s["inject_free_rms"] for s in shards]),
         }
         return merged
+
+
+def lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@dataclass
+class LatentBatch:
+    """What one stage-1 step needs for a batch of examples."""
+
+    query_states: torch.Tensor   # (B, Tq, d) plan-free reading of the query
+    query_mask: torch.Tensor     # (B, Tq)
+    targets: torch.Tensor        # (B, Ta, L, d) plan-conditioned states at the answer positions
+    target_mask: torch.Tensor    # (B, Ta) float
+
+
+def _batch_from_tensors(tensors: dict[str, torch.Tensor], device: torch.device | str) -> LatentBatch:
+    width = int(tensors["answer_lengths"].max())
+    query_width = int(tensors["query_lengths"].max())
+    return LatentBatch(
+        query_states=tensors["query_states"][:, :query_width].to(device).float(),
+        query_mask=lengths_to_mask(tensors["query_lengths"], query_width).to(device),
+        targets=tensors["target_states"][:, :width].to(device).float(),
+        target_mask=lengths_to_mask(tensors["answer_lengths"], width).to(device).float(),
+    )
+
+
+class CachedLatents:
+    """Stage-1 batches read from the loaded cache (the default, fast path)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["row_index"])
+
+    def batch(self, index: torch.Tensor, device: torch.device | str) -> LatentBatch:
+        return _batch_from_tensors({k: v[index] for k, v in self.tensors.items()}, device)
+
+
+class RecomputedLatents:
+    """Stage-1 batches computed with fresh frozen forward passes every step (no cache).
+
+    The reference the cache is measured against (benchmarks) and checked against (tests).
+    """
+
+    def __init__(self, build: LatentCacheBuild) -> None:
+        self.build = build
+
+    def __len__(self) -> int:
+        return self.build.num_examples
+
+    def batch(self, index: torch.Tensor, device: torch.device | str) -> LatentBatch:
+        return _batch_from_tensors(self.build.compute_rows(index.tolist()), device)
 
 
 def steering_vector(cache: LatentCache) -> dict[str, torch.Tensor]:

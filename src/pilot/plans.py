@@ -22,7 +22,7 @@ from pilot.verifier import score_answers
 logger = logging.getLogger(__name__)
 
 PLAN_COLUMNS = ("id", "task", "split", "plan", "teacher", "teacher_seconds", "student_answer",
-                "kept", "matches_oracle")
+                "verified", "kept", "matches_oracle")
 
 
 @dataclass
@@ -63,8 +63,13 @@ class OracleTeacher:
 
 
 def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: CausalLM,
-                         max_new_tokens: int, batch_size: int) -> pd.DataFrame:
-    """Plans for every row of ``tasks``, each verified by the student answering with it."""
+                         max_new_tokens: int, batch_size: int, keep: str = "verified") -> pd.DataFrame:
+    """Plans for every row of ``tasks``, each verified by the student answering with it.
+
+    ``keep="verified"`` keeps a plan only when the student reached a verified-correct answer
+    with it (construct-and-verify); ``keep="all"`` keeps every plan (an ablation, and the toy
+    test environment whose barely trained student verifies none).
+    """
     batch = teacher.plans(tasks["question"].tolist(), tasks["oracle_plan"].tolist())
     prompts = [answer_prompt(q, p) for q, p in zip(tasks["question"], batch.plans)]
     answers = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -79,7 +84,8 @@ def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: 
         "teacher": teacher.name,
         "teacher_seconds": batch.seconds_per_plan,
         "student_answer": answers,
-        "kept": [r == 1.0 for r in rewards],
+        "verified": [r == 1.0 for r in rewards],
+        "kept": [r == 1.0 or keep == "all" for r in rewards],
         "matches_oracle": [p.strip() == o.strip() for p, o in zip(batch.plans, tasks["oracle_plan"])],
     })
     return frame[list(PLAN_COLUMNS)]
@@ -92,6 +98,7 @@ def plan_report(plans: pd.DataFrame) -> pd.DataFrame:
         generated=("id", "size"),
         kept=("kept", "sum"),
         kept_fraction=("kept", "mean"),
+        verified_fraction=("verified", "mean"),
         oracle_agreement=("matches_oracle", "mean"),
         teacher_ms_per_plan=("teacher_seconds", lambda s: 1000 * s.mean()),
     ).reset_index()

@@ -93,3 +93,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 def log_params(params: Mapping[str, object]) -> None:
     if active():
         mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
+
+
+def optuna_callbacks(metric_name: str = "value") -> list:
+    """An Optuna callback logging each trial as a nested run of the active run (none when off)."""
+    if not active():
+        return []
+    from optuna_integration.mlflow import MLflowCallback
+
+    return [MLflowCallback(tracking_uri=mlflow.get_tracking_uri(), metric_name=metric_name,
+                           create_experiment=False, mlflow_kwargs={"nested": True})]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -22,25 +23,46 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, TrackingParams, validate
+from pilot.guidance import HyperNetConfig
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 
 logger = logging.getLogger(__name__)
 
 
+def _config_json(catalog, dataset_name: str, filename: str) -> dict | None:
+    """A JSON file inside a folder dataset, read without loading the dataset (None if absent)."""
+    try:
+        path = Path(catalog.get(dataset_name)._describe()["path"]) / filename
+    except Exception:  # no such entry in this catalog, or not a folder dataset
+        return None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _student_num_layers(catalog, params: dict[str, Any]) -> int | None:
     """The student's decoder-layer count: from its config.json if it exists, else from ``base``."""
-    try:
-        dataset = catalog.get("student_model")
-        path = Path(dataset._describe()["path"]) / "config.json"
-    except Exception:  # no such entry in this catalog
-        path = None
-    if path is not None and path.is_file():
-        config = json.loads(path.read_text())
+    config = _config_json(catalog, "student_model", "config.json")
+    if config is not None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in config:
                 return int(config[key])
     if "base" in params:
         return validate(BaseParams, params["base"], "base").student.num_layers
+    return None
+
+
+class MissingInputError(FileNotFoundError):
+    """An input of the pipeline has not been produced yet."""
+
+
+def _producer(name: str) -> str | None:
+    """The pipeline that writes dataset ``name`` (imported directly: a `--pipeline X` run
+    registers only X)."""
+    from pilot.pipeline_registry import DEFAULT_ORDER
+
+    for pipeline_name in (*DEFAULT_ORDER, "tune"):
+        module = importlib.import_module(f"pilot.pipelines.{pipeline_name}")
+        if name in module.create_pipeline().all_outputs():
+            return pipeline_name
     return None
 
 
@@ -79,12 +101,23 @@ class PreflightHooks:
             context.config_loader.config_patterns["mlflow"] = ["__tracking_disabled__"]
             self._tracking_disabled = True
 
+    @staticmethod
+    def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
+        """Every dataset the pipeline reads but does not produce must already exist."""
+        for name in sorted(pipeline.inputs()):
+            if name.startswith("params:") or name == "parameters" or catalog.exists(name):
+                continue
+            producer = _producer(name)
+            hint = f"run `kedro run --pipeline {producer}` first" if producer else "check conf/<env>/catalog.yml"
+            raise MissingInputError(f"Input '{name}' does not exist yet: {hint} (or `kedro run` for everything).")
+
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
         """Validate parameters (and the guidance layers) before the first node runs."""
         if self._tracking_disabled and self._context is not None and hasattr(self._context, "mlflow"):
             names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
             self._context.mlflow.tracking.disable_tracking.pipelines = list(names)
+        self._check_inputs_exist(pipeline, catalog)
         params = catalog.load("parameters")
         wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
                          if name.startswith("params:")})
@@ -97,3 +130,17 @@ class PreflightHooks:
             num_layers = _student_num_layers(catalog, params)
             if num_layers is not None:
                 validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)
+        self._check_hypernets_fit(pipeline, catalog)
+
+    @staticmethod
+    def _check_hypernets_fit(pipeline: Pipeline, catalog) -> None:
+        """A saved hyper-network the pipeline reads must match the student's hidden size and depth."""
+        student = _config_json(catalog, "student_model", "config.json")
+        if student is None:
+            return
+        hidden = student.get("hidden_size", student.get("n_embd"))
+        layers = next((student[k] for k in ("num_hidden_layers", "n_layer") if k in student), None)
+        for name in sorted(pipeline.inputs() & {"hypernet_stage1", "hypernet_stage2"}):
+            saved = _config_json(catalog, name, "hypernet_config.json")
+            if saved is not None:
+                HyperNetConfig(**saved).check_fits(hidden, layers, where=f"'{name}'")

@@ -32,7 +32,15 @@ from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1
 from pilot.evaluation import accuracy
 from pilot.generation import Guidance, generate
 from pilot.guidance import GuidanceInjector, HyperNetConfig, HyperNetwork, capture_layers
-from pilot.latents import LatentCache, plan_cache_build, select_examples
+from pilot.latents import (
+    CachedLatents,
+    LatentBatch,
+    LatentCache,
+    RecomputedLatents,
+    lengths_to_mask,
+    plan_cache_build,
+    select_examples,
+)
 from pilot.models import CausalLM, freeze
 from pilot.prompts import answer_prompt, continuation
 from pilot.sequences import encode_pairs, shift_labels_loss
@@ -62,6 +70,7 @@ class TrainingResult:
 
 def gather_answer_states(states: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
     """(B, T, d) states -> (B, length, d) at positions start..start+length-1 (clamped)."""
+    start = start.to(states.device)
     index = (start[:, None] + torch.arange(length, device=states.device)[None, :]).clamp(max=states.shape[1] - 1)
     return states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
 
@@ -118,6 +127,14 @@ class GuidedStudent:
             out[i, : s.shape[0]] = s
         return out, torch.tensor(masks)
 
+    @torch.no_grad()
+    def guidance_vectors(self, questions: list[str]) -> torch.Tensor:
+        """The hyper-network's guidance vector for each question (as used at generation time)."""
+        states, lengths = self.query_states(questions)
+        device = next(self.hypernet.parameters()).device
+        mask = lengths_to_mask(lengths, states.shape[1])
+        return self.hypernet(states.to(device), mask.to(device)).cpu()
+
     def teacher_forced(self, questions: list[str], answers: list[str], vectors: torch.Tensor,
                        layers: list[int]):
         """Guided forward on question + answer; returns (batch, logits, {layer: states})."""
@@ -136,20 +153,33 @@ class GuidedStudent:
                           max_new_tokens=max_new_tokens, batch_size=len(repeated), guidance=self.guidance(actions))
         rewards = score_answers(repeated["task"].tolist(), result.answers, repeated["answer"].tolist(),
                                 repeated["metadata"].tolist(), repeated["question"].tolist())
-        return torch.tensor(rewards).view(len(rows), num_samples), result.answers
+        return torch.tensor(rewards, device=self.student.device).view(len(rows), num_samples), result.answers
 
     def remove(self) -> None:
         self.injector.remove()
 
 
-def _lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.arange(width)[None, :] < lengths[:, None]
+def stage1_losses(guided: GuidedStudent, batch: LatentBatch, vectors: torch.Tensor, questions: list[str],
+                  answers: list[str], align_layers: list[int], temperature: float) -> dict[str, torch.Tensor]:
+    """The alignment, contrastive and language-modelling terms for one batch, each in one place."""
+    width, last = batch.targets.shape[1], len(align_layers) - 1
+    tokens, logits, states = guided.teacher_forced(questions, answers, vectors, align_layers)
+    start = tokens.prompt_lengths - 1
+    guided_states = torch.stack(
+        [gather_answer_states(states[layer], start, width) for layer in align_layers], dim=2).float()
+    return {
+        "alignment": alignment_loss(guided_states, batch.targets,
+                                    batch.target_mask[..., None].expand(-1, -1, len(align_layers))),
+        "contrastive": info_nce(masked_mean(guided_states[:, :, last], batch.target_mask),
+                                masked_mean(batch.targets[:, :, last], batch.target_mask), temperature),
+        "lm": shift_labels_loss(logits, tokens.labels),
+    }
 
 
 def train_stage1(
     student: CausalLM,
     hypernet: HyperNetwork,
-    cache: dict[str, torch.Tensor],
+    latents: CachedLatents | RecomputedLatents,
     examples: pd.DataFrame,
     val_rows: pd.DataFrame,
     align_layers: list[int],
@@ -158,11 +188,13 @@ def train_stage1(
     checkpoints: CheckpointManager | None = None,
     on_validation: Callable[[int, float], None] | None = None,
 ) -> TrainingResult:
-    """Train ``hypernet`` on the cached trajectories of ``examples`` (rows in cache order).
+    """Train ``hypernet`` on the plan-conditioned trajectories of ``examples`` (rows in cache order).
 
     ``on_validation(step, accuracy)`` is called after each validation (Optuna prunes there).
     """
     set_seed(config.seed)
+    device = student.device
+    hypernet.to(device)
     checkpoints = checkpoints or CheckpointManager(None, 0)
     guided = GuidedStudent(student, hypernet)
     best = copy.deepcopy(hypernet)
@@ -175,8 +207,6 @@ def train_stage1(
         validation, best_state = restored.extra["validation"], restored.extra["best"]
 
     questions, answers = examples["question"].tolist(), examples["answer"].tolist()
-    query_mask_all = _lengths_to_mask(cache["query_lengths"], cache["query_states"].shape[1])
-    answer_mask_all = _lengths_to_mask(cache["answer_lengths"], cache["target_states"].shape[1])
     last = len(align_layers) - 1
     log = ProgressLog("stage1", config.steps, start_step, history)
 
@@ -197,28 +227,15 @@ def train_stage1(
     hypernet.train()
     for step in range(start_step, config.steps):
         index = torch.tensor(sample_batch(len(examples), config.batch_size, config.seed, step))
-        query_states, query_mask = cache["query_states"][index], query_mask_all[index]
-        width = int(cache["answer_lengths"][index].max())
-        targets = cache["target_states"][index][:, :width]          # (B, Ta, L, d)
-        target_mask = answer_mask_all[index][:, :width].float()     # (B, Ta)
-
-        vectors = hypernet(query_states, query_mask)
-        batch, logits, states = guided.teacher_forced(
-            [questions[i] for i in index.tolist()], [answers[i] for i in index.tolist()], vectors, align_layers)
-        start = batch.prompt_lengths - 1
-        guided_states = torch.stack(
-            [gather_answer_states(states[layer], start, width) for layer in align_layers], dim=2)  # (B, Ta, L, d)
-
-        terms = {
-            "alignment": alignment_loss(guided_states, targets, target_mask[..., None].expand(-1, -1, len(align_layers))),
-            "contrastive": info_nce(masked_mean(guided_states[:, :, last], target_mask),
-                                    masked_mean(targets[:, :, last], target_mask), config.temperature),
-            "lm": shift_labels_loss(logits, batch.labels),
-        }
+        batch = latents.batch(index, device)
+        vectors = hypernet(batch.query_states, batch.query_mask)
+        rows = index.tolist()
+        terms = stage1_losses(guided, batch, vectors, [questions[i] for i in rows], [answers[i] for i in rows],
+                              align_layers, config.temperature)
         if config.rl_weight > 0 and step % config.rl_every == 0:
             terms["latent_rl"], terms["rl_reward"] = _latent_rl(
-                guided, hypernet, vectors[: config.rl_batch], examples.iloc[index[: config.rl_batch].tolist()],
-                targets[: config.rl_batch, :, last], target_mask[: config.rl_batch], align_layers[last],
+                guided, hypernet, vectors[: config.rl_batch], examples.iloc[rows[: config.rl_batch]],
+                batch.targets[: config.rl_batch, :, last], batch.target_mask[: config.rl_batch], align_layers[last],
                 config, generation, step)
         total = (config.alignment_weight * terms["alignment"] + config.contrastive_weight * terms["contrastive"]
                  + config.lm_weight * terms["lm"] + config.rl_weight * terms.get("latent_rl", 0.0))
@@ -241,7 +258,7 @@ def train_stage1(
     seconds = log.close(f"best val accuracy {best_state['accuracy']:.3f} at step {best_state['step']}")
     guided.remove()
     best.eval()
-    return TrainingResult(best, log.history, validation, best_state["step"], best_state["accuracy"], seconds)
+    return TrainingResult(best.cpu(), log.history, validation, best_state["step"], best_state["accuracy"], seconds)
 
 
 def _latent_rl(guided: GuidedStudent, hypernet: HyperNetwork, means: torch.Tensor, rows: pd.DataFrame,
@@ -256,7 +273,7 @@ def _latent_rl(guided: GuidedStudent, hypernet: HyperNetwork, means: torch.Tenso
         batch, _, states = guided.teacher_forced(repeated["question"].tolist(), repeated["answer"].tolist(),
                                                  actions, [layer])
         width = targets.shape[1]
-        sampled = gather_answer_states(states[layer], batch.prompt_lengths - 1, width)
+        sampled = gather_answer_states(states[layer], batch.prompt_lengths - 1, width).float()
         mask = target_mask.repeat_interleave(k, dim=0)
         similarity = F.cosine_similarity(masked_mean(sampled, mask),
                                          masked_mean(targets.repeat_interleave(k, dim=0), mask), dim=-1)
@@ -300,5 +317,5 @@ def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFram
                                     fingerprint=run_fingerprint(build.fingerprint, site, config))
     if not resume:
         checkpoints.clear()
-    return train_stage1(student, hypernet, cache.load(), examples, val_rows, list(build.settings.align_layers),
-                        config, generation, checkpoints, on_validation)
+    return train_stage1(student, hypernet, CachedLatents(cache.load()), examples, val_rows,
+                        list(build.settings.align_layers), config, generation, checkpoints, on_validation)

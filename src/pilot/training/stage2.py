@@ -35,7 +35,8 @@ from pilot.training.common import (
     set_seed,
     step_generator,
 )
-from pilot.training.stage1 import GuidedStudent, TrainingResult, _lengths_to_mask, run_fingerprint
+from pilot.latents import lengths_to_mask
+from pilot.training.stage1 import GuidedStudent, TrainingResult, run_fingerprint
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -55,6 +56,8 @@ def train_stage2(
 ) -> TrainingResult:
     """Refine ``hypernet`` (initialised from stage 1) on ``train_rows`` without plans."""
     set_seed(config.seed)
+    device = student.device
+    hypernet.to(device)
     checkpoints = checkpoints or CheckpointManager(None, 0)
     reference = copy.deepcopy(hypernet).eval().requires_grad_(False)
     best = copy.deepcopy(hypernet)
@@ -70,7 +73,7 @@ def train_stage2(
 
     rows = train_rows.reset_index(drop=True)
     query_states, query_lengths = guided.query_states(rows["question"].tolist())
-    query_mask_all = _lengths_to_mask(query_lengths, query_states.shape[1])
+    query_mask_all = lengths_to_mask(query_lengths, query_states.shape[1])
     log = ProgressLog("stage2", config.steps, start_step, history)
 
     def validate(step: int) -> None:
@@ -92,9 +95,10 @@ def train_stage2(
     for step in range(start_step, config.steps):
         index = sample_batch(len(rows), config.batch_size, config.seed, step)
         batch_rows = rows.iloc[index]
-        means = hypernet(query_states[index], query_mask_all[index])
+        batch_states, batch_mask = query_states[index].to(device), query_mask_all[index].to(device)
+        means = hypernet(batch_states, batch_mask)
         with torch.no_grad():
-            anchor_means = reference(query_states[index], query_mask_all[index])
+            anchor_means = reference(batch_states, batch_mask)
         actions, log_prob = hypernet.sample(means, k, generator=step_generator(config.seed, step))
         rewards, sampled_answers = guided.sample_and_score(batch_rows, actions, k, generation.max_new_tokens)
         advantages = group_advantages(rewards)
@@ -102,13 +106,13 @@ def train_stage2(
 
         correct = rewards.reshape(-1) == 1.0
         if bool(correct.any()):
-            owner = torch.arange(len(index)).repeat_interleave(k)[correct]
+            owner = torch.arange(len(index), device=device).repeat_interleave(k)[correct]
             questions = batch_rows["question"].iloc[owner.tolist()].tolist()
             answers = [a for a, ok in zip(sampled_answers, correct.tolist()) if ok]
             batch, logits, _ = guided.teacher_forced(questions, answers, means[owner], [])
             terms["self_supervision"] = shift_labels_loss(logits, batch.labels)
         else:
-            terms["self_supervision"] = torch.zeros(())
+            terms["self_supervision"] = torch.zeros((), device=device)
         terms["anchor"] = (means - anchor_means).pow(2).mean()
         total = (config.policy_weight * terms["policy"]
                  + config.self_supervision_weight * terms["self_supervision"]
@@ -133,7 +137,7 @@ def train_stage2(
     seconds = log.close(f"best val accuracy {best_state['accuracy']:.3f} at step {best_state['step']}")
     guided.remove()
     best.eval()
-    return TrainingResult(best, log.history, validation, best_state["step"], best_state["accuracy"], seconds)
+    return TrainingResult(best.cpu(), log.history, validation, best_state["step"], best_state["accuracy"], seconds)
 
 
 def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.DataFrame, val_rows: pd.DataFrame,

@@ -7,7 +7,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(train_lora_baseline,
-                 inputs=["student_model", "tasks_train", "params:guidance", "params:baselines", "params:seed"],
+                 inputs=["student_model", "tasks_train", "params:guidance", "params:baselines", "params:stage1",
+                         "params:seed"],
                  outputs=["lora_adapter", "lora_history", "lora_metrics"], name="train_lora_node"),
             Node(tune_caa_scale,
                  inputs=["steering_vector", "student_model", "tasks_val", "params:guidance", "params:baselines",

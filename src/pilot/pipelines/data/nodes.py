@@ -8,17 +8,18 @@ from pilot.config import DataParams, validate
 from pilot.tasks import build_task_table, validate_task_table
 
 
-def generate_tasks(params: dict) -> pd.DataFrame:
+def generate_tasks(params: dict, seed: int) -> pd.DataFrame:
     """Draw every configured task from reasoning-gym's offline generators.
 
     Args:
         params: the ``data`` parameters (tasks with sizes and generator kwargs, split sizes, seed).
+        seed: the run's global seed, added to ``data.seed``.
     Returns:
         One table of all rows with a ``split`` column; questions are unique across splits.
     """
     config = validate(DataParams, params, "data")
     table = build_task_table([t.model_dump() for t in config.tasks], config.val_per_task,
-                             config.test_per_task, config.seed)
+                             config.test_per_task, config.seed + seed)
     return validate_task_table(table)
 
 

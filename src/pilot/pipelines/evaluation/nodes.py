@@ -67,7 +67,7 @@ def evaluate_caa(student: CausalLM, steering_vector: dict[str, torch.Tensor], ca
 def _evaluate_pilot(student: CausalLM, hypernet: HyperNetwork, tasks_test: pd.DataFrame, generation: dict,
                     method: str) -> pd.DataFrame:
     hypernet.config.check_fits(student.hidden_size, student.num_layers, where=f"for {method}")
-    guided = GuidedStudent(student, hypernet.eval())
+    guided = GuidedStudent(student, hypernet.eval().to(student.device))
     try:
         return _answer(student, tasks_test, generation, method, guidance=guided.guidance())
     finally:

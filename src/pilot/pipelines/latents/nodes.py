@@ -30,9 +30,9 @@ def summarize_cache(cache: LatentCache) -> tuple[dict[str, torch.Tensor], dict]:
     """
     manifest = cache.manifest
     metrics = {
-        "latent_cache_examples": manifest["num_examples"],
-        "latent_cache_mib": manifest["bytes"] / 2**20,
-        "latent_cache_examples_per_second": manifest["examples_per_second"] or 0.0,
-        "latent_cache_reused_shards": manifest["reused_shards"],
+        "cache_examples": manifest["num_examples"],
+        "cache_mib": manifest["bytes"] / 2**20,
+        "cache_examples_per_second": manifest["examples_per_second"] or 0.0,
+        "cache_reused_shards": manifest["reused_shards"],
     }
     return steering_vector(cache), {k: {"value": float(v), "step": 0} for k, v in metrics.items()}

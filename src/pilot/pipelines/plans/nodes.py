@@ -22,10 +22,10 @@ def extract_plans(tasks_train: pd.DataFrame, tasks_val: pd.DataFrame, tasks_test
     backend = (HFTeacher(teacher, max_new_tokens=config.max_plan_tokens, batch_size=decoding.batch_size)
                if config.teacher == "hf" else OracleTeacher())
     tasks = pd.concat([tasks_train, tasks_val, tasks_test], ignore_index=True)
-    plans = construct_and_verify(tasks, backend, student, decoding.max_new_tokens, decoding.batch_size)
+    plans = construct_and_verify(tasks, backend, student, decoding.max_new_tokens, decoding.batch_size, config.keep)
     report = plan_report(plans)
     metrics = {}
     for row in report.itertuples():
-        for name in ("kept_fraction", "oracle_agreement", "teacher_ms_per_plan"):
-            metrics[f"plans_{row.split}_{row.task}_{name}"] = {"value": float(getattr(row, name)), "step": 0}
+        for name in ("kept_fraction", "verified_fraction", "oracle_agreement", "teacher_ms_per_plan"):
+            metrics[f"{row.split}_{row.task}_{name}"] = {"value": float(getattr(row, name)), "step": 0}
     return plans, report, metrics

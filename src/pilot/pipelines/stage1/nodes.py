@@ -15,12 +15,12 @@ from pilot.training.stage1 import TrainingResult, run_stage1
 logger = logging.getLogger(__name__)
 
 
-def training_outputs(result: TrainingResult, prefix: str) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
+def training_outputs(result: TrainingResult) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
     """The four catalog outputs of a training stage: model, per-step history, validation, metrics."""
     metrics = {
-        f"{prefix}_best_val_accuracy": result.best_val_accuracy,
-        f"{prefix}_best_step": result.best_step,
-        f"{prefix}_train_seconds": result.seconds,
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_step": result.best_step,
+        "train_seconds": result.seconds,
     }
     return (result.hypernet, pd.DataFrame(result.history), pd.DataFrame(result.validation),
             {k: {"value": float(v), "step": 0} for k, v in metrics.items()})
@@ -28,7 +28,8 @@ def training_outputs(result: TrainingResult, prefix: str) -> tuple[HyperNetwork,
 
 def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame,
                  tasks_val: pd.DataFrame, student: CausalLM, tuned_loss_weights: dict, guidance: dict,
-                 latents: dict, params: dict, generation: dict) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
+                 latents: dict, params: dict, generation: dict,
+                 seed: int) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
     """Train the hyper-network on the cached plan-conditioned trajectories.
 
     With ``stage1.use_tuned_weights`` the contrastive/RL weights (and any tuned guidance scale)
@@ -40,7 +41,7 @@ def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_t
     """
     config = validate(Stage1Params, params, "stage1")
     site = validate(GuidanceParams, guidance, "guidance")
-    training = config.training
+    training = config.training.model_copy(update={"seed": config.training.seed + seed})
     if config.use_tuned_weights:
         if not tuned_loss_weights:
             raise ValueError("stage1.use_tuned_weights is true but no tuned weights exist; run "
@@ -53,4 +54,4 @@ def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_t
     result = run_stage1(student, latent_cache, teacher_plans, pd.concat([tasks_train, tasks_val]), tasks_val, site,
                         validate(LatentsParams, latents, "latents"), training,
                         validate(GenerationParams, generation, "generation"), config.checkpoint_dir, config.resume)
-    return training_outputs(result, "stage1")
+    return training_outputs(result)

@@ -12,7 +12,8 @@ from pilot.training.stage2 import run_stage2
 
 
 def train_stage2(hypernet_stage1: HyperNetwork, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                 student: CausalLM, params: dict, generation: dict) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
+                 student: CausalLM, params: dict, generation: dict,
+                 seed: int) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
     """Refine the stage-1 hyper-network from verifier feedback, without plans or teacher.
 
     Returns:
@@ -20,6 +21,7 @@ def train_stage2(hypernet_stage1: HyperNetwork, tasks_train: pd.DataFrame, tasks
         curve and summary metrics.
     """
     config = validate(Stage2Params, params, "stage2")
-    result = run_stage2(student, hypernet_stage1, tasks_train, tasks_val, config.training,
+    training = config.training.model_copy(update={"seed": config.training.seed + seed})
+    result = run_stage2(student, hypernet_stage1, tasks_train, tasks_val, training,
                         validate(GenerationParams, generation, "generation"), config.checkpoint_dir, config.resume)
-    return training_outputs(result, "stage2")
+    return training_outputs(result)

@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up the virtualenv and run the default pipeline (`kedro run`)
+#   make test   set up the virtualenv and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+export KEDRO_DISABLE_TELEMETRY := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test viz mlflow-ui clean-data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU wheel on local disk; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/kedro run
+
+test: install
+	$(BIN)/python -m pytest
+
+viz: install
+	$(BIN)/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean-data:
+	find data -type f ! -name .gitkeep -delete
+	find data -mindepth 2 -type d -empty -delete

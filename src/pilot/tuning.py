@@ -1,0 +1,136 @@
+"""Optuna search over the stage-1 loss balance (contrastive and latent-RL weights).
+
+Each trial is a short run of the real stage-1 loop (:func:`pilot.training.stage1.run_stage1`,
+optionally followed by a short stage 2) scored by validation accuracy; validation results are
+reported as intermediate values so the pruner stops bad trials early. The study lives in an
+RDB storage (SQLite under ``data/`` by default), so several processes can share it and a rerun
+continues it. A trial that raises is recorded as failed and the study goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+
+from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config, TuneParams
+from pilot.latents import LatentCache
+from pilot.models import CausalLM
+from pilot.training.stage1 import run_stage1
+from pilot.training.stage2 import run_stage2
+
+logger = logging.getLogger(__name__)
+
+TUNED_KEYS = ("contrastive_weight", "rl_weight", "guidance_scale")
+
+
+def open_study(config: TuneParams) -> optuna.Study:
+    """Create or continue (``load_if_exists``) the study in its RDB storage."""
+    url = config.storage
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Several processes share one SQLite file: wait for the write lock instead of failing.
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return optuna.create_study(
+        study_name=config.study_name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=config.sampler_seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=config.pruner_warmup_steps),
+    )
+
+
+def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
+    """The trial's point in the search space (log-uniform weights, optional guidance scale)."""
+    params = {
+        "contrastive_weight": trial.suggest_float("contrastive_weight", config.contrastive_weight.low,
+                                                  config.contrastive_weight.high, log=config.contrastive_weight.log),
+        "rl_weight": trial.suggest_float("rl_weight", config.rl_weight.low, config.rl_weight.high,
+                                         log=config.rl_weight.log),
+    }
+    if config.guidance_scale is not None:
+        params["guidance_scale"] = trial.suggest_float("guidance_scale", config.guidance_scale.low,
+                                                       config.guidance_scale.high, log=config.guidance_scale.log)
+    return params
+
+
+def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
+                   train_rows: pd.DataFrame, val_rows: pd.DataFrame, site: GuidanceParams, latents: LatentsParams,
+                   stage1: Stage1Config, stage2: Stage2Config, generation: GenerationParams,
+                   config: TuneParams) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, config)
+        training = stage1.model_copy(update={
+            "contrastive_weight": params["contrastive_weight"], "rl_weight": params["rl_weight"],
+            "steps": config.trial_steps, "eval_every": config.eval_every, "checkpoint_every": 0,
+        })
+        trial_site = site.model_copy(update={k: v for k, v in params.items() if k == "guidance_scale"})
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {value:.3f} at step {step}")
+
+        result = run_stage1(student, cache, teacher_plans, tasks, val_rows, trial_site, latents, training,
+                            generation, on_validation=report)
+        value = result.best_val_accuracy
+        if config.stage2_steps:
+            refine = stage2.model_copy(update={"steps": config.stage2_steps, "checkpoint_every": 0,
+                                               "eval_every": config.stage2_steps})
+            value = run_stage2(student, result.hypernet, train_rows, val_rows, refine, generation).best_val_accuracy
+        return value
+
+    return objective
+
+
+def tune(objective: Callable[[optuna.Trial], float], config: TuneParams,
+         callbacks: list[Callable] | None = None) -> optuna.Study:
+    """Run ``n_trials`` (or until ``timeout_s``) in this process; failed trials do not stop the study."""
+    study = open_study(config)
+    study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout_s, catch=(Exception,),
+                   callbacks=callbacks or [], show_progress_bar=True, gc_after_trial=True)
+    states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+    logger.info("Study %s: %d trials in storage (%s)", config.study_name, len(study.trials), states)
+    return study
+
+
+def best_weights(study: optuna.Study) -> dict:
+    """The best trial's weights, for stage 1 (``stage1.use_tuned_weights``)."""
+    try:
+        best = study.best_trial
+    except ValueError as error:
+        raise RuntimeError(f"Study '{study.study_name}' has no completed trial yet; every trial failed or was "
+                           "pruned. Look at the trials table and the log.") from error
+    weights = {k: v for k, v in best.params.items() if k in TUNED_KEYS}
+    return {**weights, "best_val_accuracy": best.value, "trial": best.number, "study": study.study_name}
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    if "duration" in frame:
+        frame["duration"] = frame["duration"].dt.total_seconds()
+    return frame
+
+
+def study_plots(study: optuna.Study) -> tuple[plt.Figure, plt.Figure]:
+    """Optimization history and parameter importances (a note instead when too few trials finished)."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    figures = []
+    for draw, title in ((optuna_plots.plot_optimization_history, "optimization history"),
+                        (optuna_plots.plot_param_importances, "parameter importances")):
+        try:
+            axis = draw(study)
+            figure = axis.figure if hasattr(axis, "figure") else axis[0].figure
+        except (ValueError, RuntimeError) as error:
+            figure, axis = plt.subplots(figsize=(6, 3))
+            axis.axis("off")
+            axis.text(0.5, 0.5, f"No {title} yet:\n{error}", ha="center", va="center", wrap=True)
+        figure.set_size_inches(7, 4)
+        figure.tight_layout()
+        figures.append(figure)
+    return figures[0], figures[1]

@@ -1,0 +1,149 @@
+"""Faults a user can cause or meet: bad parameters, missing inputs, tracking failures, unsafe formats,
+and reproducibility. Each stops the run before any compute with one clear sentence, or is survived."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from pilot.config import ParameterError
+from pilot.framework.hooks import MissingInputError
+from pilot.tracking import TrackingUnavailableError
+from tests.conftest import ROOT, make_project, run
+
+
+@pytest.fixture()
+def project(tmp_path):
+    yield make_project(tmp_path)
+    mlflow.set_tracking_uri(None)
+
+
+def _nothing_computed(project: Path) -> bool:
+    return not [p for p in (project / "data").rglob("*") if p.is_file()] if (project / "data").exists() else True
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"stage1": {"training": {"contrastive_weight": -1.0}}},
+     "Parameter 'stage1.training.contrastive_weight' = -1.0 is invalid: input should be greater than or equal to 0."),
+    ({"stage1": {"training": {"steps": "many"}}}, "Parameter 'stage1.training.steps' = 'many' is invalid"),
+    ({"data": {"tasks": [{"name": "sudokuu", "size": 10}]}}, "Parameter 'data.tasks.0.name' = 'sudokuu' is invalid"),
+    ({"guidance": {"inject_layer": 9}},
+     "Parameter 'guidance.inject_layer' = 9 is outside the student's layers: allowed 0..1"),
+])
+def test_bad_parameters_stop_the_run_before_any_compute(project, monkeypatch, params, message):
+    with pytest.raises(ParameterError) as error:
+        run(project, monkeypatch, params=params)
+    assert str(error.value).startswith(message)
+    assert _nothing_computed(project)
+
+
+def test_a_stage_without_its_inputs_names_the_pipeline_to_run(project, monkeypatch):
+    with pytest.raises(MissingInputError, match=r"Input 'hypernet_stage1' does not exist yet: run `kedro run --pipeline stage1` first"):
+        run(project, monkeypatch, "stage2")
+    with pytest.raises(MissingInputError, match=r"run `kedro run --pipeline base` first"):
+        run(project, monkeypatch, "plans")
+
+
+def test_a_hypernetwork_for_another_student_is_refused_before_training(finished_run, tmp_path, monkeypatch):
+    project = make_project(tmp_path)
+    shutil.copytree(finished_run / "data", project / "data")
+    config_file = project / "data/06_models/hypernet_stage1/hypernet_config.json"
+    config = json.loads(config_file.read_text())
+    config["hidden_size"] = 999
+    config_file.write_text(json.dumps(config))
+    before = (project / "data/06_models/hypernet_stage2/hypernet.safetensors").stat().st_mtime
+    try:
+        with pytest.raises(ValueError, match=r"The hyper-network 'hypernet_stage1' was trained for a different "
+                                             r"student: hidden size 999 != student's 48"):
+            run(project, monkeypatch, "stage2")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert (project / "data/06_models/hypernet_stage2/hypernet.safetensors").stat().st_mtime == before
+
+
+def _set_tracking_uri(project: Path, uri: str) -> None:
+    (project / "conf/test/mlflow.yml").write_text(yaml.safe_dump({"server": {"mlflow_tracking_uri": uri}}))
+
+
+def test_an_unreachable_tracking_store_fails_before_any_compute(project, monkeypatch):
+    _set_tracking_uri(project, f"sqlite:///{project / 'no/such/folder/mlflow.db'}")
+    with pytest.raises(TrackingUnavailableError, match="does not exist; start it, fix the URI"):
+        run(project, monkeypatch, "data")
+    assert _nothing_computed(project)
+
+
+def test_a_locked_tracking_store_fails_fast(project, monkeypatch):
+    database = project / "mlflow.db"
+    holder = sqlite3.connect(database, check_same_thread=False)
+    holder.execute("CREATE TABLE IF NOT EXISTS lock (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        _set_tracking_uri(project, f"sqlite:///{database}")
+        with pytest.raises(TrackingUnavailableError, match="database is locked"):
+            run(project, monkeypatch, "data")
+        assert _nothing_computed(project)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_with_tracking_disabled_on_failure_the_run_goes_on(project, monkeypatch):
+    _set_tracking_uri(project, f"sqlite:///{project / 'no/such/folder/mlflow.db'}")
+    run(project, monkeypatch, "data", params={"tracking": {"on_unavailable": "disable"}})
+    assert (project / "data/03_primary/tasks_train.parquet").is_file()
+    assert not (project / "no").exists()
+
+
+def test_no_pickle_anywhere_in_the_code():
+    offenders = []
+    for path in list((ROOT / "src").rglob("*.py")) + list((ROOT / "benchmarks").rglob("*.py")):
+        text = path.read_text()
+        if re.search(r"\bimport pickle\b|\bpickle\.|joblib|torch\.save\(", text):
+            offenders.append(str(path))
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path}: {call}")
+    assert offenders == []
+    catalog = yaml.safe_load((ROOT / "conf/base/catalog.yml").read_text())
+    assert not [name for name, entry in catalog.items() if "pickle" in json.dumps(entry).lower()]
+
+
+def test_services_bind_to_localhost_and_base_holds_no_secrets():
+    assert yaml.safe_load((ROOT / "conf/base/mlflow.yml").read_text())["ui"]["host"] == "127.0.0.1"
+    readme = (ROOT / "README.md").read_text()
+    for command in ("kedro viz run", "mlflow ui", "optuna-dashboard"):
+        line = next(line for line in readme.splitlines() if line.startswith(command))
+        assert "--host 127.0.0.1" in line, line
+    secret = re.compile(r"(password|secret|token|api[_-]?key|aws_access)", re.IGNORECASE)
+    for file in (ROOT / "conf/base").glob("*.yml"):
+        assert not [line for line in file.read_text().splitlines()
+                    if secret.search(line.split("#")[0])], file
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(finished_run, tmp_path_factory, monkeypatch):
+    def metrics(project: Path) -> pd.DataFrame:
+        results = pd.read_parquet(project / "data/08_reporting/results.parquet")
+        history = pd.read_parquet(project / "data/07_model_output/stage1_history.parquet")
+        return results[["method", "task", "accuracy"]], history
+
+    again = make_project(tmp_path_factory.mktemp("again"))
+    other = make_project(tmp_path_factory.mktemp("other"))
+    try:
+        run(again, monkeypatch)
+        run(other, monkeypatch, params={"seed": 1})
+    finally:
+        mlflow.set_tracking_uri(None)
+    (first_results, first_history), (second_results, second_history) = metrics(finished_run), metrics(again)
+    pd.testing.assert_frame_equal(first_results, second_results)
+    pd.testing.assert_frame_equal(first_history, second_history)
+    other_results, other_history = metrics(other)
+    assert not first_history["total"].equals(other_history["total"])
+    assert not first_results["accuracy"].equals(other_results["accuracy"])

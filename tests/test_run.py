@@ -1,0 +1,57 @@
+"""The whole default pipeline, end to end, in the test environment, through a real KedroSession."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pilot.evaluation import METHODS
+
+
+def test_results_table_has_every_method_and_task_and_matches_the_predictions(finished_run):
+    results = pd.read_parquet(finished_run / "data/08_reporting/results.parquet")
+    predictions = pd.read_parquet(finished_run / "data/07_model_output/predictions.parquet")
+    tasks = set(pd.read_parquet(finished_run / "data/03_primary/tasks_test.parquet")["task"])
+    assert set(results["method"]) == set(METHODS)
+    assert set(results["task"]) == tasks | {"overall"}
+    assert results["accuracy"].between(0, 1).all()
+    recount = predictions.groupby(["method", "task"])["correct"].mean()
+    for row in results[results["task"] != "overall"].itertuples():
+        assert row.accuracy == pytest.approx(recount[(row.method, row.task)])
+        assert row.n == len(predictions[(predictions["method"] == row.method) & (predictions["task"] == row.task)])
+    overall = predictions.groupby("method")["correct"].mean()
+    for row in results[results["task"] == "overall"].itertuples():
+        assert row.accuracy == pytest.approx(overall[row.method])
+        assert row.ci_low <= row.accuracy <= row.ci_high
+
+
+def test_every_artefact_is_written_in_a_safe_format(finished_run):
+    data = finished_run / "data"
+    for path in ("06_models/student/model.safetensors", "06_models/teacher/model.safetensors",
+                 "06_models/hypernet_stage1/hypernet.safetensors", "06_models/hypernet_stage2/hypernet_config.json",
+                 "06_models/lora_adapter/adapter_model.safetensors", "06_models/steering_vector.safetensors",
+                 "05_model_input/latent_cache/manifest.json", "04_feature/teacher_plans.parquet",
+                 "08_reporting/plan_gap.parquet", "08_reporting/results.md", "08_reporting/accuracy.png",
+                 "08_reporting/latency.png", "08_reporting/training_curves.png"):
+        assert (data / path).is_file(), path
+    assert not list(data.rglob("*.pkl")) and not list(data.rglob("*.pt")) and not list(data.rglob("*.bin"))
+
+
+def test_mlflow_holds_the_run_its_parameters_metrics_and_method_runs(finished_run):
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pilot")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["stage1.training.contrastive_weight"] == "0.1"  # flattened, comparable
+    assert "base.plan_gap_chain_sum" in parent.data.metrics
+    assert "evaluation.zero_shot_accuracy" in parent.data.metrics
+    assert "stage1.best_val_accuracy" in parent.data.metrics
+    assert len(client.get_metric_history(parent.info.run_id, "stage1.alignment")) == 16
+    assert {r.data.tags["method"] for r in children} == set(METHODS)
+    assert all("accuracy" in r.data.metrics and "median_ms_per_query" in r.data.metrics for r in children)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.parquet", "results.md", "accuracy.png", "training_curves.png"} <= artifacts

@@ -1,0 +1,86 @@
+"""The `tune` pipeline: a few Optuna trials in the test environment, shared storage, failures."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import kedro_cli, make_project, run
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A test-environment project with everything the tune pipeline reads."""
+    monkeypatch = pytest.MonkeyPatch()
+    project = make_project(tmp_path_factory.mktemp("tune"))
+    try:
+        for pipeline in ("data", "base", "plans", "latents"):
+            run(project, monkeypatch, pipeline)
+        yield project
+    finally:
+        monkeypatch.undo()
+        mlflow.set_tracking_uri(None)
+
+
+def _storage(project):
+    return f"sqlite:///{project / 'data/07_model_output/optuna.db'}"
+
+
+def test_tune_writes_best_weights_plots_and_nested_mlflow_runs(project, monkeypatch):
+    run(project, monkeypatch, "tune")
+    weights = json.loads((project / "data/06_models/tuned_loss_weights.json").read_text())
+    assert {"contrastive_weight", "rl_weight", "best_val_accuracy"} <= set(weights)
+    assert 0.01 <= weights["contrastive_weight"] <= 1.0 and 0.01 <= weights["rl_weight"] <= 1.0
+    for plot in ("tune_history.png", "tune_importances.png"):
+        assert (project / "data/08_reporting" / plot).stat().st_size > 1000
+    study = optuna.load_study(study_name="pilot-stage1-loss-balance", storage=_storage(project))
+    assert len(study.trials) == 3
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pilot").experiment_id])
+    tune_run = next(r for r in runs if r.info.run_name == "tune")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]
+    assert len(trials) == 3
+    assert all({"contrastive_weight", "rl_weight"} <= set(r.data.params) for r in trials)
+    finished = [r for r in trials if r.data.tags.get("state") == "COMPLETE"]
+    assert finished and all("val_accuracy" in r.data.metrics for r in finished)
+
+    # stage 1 picks the tuned weights up when told to
+    run(project, monkeypatch, "stage1", params={"stage1": {"use_tuned_weights": True, "resume": False}})
+    stage1 = [r for r in client.search_runs([client.get_experiment_by_name("pilot").experiment_id])
+              if r.info.run_name == "stage1"][0]
+    assert stage1.data.params["stage1.use_tuned_weights"] == "True"
+
+
+def test_two_processes_share_one_study_and_record_every_trial(project):
+    before = len(optuna.load_study(study_name="pilot-stage1-loss-balance", storage=_storage(project)).trials) \
+        if (project / "data/07_model_output/optuna.db").exists() else 0
+    jobs = [kedro_cli(project, "run", "--pipeline", "tune", "--env", "test") for _ in range(2)]
+    outputs = [job.communicate(timeout=900)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    study = optuna.load_study(study_name="pilot-stage1-loss-balance", storage=_storage(project))
+    assert len(study.trials) == before + 6
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    from pilot.config import TuneParams
+    from pilot.tuning import tune
+
+    config = TuneParams(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="failures", n_trials=4)
+
+    def objective(trial):
+        value = trial.suggest_float("contrastive_weight", 0.01, 1.0, log=True)
+        if trial.number == 1:
+            raise RuntimeError("this trial's training diverged")
+        return value
+
+    study = tune(objective, config)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
