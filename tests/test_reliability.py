@@ -122,7 +122,7 @@ def test_services_bind_to_localhost_and_base_holds_no_secrets():
     for command in ("kedro viz run", "mlflow ui", "optuna-dashboard"):
         line = next(line for line in readme.splitlines() if line.startswith(command))
         assert "--host 127.0.0.1" in line, line
-    secret = re.compile(r"(password|secret|token|api[_-]?key|aws_access)", re.IGNORECASE)
+    secret = re.compile(r"(password|secret|\btoken\b|api[_-]?key|aws_access)", re.IGNORECASE)
     for file in (ROOT / "conf/base").glob("*.yml"):
         assert not [line for line in file.read_text().splitlines()
                     if secret.search(line.split("#")[0])], file

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pilot.evaluation import METHODS
+from tests.conftest import ROOT
 
 
 def test_results_table_has_every_method_and_task_and_matches_the_predictions(finished_run):
@@ -46,7 +48,9 @@ def test_mlflow_holds_the_run_its_parameters_metrics_and_method_runs(finished_ru
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.data.params["stage1.training.contrastive_weight"] == "0.1"  # flattened, comparable
+    configured = yaml.safe_load((ROOT / "conf/base/parameters_stage1.yml").read_text())
+    expected = configured["stage1"]["training"]["contrastive_weight"]
+    assert float(parent.data.params["stage1.training.contrastive_weight"]) == expected  # flattened, comparable
     assert "base.plan_gap_chain_sum" in parent.data.metrics
     assert "evaluation.zero_shot_accuracy" in parent.data.metrics
     assert "stage1.best_val_accuracy" in parent.data.metrics

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import matplotlib
 
-matplotlib.use("Agg")  # headless: figures are saved, never shown
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # headless in pipelines; a notebook keeps its inline backend
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

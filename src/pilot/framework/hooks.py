@@ -74,6 +74,17 @@ def _tracking_uri(context) -> str | None:
     return (config.get("server") or {}).get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def _forget_previous_mlflow_run() -> None:
+    """kedro-mlflow's hook is one object per process and keeps the last run's id; with tracking
+    disabled it would try to reopen that run (from another session, in a notebook or a test)
+    before every node. An untracked pipeline has no run."""
+    try:
+        from kedro_mlflow.framework.hooks import mlflow_hook
+    except ImportError:  # kedro-mlflow not installed: nothing to forget
+        return
+    mlflow_hook.run_id = None
+
+
 class PreflightHooks:
     def __init__(self) -> None:
         self._context = None
@@ -117,6 +128,7 @@ class PreflightHooks:
         if self._tracking_disabled and self._context is not None and hasattr(self._context, "mlflow"):
             names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
             self._context.mlflow.tracking.disable_tracking.pipelines = list(names)
+            _forget_previous_mlflow_run()
         self._check_inputs_exist(pipeline, catalog)
         params = catalog.load("parameters")
         wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
