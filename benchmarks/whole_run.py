@@ -9,8 +9,8 @@ so your outputs are untouched. Peak memory is the largest resident set of the ru
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,8 +39,6 @@ def one_run(env: str) -> dict:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
         seconds = time.perf_counter() - started
-        import json
-
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if result["rc"] != 0:
             raise SystemExit(f"`kedro run` ({env}) failed:\n{result['err']}")
