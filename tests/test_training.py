@@ -127,3 +127,24 @@ def test_group_advantages_are_relative_to_the_group():
     advantages = group_advantages(rewards)
     torch.testing.assert_close(advantages[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
     assert torch.equal(advantages[1], torch.zeros(4))
+
+
+def test_length_buckets_give_the_gradient_of_one_padded_pass(tiny_lm, task_table):
+    from pilot.sequences import encode_pairs, shift_labels_loss
+    from pilot.training.base_lm import student_examples
+
+    # Short answers mixed with long plan transcripts: the case the buckets are for.
+    prompts, targets = zip(*student_examples(task_table.head(12).to_dict("records")))
+    batch = encode_pairs(tiny_lm.tokenizer, prompts, targets)
+    model = tiny_lm.model.train()
+    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    parts = batch.length_buckets(4)
+    assert len(parts) == 4 and sum(len(p.input_ids) for p in parts) == len(batch.input_ids)
+    assert sum(p.input_ids.numel() for p in parts) < batch.input_ids.numel()  # padding was cut
+    for part in parts:
+        logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
+        (shift_labels_loss(logits, part.labels, reduction="sum") / batch.num_targets()).backward()
+    for expected, got in zip(reference, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)

@@ -54,6 +54,18 @@ def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedP
     return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=180)
 
 
+def test_every_dataset_has_a_layer_and_the_layers_follow_the_flow(viz_site):
+    import json
+
+    project, _ = viz_site
+    graph = json.loads((project / "build" / "api" / "main").read_text())
+    # Kedro-Viz drops every layer band (an empty list) when the layers form a cycle.
+    assert graph["layers"] == ["raw", "primary", "base_models", "feature", "model_input", "models",
+                               "model_output", "reporting"]
+    unlayered = [n["name"] for n in graph["nodes"] if n["type"] == "data" and not n.get("layer")]
+    assert unlayered == []
+
+
 def test_kedro_viz_shows_every_stage_in_a_real_browser(viz_site, tmp_path):
     chromium = _chromium()
     if chromium is None:
@@ -62,7 +74,10 @@ def test_kedro_viz_shows_every_stage_in_a_real_browser(viz_site, tmp_path):
     dom = _headless(chromium, tmp_path / "profile-dom", "--dump-dom", url).stdout
     missing = [name for name in STAGE_NODES if f">{name}<" not in dom]  # a rendered SVG label
     assert not missing, f"Kedro-Viz did not render {missing}"
-    screenshot = tmp_path / "kedro_viz.png"
+    # Kept where a person looks for reports (git-ignored), so the picture can be checked after `make test`.
+    screenshot = ROOT / "data" / "08_reporting" / "kedro_viz.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    screenshot.unlink(missing_ok=True)
     _headless(chromium, tmp_path / "profile-shot", f"--screenshot={screenshot}", url + "screenshot.html")
     assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
     if os.environ.get("PILOT_UPDATE_DOCS"):

@@ -77,6 +77,7 @@ class LMTrainConfig(Params):
     learning_rate: Positive = 3e-3
     warmup_steps: NonNegativeInt = 50
     weight_decay: NonNegative = 0.01
+    length_buckets: PositiveInt = 4   # sub-batches of similar length per step (same gradient, less padding)
     seed: int = 0
 
 
@@ -226,6 +227,7 @@ class LoraTrainingParams(Params):
     learning_rate: Positive = 1e-3
     warmup_steps: NonNegativeInt = 20
     weight_decay: NonNegative = 0.0
+    length_buckets: PositiveInt = 1   # question -> answer rows have similar lengths: one pass is fastest
     seed: int = 0
 
 

@@ -39,6 +39,25 @@ class TokenBatch:
         positions = torch.arange(self.input_ids.shape[1])[None, :]
         return positions < (self.prompt_lengths - 1)[:, None]
 
+    def num_targets(self) -> int:
+        """Label tokens that carry loss, over the whole batch."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def length_buckets(self, buckets: int) -> list[TokenBatch]:
+        """Split into ``buckets`` sub-batches of similar length, each cut to its own longest row.
+
+        Rows are right-padded, so cutting trailing columns changes nothing a row computes; a batch
+        mixing short answers with long plan transcripts then spends far less compute on padding.
+        """
+        lengths = self.attention_mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in torch.tensor_split(order, min(buckets, len(order))):
+            width = int(lengths[rows].max())
+            parts.append(TokenBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
+                                    self.labels[rows, :width], self.prompt_lengths[rows], self.target_lengths[rows]))
+        return parts
+
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
                                                    self.prompt_lengths, self.target_lengths)))
@@ -88,6 +107,8 @@ def shift_labels_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str
     if reduction == "none":
         return loss
     mask = labels != IGNORE_INDEX
+    if reduction == "sum":
+        return (loss * mask).sum()
     if reduction == "per_row":
         return (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
     return (loss * mask).sum() / mask.sum().clamp_min(1)

@@ -25,7 +25,8 @@ def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, guidance: 
     loop = config.training
     training = LMTrainConfig(steps=loop.steps or pilot.steps, batch_size=loop.batch_size or pilot.batch_size,
                              learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps,
-                             weight_decay=loop.weight_decay, seed=loop.seed + seed)
+                             weight_decay=loop.weight_decay, length_buckets=loop.length_buckets,
+                             seed=loop.seed + seed)
     adapter, history = train_lora(student, tasks_train, budget, config.target_modules, config.match_tolerance,
                                   config.lora_alpha_ratio, training)
     metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters}
