@@ -26,6 +26,15 @@ def project(tmp_path_factory):
         mlflow.set_tracking_uri(None)
 
 
+def run_params(project) -> dict:
+    """The parameters the test environment resolves to (conf/base overridden by conf/test)."""
+    from kedro.config import OmegaConfigLoader
+
+    loader = OmegaConfigLoader(str(project / "conf"), base_env="base", default_run_env="test",
+                               merge_strategy={"parameters": "soft"})
+    return loader["parameters"]
+
+
 def _storage(project):
     return f"sqlite:///{project / 'data/07_model_output/optuna.db'}"
 
@@ -39,6 +48,12 @@ def test_tune_writes_best_weights_plots_and_nested_mlflow_runs(project, monkeypa
         assert (project / "data/08_reporting" / plot).stat().st_size > 1000
     study = optuna.load_study(study_name="pilot-stage1-loss-balance", storage=_storage(project))
     assert len(study.trials) == 3
+    # The untuned weights are measured first, the same way, as the reference the study must beat.
+    configured = run_params(project)["stage1"]["training"]
+    assert study.trials[0].user_attrs == {"baseline": True}
+    assert study.trials[0].params == {k: configured[k] for k in ("contrastive_weight", "rl_weight")}
+    assert weights["baseline_val_accuracy"] == study.trials[0].value
+    assert weights["best_val_accuracy"] >= weights["baseline_val_accuracy"]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("pilot").experiment_id])

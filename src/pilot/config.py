@@ -271,6 +271,7 @@ class TuneParams(Params):
     eval_every: PositiveInt = 20
     stage2_steps: NonNegativeInt = 0
     pruner_warmup_steps: NonNegativeInt = 20
+    enqueue_baseline: bool = True   # a new study's first trial is the configured (untuned) weights
     contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     guidance_scale: SearchRange | None = None

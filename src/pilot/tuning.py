@@ -88,9 +88,15 @@ def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.Data
 
 
 def tune(objective: Callable[[optuna.Trial], float], config: TuneParams,
-         callbacks: list[Callable] | None = None) -> optuna.Study:
-    """Run ``n_trials`` (or until ``timeout_s``) in this process; failed trials do not stop the study."""
+         callbacks: list[Callable] | None = None, baseline: dict[str, float] | None = None) -> optuna.Study:
+    """Run ``n_trials`` (or until ``timeout_s``) in this process; failed trials do not stop the study.
+
+    ``baseline`` (the configured, untuned weights) is queued as the first trial of a new study, so
+    the study itself measures the untuned default the same way as every tuned point.
+    """
     study = open_study(config)
+    if baseline and not study.trials:
+        study.enqueue_trial({k: v for k, v in baseline.items() if k in TUNED_KEYS}, user_attrs={"baseline": True})
     study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout_s, catch=(Exception,),
                    callbacks=callbacks or [], show_progress_bar=True, gc_after_trial=True)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
@@ -106,11 +112,17 @@ def best_weights(study: optuna.Study) -> dict:
         raise RuntimeError(f"Study '{study.study_name}' has no completed trial yet; every trial failed or was "
                            "pruned. Look at the trials table and the log.") from error
     weights = {k: v for k, v in best.params.items() if k in TUNED_KEYS}
-    return {**weights, "best_val_accuracy": best.value, "trial": best.number, "study": study.study_name}
+    summary = {**weights, "best_val_accuracy": best.value, "trial": best.number, "study": study.study_name}
+    baseline = [t for t in study.trials if t.user_attrs.get("baseline") and t.value is not None]
+    if baseline:
+        summary["baseline_val_accuracy"] = baseline[0].value
+        logger.info("Best validation accuracy %.3f (trial %d) vs %.3f for the untuned weights %s", best.value,
+                    best.number, baseline[0].value, baseline[0].params)
+    return summary
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     if "duration" in frame:
         frame["duration"] = frame["duration"].dt.total_seconds()
     return frame

@@ -32,12 +32,16 @@ def tune_loss_balance(latent_cache: LatentCache, teacher_plans: pd.DataFrame, ta
         table, and the optimization-history and parameter-importance plots.
     """
     config = validate(TuneParams, params, "tune")
+    site, training = validate(GuidanceParams, guidance, "guidance"), validate(Stage1Params, stage1, "stage1").training
     objective = make_objective(
         student, latent_cache, teacher_plans, pd.concat([tasks_train, tasks_val]), tasks_train, tasks_val,
-        validate(GuidanceParams, guidance, "guidance"), validate(LatentsParams, latents, "latents"),
-        validate(Stage1Params, stage1, "stage1").training, validate(Stage2Params, stage2, "stage2").training,
-        validate(GenerationParams, generation, "generation"), config,
+        site, validate(LatentsParams, latents, "latents"), training,
+        validate(Stage2Params, stage2, "stage2").training, validate(GenerationParams, generation, "generation"), config,
     )
-    study = tune(objective, config, callbacks=tracking.optuna_callbacks(metric_name="val_accuracy"))
+    baseline = {"contrastive_weight": training.contrastive_weight, "rl_weight": training.rl_weight}
+    if config.guidance_scale is not None:
+        baseline["guidance_scale"] = site.guidance_scale
+    study = tune(objective, config, callbacks=tracking.optuna_callbacks(metric_name="val_accuracy"),
+                 baseline=baseline if config.enqueue_baseline else None)
     history, importances = study_plots(study)
     return best_weights(study), trials_table(study), history, importances
