@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pilot.generation import Guidance, generate
-from pilot.guidance import GuidanceInjector, HyperNetConfig, HyperNetwork, capture_layers
+from pilot.guidance import GuidanceInjector, HyperNetConfig, HyperNetwork, capture_layers, last_token_states
 from pilot.models import build_causal_lm, decoder_layers, load_causal_lm
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs
@@ -63,6 +63,17 @@ def test_readers_ignore_padding_and_depend_on_the_query(reader):
     padded[0, 3:] = 100.0  # garbage in the padding must not matter
     assert torch.allclose(net(padded, mask), out, atol=1e-5)
     assert not torch.allclose(out[0], out[1])
+
+
+def test_attention_reader_equals_multihead_attention_over_every_token():
+    torch.manual_seed(0)
+    net = _hypernet(type("LM", (), {"hidden_size": 16, "num_layers": 2})(), reader="attention")
+    torch.nn.init.normal_(net.attention.in_proj_bias)  # biases on, so their handling is checked too
+    states = torch.randn(3, 6, 16)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]).bool()
+    query = last_token_states(states, mask)
+    expected, _ = net.attention(query[:, None], states, states, key_padding_mask=~mask, need_weights=False)
+    torch.testing.assert_close(net._attention_pool(query, states, mask), expected[:, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_training_through_the_student_leaves_its_weights_bit_identical(tiny_lm, task_table):

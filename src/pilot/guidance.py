@@ -114,10 +114,30 @@ class HyperNetwork(nn.Module):
         if self.config.reader == "mean":
             pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
         else:
-            query = last_token_states(states, query_mask)[:, None, :]
-            pooled, _ = self.attention(query, states, states, key_padding_mask=~query_mask.bool(), need_weights=False)
-            pooled = pooled[:, 0] + query[:, 0]
+            query = last_token_states(states, query_mask)
+            pooled = self._attention_pool(query, states, query_mask.bool()) + query
         return self.mlp(pooled)
+
+    def _attention_pool(self, query: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``self.attention(query, states, states)`` for one query per row, without projecting every token.
+
+        With a single query the key and value projections can be absorbed: ``q . (W_k x_t + b_k)``
+        ranks tokens like ``(W_k^T q) . x_t`` (the bias term is the same for every t), and the
+        attention-weighted values are ``W_v (sum_t a_t x_t) + b_v``. That costs O(T d) per head
+        instead of O(T d^2) -- the hyper-network is one small call per query, not a second reading
+        of the prompt. Same parameters and outputs as ``nn.MultiheadAttention`` (a test checks).
+        """
+        attention, heads = self.attention, self.config.attention_heads
+        batch, d = query.shape
+        head_dim = d // heads
+        w_q, w_k, w_v = attention.in_proj_weight.split(d)
+        b_q, _, b_v = attention.in_proj_bias.split(d)
+        q = (query @ w_q.T + b_q).view(batch, heads, head_dim) * head_dim**-0.5
+        q_in = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, head_dim, d))       # W_k^T q, per head
+        scores = torch.einsum("bhd,btd->bht", q_in, states).masked_fill(~mask[:, None, :], float("-inf"))
+        pooled_states = torch.einsum("bht,btd->bhd", scores.softmax(-1), states)   # sum_t a_t x_t, per head
+        values = torch.einsum("bhd,hed->bhe", pooled_states, w_v.view(heads, head_dim, d)) + b_v.view(heads, head_dim)
+        return attention.out_proj(values.reshape(batch, d))
 
     def sample(self, mean: torch.Tensor, num_samples: int, generator: torch.Generator | None = None):
         """Draw guidance vectors from N(mean, std^2 I); returns (samples, log-probabilities).
