@@ -76,6 +76,17 @@ def test_a_stale_cache_is_detected_and_never_used_silently(tiny_lm, plans, task_
     assert _build(tiny_lm, plans, task_table, dtype="float16").fingerprint != changed.fingerprint
 
 
+def test_a_moved_project_keeps_its_cache_valid(tiny_lm, plans, task_table, tmp_path):
+    from pilot.models import load_causal_lm
+
+    # The same student saved in two places (a project copied, or run from another folder).
+    tiny_lm.save(tmp_path / "here" / "student")
+    tiny_lm.save(tmp_path / "elsewhere" / "student")
+    here, elsewhere = (load_causal_lm(tmp_path / where / "student") for where in ("here", "elsewhere"))
+    assert here.model.config._name_or_path != elsewhere.model.config._name_or_path
+    assert _build(here, plans, task_table).fingerprint == _build(elsewhere, plans, task_table).fingerprint
+
+
 def test_a_truncated_shard_is_detected_and_rebuilt_alone(tiny_lm, plans, task_table, tmp_path):
     build = _build(tiny_lm, plans, task_table)
     write_cache(build, tmp_path / "cache")

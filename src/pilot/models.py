@@ -180,7 +180,10 @@ def lm_fingerprint(lm: CausalLM) -> str:
     multi-GB model is fingerprinted in about a second.
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps(lm.model.config.to_dict(), sort_keys=True, default=str).encode())
+    # Private keys such as ``_name_or_path`` say where the model was loaded from, not what it is:
+    # a copied or moved project must keep its caches valid.
+    config = {k: v for k, v in lm.model.config.to_dict().items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(json.dumps(sorted(lm.tokenizer.get_vocab().items())).encode())
     for name, tensor in sorted(lm.model.state_dict().items()):
         flat = tensor.detach().reshape(-1).cpu().contiguous()
