@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _common import ROOT, report
 
-SIZES = [(128, 2), (256, 4), (384, 6), (512, 8), (640, 10)]   # (hidden, layers): ~0.5M .. ~50M parameters
+SIZES = [(128, 2), (256, 4), (384, 6), (512, 8), (640, 10)]   # (hidden, layers): ~0.6M .. ~66M parameters
 TERMS = [3, 6, 10, 16]
 
 
