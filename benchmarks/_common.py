@@ -66,3 +66,70 @@ def report(title: str, rows: list[dict], notes: list[str] = ()) -> None:
     for note in notes:
         print(f"\n{note}")
     print("\n" + json.dumps({"title": title, "rows": rows}, default=str))
+
+
+# ------------------------------------------------------------------------------ the real stage-1 step
+def project_settings(env: str = "base") -> dict:
+    """The project's typed parameters for ``env`` (conf/base, or conf/<env> over it)."""
+    from kedro.config import OmegaConfigLoader
+
+    from pilot.framework.hooks import validate_parameters
+    from pilot.settings import CONFIG_LOADER_ARGS
+
+    return validate_parameters(OmegaConfigLoader(str(ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)["parameters"])
+
+
+def synthetic_stage1(hidden: int, layers: int, terms: int, examples: int = 160, device: str = "cpu",
+                     dtype: str = "float32"):
+    """A randomly initialised Llama student of the given size and a latent cache of chain_sum
+    examples with ``terms`` terms (longer expressions: longer plans and sequences).
+
+    Returns ``(student, cached latents, examples, site)`` for :func:`stage1_seconds_per_step`.
+    """
+    import tempfile
+
+    from pilot.config import GuidanceParams, LatentsParams
+    from pilot.latents import CachedLatents, LatentCache, plan_cache_build, select_examples, write_cache
+    from pilot.models import build_causal_lm, train_tokenizer
+    from pilot.prompts import answer_prompt, continuation
+    from pilot.tasks import build_task_table
+
+    table = build_task_table([{"name": "chain_sum", "size": examples, "kwargs": {
+        "min_terms": terms, "max_terms": terms, "min_digits": 1, "max_digits": 1}}], 8, 8, seed=0)
+    tokenizer = train_tokenizer([answer_prompt(q, p) + continuation(a) for q, p, a in
+                                 zip(table["question"], table["oracle_plan"], table["answer"])], 400)
+    student = build_causal_lm(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=max(2, hidden // 64),
+                              max_positions=512)
+    student.model.to(device=device, dtype=getattr(torch, dtype))
+    plans = table[["id", "task", "split"]].assign(plan=table["oracle_plan"], kept=True)
+    site = GuidanceParams(inject_layer=layers // 2, align_layers=[-1])
+    latents = LatentsParams(shard_size=512)
+    with tempfile.TemporaryDirectory() as folder:
+        write_cache(plan_cache_build(plans, table, student, site, latents), folder)
+        cached = CachedLatents(LatentCache(folder).load())
+    return student, cached, select_examples(plans, table, ["train"]), site
+
+
+def stage1_seconds_per_step(student, latents, examples, site, config, generation, warmup_steps: int = 1) -> float:
+    """Seconds per step of the real stage-1 training (:func:`pilot.training.engine.train` on
+    :func:`pilot.training.stage1.stage1_objective`: loss weights, schedule, clipping and all),
+    after ``warmup_steps`` untimed steps, for any source of latents (cached or recomputed)."""
+    from pilot.guidance import GuidedStudent, make_hypernet
+    from pilot.training.engine import train
+    from pilot.training.stage1 import loop_settings, stage1_objective
+
+    align_layers = site.resolved_align_layers(student.num_layers)
+    seconds = []
+    for steps in (warmup_steps, config.steps):
+        if steps == 0:
+            continue
+        hypernet = make_hypernet(site, student.hidden_size, student.num_layers, 0).to(student.device)
+        run = config.model_copy(update={"steps": steps})
+        with GuidedStudent(student, hypernet) as guided:
+            objective = stage1_objective(guided, latents, examples, align_layers, run, generation)
+            started = time.perf_counter()
+            train(hypernet, objective, loop_settings(run), name="timed stage-1 steps")
+            if student.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append((time.perf_counter() - started) / steps)
+    return seconds[-1]

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from _common import DATA, interleaved, report, require
-from pilot.generation import Guidance, generate
-from pilot.guidance import GuidanceInjector, HyperNetwork
+from pilot.generation import generate
+from pilot.guidance import Guidance, GuidanceInjector, HyperNetwork
 from pilot.models import load_causal_lm
 from pilot.prompts import answer_prompt
 

@@ -3,8 +3,9 @@
     python benchmarks/scaling.py [--steps 8] [--plot docs/scaling.png]
 
 Each configuration runs in its own process (clean peak-memory figures): a randomly initialised
-Llama student of the given size, a latent cache of 128 chain_sum examples with the given number
-of terms (longer expressions, longer plans, longer sequences), then timed stage-1 steps.
+Llama student of the given size, a latent cache of chain_sum examples with the given number of
+terms (longer expressions, longer plans, longer sequences), then timed steps of the real stage-1
+training (latent RL every 4 steps included).
 """
 
 from __future__ import annotations
@@ -14,63 +15,24 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import ROOT, report
+from _common import ROOT, report, stage1_seconds_per_step, synthetic_stage1
 
 SIZES = [(128, 2), (256, 4), (384, 6), (512, 8), (640, 10)]   # (hidden, layers): ~0.6M .. ~66M parameters
 TERMS = [3, 6, 10, 16]
 
 
 def one(hidden: int, layers: int, terms: int, steps: int) -> dict:
-    import torch
-
-    from pilot.config import GuidanceParams, LatentsParams
-    from pilot.latents import CachedLatents, LatentCache, plan_cache_build, select_examples, write_cache
-    from pilot.models import build_causal_lm, count_parameters, train_tokenizer
+    from pilot.config import GenerationParams, Stage1Config
+    from pilot.models import count_parameters
     from pilot.prompts import answer_prompt, continuation
-    from pilot.tasks import build_task_table
-    from pilot.training.common import sample_batch
-    from pilot.training.stage1 import GuidedStudent, make_hypernet, stage1_losses
 
-    table = build_task_table([{"name": "chain_sum", "size": 160, "kwargs": {
-        "min_terms": terms, "max_terms": terms, "min_digits": 1, "max_digits": 1}}], 8, 8, seed=0)
-    tokenizer = train_tokenizer([answer_prompt(q, p) + continuation(a) for q, p, a in
-                                 zip(table["question"], table["oracle_plan"], table["answer"])], 400)
-    student = build_causal_lm(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=max(2, hidden // 64),
-                              max_positions=512)
-    plans = table[["id", "task", "split"]].assign(plan=table["oracle_plan"], kept=True)
-    site = GuidanceParams(inject_layer=layers // 2, align_layers=[-1])
-    latents = LatentsParams(shard_size=512)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        write_cache(plan_cache_build(plans, table, student, site, latents), folder)
-        source = CachedLatents(LatentCache(folder).load())
-    examples = select_examples(plans, table, ["train"])
-    hypernet = make_hypernet(site, student, 0).train()
-    guided = GuidedStudent(student, hypernet)
-    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=1e-3)
-    lengths = [len(tokenizer(answer_prompt(q) + continuation(a))["input_ids"])
+    student, cached, examples, site = synthetic_stage1(hidden, layers, terms)
+    lengths = [len(student.tokenizer(answer_prompt(q) + continuation(a))["input_ids"])
                for q, a in zip(examples["question"], examples["answer"])]
-
-    def step(i: int) -> None:
-        index = torch.tensor(sample_batch(len(examples), 32, 0, i))
-        batch = source.batch(index, "cpu")
-        vectors = hypernet(batch.query_states, batch.query_mask)
-        rows = index.tolist()
-        terms_ = stage1_losses(guided, batch, vectors, [examples["question"][r] for r in rows],
-                               [examples["answer"][r] for r in rows], [layers - 1], 0.1)
-        sum(terms_.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step(0)
-    started = time.perf_counter()
-    for i in range(1, steps + 1):
-        step(i)
-    seconds = (time.perf_counter() - started) / steps
+    config = Stage1Config(steps=steps, batch_size=32, rl_every=4, rl_batch=8, rl_samples=4)
+    seconds = stage1_seconds_per_step(student, cached, examples, site, config, GenerationParams())
     return {"hidden": hidden, "layers": layers, "params_m": count_parameters(student.model) / 1e6,
             "terms": terms, "seq_tokens": sum(lengths) / len(lengths), "ms_per_step": 1000 * seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -1,8 +1,18 @@
 import pytest
 import torch
 
-from pilot.generation import Guidance, generate
-from pilot.guidance import GuidanceInjector, HyperNetConfig, HyperNetwork, capture_layers, last_token_states
+from pilot.generation import generate
+from pilot.guidance import (
+    Guidance,
+    GuidanceInjector,
+    GuidedStudent,
+    HyperNetConfig,
+    HyperNetwork,
+    InterventionError,
+    capture_layers,
+    interventions,
+    last_token_states,
+)
 from pilot.models import build_causal_lm, decoder_layers, load_causal_lm
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs
@@ -128,5 +138,54 @@ def test_models_round_trip_through_save_pretrained(tiny_lm, tmp_path):
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     assert loaded.tokenizer.get_vocab() == tiny_lm.tokenizer.get_vocab()
     assert all(torch.equal(a, b) for a, b in zip(tiny_lm.model.state_dict().values(), loaded.model.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="kedro run --pipeline base"):
+    with pytest.raises(FileNotFoundError, match="kedro run --pipelines base"):
         load_causal_lm(tmp_path / "missing")
+
+
+def test_an_injector_is_a_named_intervention_that_refuses_a_shared_site_and_always_comes_off(tiny_lm):
+    layers = decoder_layers(tiny_lm.model)
+    with GuidanceInjector(tiny_lm.model, 1, 1.0, name="a") as first:
+        assert interventions(tiny_lm.model) == {"a": first}
+        with pytest.raises(InterventionError, match="Decoder layer 1 already carries the intervention"):
+            GuidanceInjector(tiny_lm.model, 1, 1.0, name="b")
+        with pytest.raises(InterventionError, match="named 'a' is already attached"):
+            GuidanceInjector(tiny_lm.model, 0, 1.0, name="a")
+        with GuidanceInjector(tiny_lm.model, 1, 1.0, name="b", allow_shared_site=True):
+            assert len(layers[1]._forward_hooks) == 2           # stacked only when asked
+        assert set(interventions(tiny_lm.model)) == {"a"}
+    assert interventions(tiny_lm.model) == {} and not layers[1]._forward_hooks
+    with pytest.raises(InterventionError, match="was removed"):
+        with first.guide(torch.zeros(1, 32)):
+            pass
+    with pytest.raises(RuntimeError, match="boom"), GuidanceInjector(tiny_lm.model, 0, 1.0):
+        raise RuntimeError("boom")                              # an error inside still detaches it
+    assert interventions(tiny_lm.model) == {} and not layers[0]._forward_hooks
+
+
+@pytest.mark.parametrize("reader", ["mean", "attention"])
+def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny_lm, task_table, reader):
+    """Generation injects from the last prompt token on, training from the first answer position:
+    the first generated token's logits must equal the teacher-forced guided pass's there."""
+    hypernet = _hypernet(tiny_lm, reader=reader, inject_layer=0, scale=2.0)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(hypernet.mlp[-1].weight, std=0.5)
+    questions = task_table["question"].tolist()[:5]
+    prompts = [answer_prompt(q) for q in questions]
+    decode_steps = []  # lm_head outputs of one-token decode steps (the prefill has many tokens)
+    handle = tiny_lm.model.lm_head.register_forward_hook(
+        lambda module, args, output: decode_steps.append(output[:, -1].detach()) if output.shape[1] == 1 else None)
+    try:
+        with GuidedStudent(tiny_lm, hypernet.eval()) as guided:
+            vectors = guided.guidance_vectors(questions)
+            batch, logits, _ = guided.teacher_forced(questions, ["0"] * len(questions), vectors, [])
+            generated = generate(tiny_lm, prompts, max_new_tokens=1, batch_size=2, guidance=guided.guidance())
+        generated_first = torch.cat(decode_steps)
+        decode_steps.clear()
+        generate(tiny_lm, prompts, max_new_tokens=1, batch_size=2)
+        plain_first = torch.cat(decode_steps)
+    finally:
+        handle.remove()
+    forced_first = logits[torch.arange(len(questions)), batch.prompt_lengths - 1]
+    torch.testing.assert_close(generated.guidance_vectors, vectors, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(generated_first, forced_first, atol=1e-4, rtol=1e-4)
+    assert (generated_first - plain_first).abs().max() > 1e-2  # the guidance did change the logits

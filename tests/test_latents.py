@@ -6,13 +6,13 @@ import torch
 
 from pilot.config import GuidanceParams, LatentsParams
 from pilot.guidance import capture_layers
+from pilot.baselines.caa import steering_vector
 from pilot.latents import (
     CorruptCacheError,
     LatentCache,
     StaleCacheError,
     plan_cache_build,
     read_shard,
-    steering_vector,
     write_cache,
 )
 from pilot.prompts import answer_prompt, continuation
@@ -64,7 +64,7 @@ def test_a_stale_cache_is_detected_and_never_used_silently(tiny_lm, plans, task_
         tiny_lm.model.model.layers[0].mlp.down_proj.weight.add_(0.01)  # the student changed
     changed = _build(tiny_lm, plans, task_table)
     cache = LatentCache(tmp_path / "cache")
-    with pytest.raises(StaleCacheError, match="kedro run --pipeline latents"):
+    with pytest.raises(StaleCacheError, match="kedro run --pipelines latents"):
         cache.check_fingerprint(changed.fingerprint)
     with pytest.raises(StaleCacheError, match="on_stale=rebuild"):
         write_cache(changed, tmp_path / "cache", on_stale="error")

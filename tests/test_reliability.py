@@ -46,9 +46,9 @@ def test_bad_parameters_stop_the_run_before_any_compute(project, monkeypatch, pa
 
 
 def test_a_stage_without_its_inputs_names_the_pipeline_to_run(project, monkeypatch):
-    with pytest.raises(MissingInputError, match=r"Input 'hypernet_stage1' does not exist yet: run `kedro run --pipeline stage1` first"):
+    with pytest.raises(MissingInputError, match=r"Input 'hypernet_stage1' does not exist yet: run `kedro run --pipelines stage1` first"):
         run(project, monkeypatch, "stage2")
-    with pytest.raises(MissingInputError, match=r"run `kedro run --pipeline base` first"):
+    with pytest.raises(MissingInputError, match=r"run `kedro run --pipelines base` first"):
         run(project, monkeypatch, "plans")
 
 

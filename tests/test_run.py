@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pilot.evaluation import METHODS
+from pilot.evaluation import METHODS, wilson_interval
 from tests.conftest import ROOT
 
 
@@ -22,10 +22,11 @@ def test_results_table_has_every_method_and_task_and_matches_the_predictions(fin
     for row in results[results["task"] != "overall"].itertuples():
         assert row.accuracy == pytest.approx(recount[(row.method, row.task)])
         assert row.n == len(predictions[(predictions["method"] == row.method) & (predictions["task"] == row.task)])
-    overall = predictions.groupby("method")["correct"].mean()
+    overall = predictions.groupby("method")["correct"].agg(["sum", "size"])
     for row in results[results["task"] == "overall"].itertuples():
-        assert row.accuracy == pytest.approx(overall[row.method])
-        assert row.ci_low <= row.accuracy <= row.ci_high
+        hits, n = overall.loc[row.method]
+        assert row.accuracy == pytest.approx(hits / n)
+        assert (row.ci_low, row.ci_high) == pytest.approx(wilson_interval(int(hits), int(n)))
 
 
 def test_every_artefact_is_written_in_a_safe_format(finished_run):
@@ -59,3 +60,22 @@ def test_mlflow_holds_the_run_its_parameters_metrics_and_method_runs(finished_ru
     assert all("accuracy" in r.data.metrics and "median_ms_per_query" in r.data.metrics for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "results.md", "accuracy.png", "training_curves.png"} <= artifacts
+
+
+def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(finished_run):
+    from kedro.config import OmegaConfigLoader
+
+    from pilot.settings import CONFIG_LOADER_ARGS
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("pilot").experiment_id],
+                             filter_string="tags.mlflow.runName = '__default__'")[0]
+    record = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "resolved_parameters.yml")))
+    assert record["run"]["env"] == "test"
+    resolved = OmegaConfigLoader(str(finished_run / "conf"), env="test", **CONFIG_LOADER_ARGS)["parameters"]
+    assert record["parameters"]["stage1"]["training"] == {**record["parameters"]["stage1"]["training"],
+                                                          **resolved["stage1"]["training"]}
+    assert record["parameters"]["data"]["tasks"] == resolved["data"]["tasks"]
+    # every flattened MLflow param agrees with the YAML
+    steps = record["parameters"]["stage1"]["training"]["steps"]
+    assert int(run.data.params["stage1.training.steps"]) == steps

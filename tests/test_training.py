@@ -13,9 +13,9 @@ from pilot.checkpoint import CheckpointManager, CorruptCheckpointError
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config
 from pilot.guidance import HyperNetwork
 from pilot.latents import LatentCache, plan_cache_build, write_cache
-from pilot.training.common import NonFiniteLossError
-from pilot.training.stage1 import make_hypernet, run_stage1, train_stage1
-from pilot.training.stage2 import group_advantages, run_stage2
+from pilot.training.engine import NonFiniteLossError
+from pilot.training.stage1 import run_stage1
+from pilot.training.stage2 import run_stage2
 
 JOB = Path(__file__).parent / "jobs" / "stage1_job.py"
 GEN = GenerationParams(max_new_tokens=4, batch_size=16)
@@ -70,16 +70,26 @@ def _stage1_inputs(lm, task_table, tmp_path):
     return plans, site, latents
 
 
-def test_a_non_finite_loss_stops_training_naming_term_and_step(tiny_lm, task_table, tmp_path):
+def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_injector(tiny_lm, task_table,
+                                                                                      tmp_path):
+    from pilot.guidance import GuidedStudent, interventions, make_hypernet
+    from pilot.latents import CachedLatents
+    from pilot.training.engine import train
+    from pilot.training.stage1 import loop_settings, stage1_objective
+
     plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
     cache = LatentCache(tmp_path / "cache").load()
     cache["target_states"][:] = float("inf")  # e.g. a corrupt, overflowing cache
-    from pilot.latents import CachedLatents
     examples = task_table[task_table["split"] == "train"].assign(plan=lambda f: f["oracle_plan"]).sort_values("id")
-    checkpoints = CheckpointManager(tmp_path / "ckpt", every=2)
+    config = Stage1Config(steps=4, batch_size=4, rl_weight=0)
+    hypernet = make_hypernet(site, tiny_lm.hidden_size, tiny_lm.num_layers, 0)
     with pytest.raises(NonFiniteLossError, match=r"'alignment' became (nan|inf) at step 0"):
-        train_stage1(tiny_lm, make_hypernet(site, tiny_lm, 0), CachedLatents(cache), examples.reset_index(drop=True),
-                     task_table.head(4), [1], Stage1Config(steps=4, batch_size=4, rl_weight=0), GEN, checkpoints)
+        with GuidedStudent(tiny_lm, hypernet) as guided:
+            objective = stage1_objective(guided, CachedLatents(cache), examples.reset_index(drop=True), [1], config, GEN)
+            train(hypernet, objective, loop_settings(config), name="stage1",
+                  checkpoints=CheckpointManager(tmp_path / "ckpt", every=2))
+    assert interventions(tiny_lm.model) == {}
+    assert not any(layer._forward_hooks for layer in tiny_lm.model.model.layers)
 
 
 def test_a_corrupted_checkpoint_is_reported_with_its_path(tiny_lm, task_table, tmp_path):
@@ -100,7 +110,7 @@ def test_stage1_refuses_a_stale_cache(tiny_lm, task_table, tmp_path):
     moved = site.model_copy(update={"inject_layer": 1})
     from pilot.latents import StaleCacheError
 
-    with pytest.raises(StaleCacheError, match="kedro run --pipeline latents"):
+    with pytest.raises(StaleCacheError, match="kedro run --pipelines latents"):
         run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, task_table.head(4), moved, latents,
                    Stage1Config(steps=2), GEN)
 
@@ -115,18 +125,15 @@ def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_p
     assert history["alignment"].notna().all() and history["latent_rl"].notna().sum() == 3
     assert [v["step"] for v in first.validation] == [0, 3, 6]
     train = task_table[task_table["split"] == "train"]
-    second = run_stage2(tiny_lm, first.hypernet, train, val, Stage2Config(steps=4, batch_size=4, group_size=2,
+    assert first.best_val_accuracy == max(v["val_accuracy"] for v in first.validation)
+    assert first.best_step == next(v["step"] for v in first.validation if v["val_accuracy"] == first.best_val_accuracy)
+    second = run_stage2(tiny_lm, first.model, train, val, Stage2Config(steps=4, batch_size=4, group_size=2,
                                                                            eval_every=2), GEN)
     history2 = pd.DataFrame(second.history)
     assert {"policy", "self_supervision", "anchor", "reward"} <= set(history2.columns)
-    assert second.best_val_accuracy >= max(v["val_accuracy"] for v in second.validation[:1])
-
-
-def test_group_advantages_are_relative_to_the_group():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    advantages = group_advantages(rewards)
-    torch.testing.assert_close(advantages[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
-    assert torch.equal(advantages[1], torch.zeros(4))
+    assert [v["step"] for v in second.validation] == [0, 2, 4]
+    assert second.best_val_accuracy == max(v["val_accuracy"] for v in second.validation)
+    assert not any(layer._forward_hooks for layer in tiny_lm.model.model.layers)  # both injectors removed
 
 
 def test_length_buckets_give_the_gradient_of_one_padded_pass(tiny_lm, task_table):

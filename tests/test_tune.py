@@ -73,7 +73,7 @@ def test_tune_writes_best_weights_plots_and_nested_mlflow_runs(project, monkeypa
 def test_two_processes_share_one_study_and_record_every_trial(project):
     before = len(optuna.load_study(study_name="pilot-stage1-loss-balance", storage=_storage(project)).trials) \
         if (project / "data/07_model_output/optuna.db").exists() else 0
-    jobs = [kedro_cli(project, "run", "--pipeline", "tune", "--env", "test") for _ in range(2)]
+    jobs = [kedro_cli(project, "run", "--pipelines", "tune", "--env", "test") for _ in range(2)]
     outputs = [job.communicate(timeout=900)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs
     study = optuna.load_study(study_name="pilot-stage1-loss-balance", storage=_storage(project))

@@ -29,6 +29,13 @@ class CorruptCheckpointError(RuntimeError):
     pass
 
 
+def run_fingerprint(*parts: object) -> str:
+    """Names a training run by what determines it (data, settings, starting weights): checkpoints
+    of another run are never resumed."""
+    payload = json.dumps([p.model_dump() if hasattr(p, "model_dump") else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

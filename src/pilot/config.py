@@ -9,7 +9,7 @@ is allowed. Unknown keys are errors too (a typo is never silently ignored).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -42,10 +42,24 @@ def _describe(error: dict[str, Any], prefix: str) -> str:
 
 def validate(model: type[Params], value: Any, prefix: str) -> Params:
     """``model.model_validate(value)``, re-raising failures as one-sentence :class:`ParameterError`."""
+    if isinstance(value, model):
+        return value
     try:
         return model.model_validate(value)
     except ValidationError as error:
         raise ParameterError(_describe(error.errors()[0], prefix)) from None
+
+
+Seeded = TypeVar("Seeded", bound="Params")
+
+
+def with_run_seed(config: Seeded, run_seed: int, offset: int = 0) -> Seeded:
+    """``config`` with its ``seed`` made the run's: ``run_seed + config.seed + offset``.
+
+    The one place seeds derive: every component's own ``seed`` setting is an offset from the
+    run's ``seed`` (``conf/base/parameters.yml``), so ``--params seed=1`` reseeds everything.
+    """
+    return config.model_copy(update={"seed": run_seed + config.seed + offset})
 
 
 # ---------------------------------------------------------------------------------- data

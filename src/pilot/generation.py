@@ -22,22 +22,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from pilot.guidance import GuidanceInjector, HyperNetwork, capture_layers
+from pilot.guidance import Guidance, capture_layers
 from pilot.models import CausalLM
 from pilot.prompts import first_line
-
-
-@dataclass
-class Guidance:
-    """What to inject while generating: a hyper-network, or fixed vectors (one per prompt)."""
-
-    injector: GuidanceInjector
-    hypernet: HyperNetwork | None = None
-    vectors: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if (self.hypernet is None) == (self.vectors is None):
-            raise ValueError("Guidance needs exactly one of a hyper-network or explicit vectors.")
 
 
 @dataclass

@@ -7,9 +7,14 @@ A second, plan-free pass records what the hyper-network reads (the query's token
 
 On disk: ``shard-00000.safetensors`` ... plus ``manifest.json``. Every shard carries in its
 safetensors header the cache fingerprint (student weights, tokenizer, examples, settings) and
-a sha256 of its tensors, so a truncated, corrupted or stale shard is detected on its own. A
-build skips shards that already exist with the right fingerprint, so an interrupted build
-computes only the missing shards next time.
+a sha256 of its tensors, so a truncated, corrupted or stale shard is detected on its own.
+
+Building is a stream of chunks (:func:`cache_chunks`): one :class:`LatentShard` per shard
+still to compute, then the :class:`CacheManifest`. The ``latents`` node yields them and the
+catalog's dataset writes each as it comes (Kedro's chunked-output pattern), so memory holds one
+shard at a time; shards already on disk with the right fingerprint are skipped, so an
+interrupted build computes only the missing ones next time. :func:`write_cache` runs the same
+stream without Kedro.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pilot.config import GuidanceParams, LatentsParams
 from pilot.guidance import capture_layers
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.prompts import answer_prompt, continuation
-from pilot.sequences import encode_pairs
+from pilot.sequences import encode_pairs, lengths_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +103,8 @@ def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
 
 @dataclass
 class LatentCacheBuild:
-    """A lazily computed cache: the node returns it, the dataset writes shards on save."""
+    """What the cache must hold for one student, set of kept plans and guidance site, and how to
+    compute any of its rows (frozen forward passes)."""
 
     student: CausalLM
     ids: list[str]
@@ -107,7 +113,6 @@ class LatentCacheBuild:
     answers: list[str]
     settings: CacheSettings
     fingerprint: str
-    on_stale: Literal["rebuild", "error"] = "rebuild"
 
     @property
     def num_examples(self) -> int:
@@ -170,29 +175,35 @@ def _shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard-{shard:05d}.safetensors"
 
 
-def read_shard(path: Path, expected_fingerprint: str | None = None) -> dict[str, torch.Tensor]:
-    """Load and verify one shard: readable, checksum intact, and (if given) the right fingerprint."""
+def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A shard's tensors and header metadata, its checksum verified."""
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # truncated headers/data raise safetensors' own errors
         raise CorruptCacheError(
-            f"Latent shard '{path}' is unreadable ({error}); rebuild it with `kedro run --pipeline latents`."
+            f"Latent shard '{path}' is unreadable ({error}); rebuild it with `kedro run --pipelines latents`."
         ) from error
     if metadata.get("sha256") != _tensor_digest(tensors):
         raise CorruptCacheError(
-            f"Latent shard '{path}' failed its checksum; rebuild it with `kedro run --pipeline latents`."
+            f"Latent shard '{path}' failed its checksum; rebuild it with `kedro run --pipelines latents`."
         )
+    return tensors, metadata
+
+
+def read_shard(path: Path, expected_fingerprint: str | None = None) -> dict[str, torch.Tensor]:
+    """Load and verify one shard: readable, checksum intact, and (if given) the right fingerprint."""
+    tensors, metadata = _read_verified(path)
     if expected_fingerprint is not None and metadata.get("fingerprint") != expected_fingerprint:
         raise StaleCacheError(
             f"Latent shard '{path}' was built for other inputs (fingerprint {metadata.get('fingerprint')} "
-            f"!= {expected_fingerprint}); rebuild with `kedro run --pipeline latents`."
+            f"!= {expected_fingerprint}); rebuild with `kedro run --pipelines latents`."
         )
     return tensors
 
 
-def _shard_fingerprint(path: Path) -> str | None:
+def _header_fingerprint(path: Path) -> str | None:
     try:
         with safe_open(path, framework="pt") as handle:
             return (handle.metadata() or {}).get("fingerprint")
@@ -200,68 +211,124 @@ def _shard_fingerprint(path: Path) -> str | None:
         return None
 
 
-def write_cache(build: LatentCacheBuild, directory: str | Path, on_stale: Literal["rebuild", "error"] = "rebuild") -> dict:
-    """Write (or complete) the cache for ``build`` in ``directory``; returns the manifest.
+def shard_fingerprints(directory: str | Path) -> dict[int, str | None]:
+    """What a cache folder holds: each shard's fingerprint, ``None`` for a corrupt one (checksums read)."""
+    found = {}
+    for path in sorted(Path(directory).glob("shard-*.safetensors")):
+        index = int(path.stem.split("-")[1])
+        try:
+            found[index] = _read_verified(path)[1].get("fingerprint")
+        except CorruptCacheError as error:
+            logger.warning("%s Recomputing it.", error)
+            found[index] = None
+    return found
 
-    Shards already present with the build's fingerprint and a valid checksum are kept; stale
-    shards are deleted and rebuilt (``on_stale="rebuild"``) or stop the run (``"error"``).
+
+@dataclass
+class LatentShard:
+    """One computed shard of the cache: a chunk of the ``latents`` node's output."""
+
+    index: int
+    fingerprint: str
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class CacheManifest:
+    """The last chunk of a build: what the complete cache holds and how it was built."""
+
+    fingerprint: str
+    num_examples: int
+    ids: list[str]
+    settings: dict
+    num_shards: int
+    computed_shards: int
+    reused_shards: int
+    build_seconds: float
+    examples_per_second: float | None
+
+
+def cache_chunks(build: LatentCacheBuild, on_disk: dict[int, str | None],
+                 on_stale: Literal["rebuild", "error"] = "rebuild") -> Iterator[LatentShard | CacheManifest]:
+    """Compute the shards of ``build`` not already ``on_disk`` with its fingerprint, one at a time,
+    then the manifest.
+
+    Shards on disk built for other inputs are recomputed (``on_stale="rebuild"``) or stop the
+    build (``"error"``); corrupt ones are always recomputed.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    existing = sorted(directory.glob("shard-*.safetensors"))
-    stale = [p for p in existing if _shard_fingerprint(p) not in (build.fingerprint, None)]
+    stale = sorted(i for i, fingerprint in on_disk.items() if fingerprint not in (build.fingerprint, None))
     if stale:
         if on_stale == "error":
             raise StaleCacheError(
-                f"Latent cache '{directory}' holds {len(stale)} shards built for other inputs; rerun with "
+                f"The latent cache holds {len(stale)} shards built for other inputs; rerun with "
                 "`--params latents.on_stale=rebuild` or delete the folder."
             )
-        logger.warning("Latent cache %s is stale (%d shards); rebuilding it.", directory, len(stale))
-        for path in existing:
-            path.unlink()
-        (directory / MANIFEST).unlink(missing_ok=True)
-    for path in directory.glob("shard-*.safetensors"):
-        if int(path.stem.split("-")[1]) >= build.num_shards:
-            path.unlink()
-
-    todo = []
-    for shard in range(build.num_shards):
-        path = _shard_path(directory, shard)
-        if path.exists():
-            try:
-                read_shard(path, build.fingerprint)
-                continue
-            except (CorruptCacheError, StaleCacheError) as error:
-                logger.warning("%s Recomputing it.", error)
-        todo.append(shard)
-    reused = build.num_shards - len(todo)
+        logger.warning("The latent cache is stale (%d shards built for other inputs); rebuilding it.", len(stale))
+    todo = [shard for shard in range(build.num_shards) if on_disk.get(shard) != build.fingerprint]
     examples_todo = sum(len(build.shard_range(s)) for s in todo)
     started = time.perf_counter()
     with tqdm(total=examples_todo, desc="latent cache", unit="ex", dynamic_ncols=True) as bar:
         for shard in todo:
-            tensors = build.compute_shard(shard, progress=bar)
-            metadata = {"fingerprint": build.fingerprint, "shard": str(shard), "sha256": _tensor_digest(tensors)}
-            tmp = directory / f".{_shard_path(directory, shard).name}.tmp-{os.getpid()}"
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, _shard_path(directory, shard))
+            yield LatentShard(shard, build.fingerprint, build.compute_shard(shard, progress=bar))
     seconds = time.perf_counter() - started
-    shards = [_shard_path(directory, s) for s in range(build.num_shards)]
-    manifest = {
-        "fingerprint": build.fingerprint,
-        "num_examples": build.num_examples,
-        "ids": build.ids,
-        "settings": build.settings.fingerprint_dict(),
-        "shards": [p.name for p in shards],
-        "bytes": sum(p.stat().st_size for p in shards),
-        "computed_shards": len(todo),
-        "reused_shards": reused,
-        "build_seconds": round(seconds, 3),
-        "examples_per_second": round(examples_todo / seconds, 2) if examples_todo and seconds > 0 else None,
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    yield CacheManifest(
+        fingerprint=build.fingerprint, num_examples=build.num_examples, ids=build.ids,
+        settings=build.settings.fingerprint_dict(), num_shards=build.num_shards, computed_shards=len(todo),
+        reused_shards=build.num_shards - len(todo), build_seconds=round(seconds, 3),
+        examples_per_second=round(examples_todo / seconds, 2) if examples_todo and seconds > 0 else None,
+    )
+
+
+def write_shard(directory: str | Path, shard: LatentShard) -> None:
+    """Write one shard atomically (temp file + rename); a manifest of another build is withdrawn first."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = directory / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != shard.fingerprint:
+        manifest.unlink()  # the folder no longer holds that complete cache
+    metadata = {"fingerprint": shard.fingerprint, "shard": str(shard.index), "sha256": _tensor_digest(shard.tensors)}
+    final = _shard_path(directory, shard.index)
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    save_file(shard.tensors, tmp, metadata=metadata)
+    os.replace(tmp, final)
+
+
+def write_manifest(directory: str | Path, manifest: CacheManifest) -> dict:
+    """Complete the cache: drop shards beyond the build, check every shard is there, write ``manifest.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob("shard-*.safetensors"):
+        if int(path.stem.split("-")[1]) >= manifest.num_shards:
+            path.unlink()
+    shards = [_shard_path(directory, s) for s in range(manifest.num_shards)]
+    missing = [p.name for p in shards if _header_fingerprint(p) != manifest.fingerprint]
+    if missing:
+        raise CorruptCacheError(f"Latent cache '{directory}' lacks shards {missing} of this build; rerun "
+                                "`kedro run --pipelines latents`.")
+    record = {**asdict(manifest), "shards": [p.name for p in shards], "bytes": sum(p.stat().st_size for p in shards)}
+    record.pop("num_shards")
+    (directory / MANIFEST).write_text(json.dumps(record, indent=1))
     logger.info("Latent cache %s: %d examples in %d shards (%d computed, %d reused), %.1f MiB, %.1f ex/s",
-                directory, build.num_examples, build.num_shards, len(todo), reused,
-                manifest["bytes"] / 2**20, manifest["examples_per_second"] or 0.0)
+                directory, manifest.num_examples, manifest.num_shards, manifest.computed_shards,
+                manifest.reused_shards, record["bytes"] / 2**20, manifest.examples_per_second or 0.0)
+    return record
+
+
+def save_chunk(directory: str | Path, chunk: LatentShard | CacheManifest) -> dict | None:
+    """Write one chunk of a build (what the catalog dataset does with each chunk the node yields)."""
+    if isinstance(chunk, LatentShard):
+        write_shard(directory, chunk)
+        return None
+    if isinstance(chunk, CacheManifest):
+        return write_manifest(directory, chunk)
+    raise TypeError(f"A latent cache chunk is a LatentShard or a CacheManifest, not {type(chunk).__name__}.")
+
+
+def write_cache(build: LatentCacheBuild, directory: str | Path, on_stale: Literal["rebuild", "error"] = "rebuild") -> dict:
+    """Build (or complete) the cache for ``build`` in ``directory`` outside Kedro; returns the manifest."""
+    manifest = None
+    for chunk in cache_chunks(build, shard_fingerprints(directory), on_stale):
+        manifest = save_chunk(directory, chunk)
     return manifest
 
 
@@ -273,7 +340,7 @@ class LatentCache:
         manifest = self.directory / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(
-                f"No complete latent cache at '{self.directory}' (no {MANIFEST}); run `kedro run --pipeline latents`."
+                f"No complete latent cache at '{self.directory}' (no {MANIFEST}); run `kedro run --pipelines latents`."
             )
         self.manifest = json.loads(manifest.read_text())
 
@@ -289,7 +356,7 @@ class LatentCache:
         if expected != self.fingerprint:
             raise StaleCacheError(
                 f"Latent cache '{self.directory}' is stale: built for fingerprint {self.fingerprint}, the "
-                f"current student/plans/settings give {expected}; run `kedro run --pipeline latents`."
+                f"current student/plans/settings give {expected}; run `kedro run --pipelines latents`."
             )
 
     def shards(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -318,10 +385,6 @@ class LatentCache:
             "inject_free_rms": torch.cat([s["inject_free_rms"] for s in shards]),
         }
         return merged
-
-
-def lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
 @dataclass
@@ -374,21 +437,6 @@ class RecomputedLatents:
         return _batch_from_tensors(self.build.compute_rows(index.tolist()), device)
 
 
-def steering_vector(cache: LatentCache) -> dict[str, torch.Tensor]:
-    """CAA: the mean difference of plan-conditioned and plan-free states at the injection layer.
-
-    Also returns ``reference_rms``, the mean RMS norm of the plan-free states there, so the
-    vector can be injected through the same energy-aligned injector as PILOT's guidance.
-    """
-    total, rms_total, count = None, 0.0, 0
-    for shard in cache.shards():
-        difference = (shard["inject_plan_mean"].float() - shard["inject_free_mean"].float()).sum(0)
-        total = difference if total is None else total + difference
-        rms_total += float(shard["inject_free_rms"].sum())
-        count += shard["inject_plan_mean"].shape[0]
-    return {"vector": total / max(count, 1), "reference_rms": torch.tensor(rms_total / max(count, 1))}
-
-
 def select_examples(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, splits: Sequence[str]) -> pd.DataFrame:
     """The rows stage 1 learns from: kept plans of the given splits, joined to their tasks, by id."""
     kept = teacher_plans[teacher_plans["kept"] & teacher_plans["split"].isin(list(splits))][["id", "plan"]]
@@ -422,5 +470,5 @@ def plan_cache_build(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, student: 
     return LatentCacheBuild(
         student=student, ids=examples["id"].tolist(), questions=examples["question"].tolist(),
         plans=examples["plan"].tolist(), answers=examples["answer"].tolist(), settings=settings,
-        fingerprint=cache_fingerprint(lm_fingerprint(student), data, settings), on_stale=config.on_stale,
+        fingerprint=cache_fingerprint(lm_fingerprint(student), data, settings),
     )

@@ -152,7 +152,7 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32"
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"No model at '{path}' (no config.json): run `kedro run --pipeline base` to train the "
+            f"No model at '{path}' (no config.json): run `kedro run --pipelines base` to train the "
             "embedded default, or point the model path at a local Hugging Face model folder."
         )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -210,8 +210,3 @@ def describe(lm: CausalLM) -> dict[str, int | str]:
         "hidden_size": lm.hidden_size,
         "vocab_size": len(lm.tokenizer),
     }
-
-
-def config_summary(path: str | Path) -> dict:
-    """The model's config.json (for checks that must not load weights)."""
-    return json.loads((Path(path) / "config.json").read_text())

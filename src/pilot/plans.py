@@ -14,10 +14,10 @@ from typing import Protocol
 
 import pandas as pd
 
+from pilot.evaluation import answer_and_score
 from pilot.generation import generate
 from pilot.models import CausalLM
-from pilot.prompts import answer_prompt, first_line, plan_prompt
-from pilot.verifier import score_answers
+from pilot.prompts import first_line, plan_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,9 @@ def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: 
     test environment whose barely trained student verifies none).
     """
     batch = teacher.plans(tasks["question"].tolist(), tasks["oracle_plan"].tolist())
-    prompts = [answer_prompt(q, p) for q, p in zip(tasks["question"], batch.plans)]
-    answers = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress="verify plans").answers
-    rewards = score_answers(tasks["task"].tolist(), answers, tasks["answer"].tolist(),
-                            tasks["metadata"].tolist(), tasks["question"].tolist())
+    scored = answer_and_score(student, tasks, plans=batch.plans, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, progress="verify plans")
+    verified = scored["correct"].tolist()
     frame = pd.DataFrame({
         "id": tasks["id"].to_numpy(),
         "task": tasks["task"].to_numpy(),
@@ -83,9 +81,9 @@ def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: 
         "plan": batch.plans,
         "teacher": teacher.name,
         "teacher_seconds": batch.seconds_per_plan,
-        "student_answer": answers,
-        "verified": [r == 1.0 for r in rewards],
-        "kept": [r == 1.0 or keep == "all" for r in rewards],
+        "student_answer": scored["prediction"].to_numpy(),
+        "verified": verified,
+        "kept": [ok or keep == "all" for ok in verified],
         "matches_oracle": [p.strip() == o.strip() for p, o in zip(batch.plans, tasks["oracle_plan"])],
     })
     return frame[list(PLAN_COLUMNS)]

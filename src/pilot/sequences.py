@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,14 +31,14 @@ class TokenBatch:
 
     def answer_position_mask(self) -> torch.Tensor:
         """(B, T) mask of the answer positions (see the module docstring)."""
-        positions = torch.arange(self.input_ids.shape[1])[None, :]
-        start = (self.prompt_lengths - 1)[:, None]
-        return (positions >= start) & (positions < start + self.target_lengths[:, None])
+        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)[None, :]
+        start = (self.prompt_lengths.to(positions.device) - 1)[:, None]
+        return (positions >= start) & (positions < start + self.target_lengths.to(positions.device)[:, None])
 
     def query_mask(self) -> torch.Tensor:
         """(B, T) mask of the prompt tokens the hyper-network reads (all but the last)."""
-        positions = torch.arange(self.input_ids.shape[1])[None, :]
-        return positions < (self.prompt_lengths - 1)[:, None]
+        positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)[None, :]
+        return positions < (self.prompt_lengths.to(positions.device) - 1)[:, None]
 
     def num_targets(self) -> int:
         """Label tokens that carry loss, over the whole batch."""
@@ -97,18 +98,20 @@ def encode_pairs(
                       torch.tensor(prompt_lengths), torch.tensor(target_lengths))
 
 
-def shift_labels_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the labelled positions."""
+def shift_labels_loss(logits: torch.Tensor, labels: torch.Tensor,
+                      reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions: their mean, or their sum."""
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(labels.shape)
-    if reduction == "none":
-        return loss
     mask = labels != IGNORE_INDEX
     if reduction == "sum":
         return (loss * mask).sum()
-    if reduction == "per_row":
-        return (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
     return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+def lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B,) lengths -> (B, width) mask of the first ``length`` positions of each row."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]

@@ -234,7 +234,7 @@ def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
     """Check the schema and the invariants every downstream stage relies on."""
     missing = [c for c in TASK_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"Task table is missing columns {missing}; rerun `kedro run --pipeline data`.")
+        raise ValueError(f"Task table is missing columns {missing}; rerun `kedro run --pipelines data`.")
     for column in TASK_COLUMNS:
         if not all(isinstance(v, str) and v for v in table[column]):
             raise ValueError(f"Task table column '{column}' must hold non-empty strings.")
@@ -246,7 +246,3 @@ def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
     if table["question"].duplicated().any():
         raise ValueError("A question appears twice in the task table, so splits would not be disjoint.")
     return table
-
-
-def metadata_of(row: dict[str, Any] | pd.Series) -> dict[str, Any]:
-    return json.loads(row["metadata"])

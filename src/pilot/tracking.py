@@ -90,11 +90,6 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def log_params(params: Mapping[str, object]) -> None:
-    if active():
-        mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
-
-
 def optuna_callbacks(metric_name: str = "value") -> list:
     """An Optuna callback logging each trial as a nested run of the active run (none when off)."""
     if not active():
@@ -103,3 +98,8 @@ def optuna_callbacks(metric_name: str = "value") -> list:
 
     return [MLflowCallback(tracking_uri=mlflow.get_tracking_uri(), metric_name=metric_name,
                            create_experiment=False, mlflow_kwargs={"nested": True})]
+
+
+def metric_records(values: Mapping[str, float], step: int = 0) -> dict[str, dict[str, float]]:
+    """Scalars in the form kedro-mlflow's metrics datasets save: ``{name: {"value": v, "step": s}}``."""
+    return {name: {"value": float(value), "step": step} for name, value in values.items()}

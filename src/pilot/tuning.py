@@ -1,6 +1,6 @@
 """Optuna search over the stage-1 loss balance (contrastive and latent-RL weights).
 
-Each trial is a short run of the real stage-1 loop (:func:`pilot.training.stage1.run_stage1`,
+Each trial is a short run of the real stage-1 training (:func:`pilot.training.stage1.run_stage1`,
 optionally followed by a short stage 2) scored by validation accuracy; validation results are
 reported as intermediate values so the pruner stops bad trials early. The study lives in an
 RDB storage (SQLite under ``data/`` by default), so several processes can share it and a rerun
@@ -26,6 +26,17 @@ from pilot.training.stage2 import run_stage2
 logger = logging.getLogger(__name__)
 
 TUNED_KEYS = ("contrastive_weight", "rl_weight", "guidance_scale")
+LOSS_KEYS = ("contrastive_weight", "rl_weight")        # Stage1Config fields
+SITE_KEYS = ("guidance_scale", "inject_layer")         # GuidanceParams fields
+
+
+def apply_tuned(tuned: dict, training: Stage1Config, site: GuidanceParams) -> tuple[Stage1Config, GuidanceParams]:
+    """Stage 1's settings with the ``tune`` pipeline's best values in place of the configured ones."""
+    if not tuned:
+        raise ValueError("stage1.use_tuned_weights is true but no tuned weights exist; run "
+                         "`kedro run --pipelines tune` first or set it to false.")
+    return (training.model_copy(update={k: v for k, v in tuned.items() if k in LOSS_KEYS}),
+            site.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
 
 
 def open_study(config: TuneParams) -> optuna.Study:
@@ -64,11 +75,9 @@ def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.Data
                    config: TuneParams) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, config)
-        training = stage1.model_copy(update={
-            "contrastive_weight": params["contrastive_weight"], "rl_weight": params["rl_weight"],
-            "steps": config.trial_steps, "eval_every": config.eval_every, "checkpoint_every": 0,
-        })
-        trial_site = site.model_copy(update={k: v for k, v in params.items() if k == "guidance_scale"})
+        training, trial_site = apply_tuned(params, stage1, site)
+        training = training.model_copy(update={"steps": config.trial_steps, "eval_every": config.eval_every,
+                                               "checkpoint_every": 0})
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)
@@ -81,7 +90,7 @@ def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.Data
         if config.stage2_steps:
             refine = stage2.model_copy(update={"steps": config.stage2_steps, "checkpoint_every": 0,
                                                "eval_every": config.stage2_steps})
-            value = run_stage2(student, result.hypernet, train_rows, val_rows, refine, generation).best_val_accuracy
+            value = run_stage2(student, result.model, train_rows, val_rows, refine, generation).best_val_accuracy
         return value
 
     return objective

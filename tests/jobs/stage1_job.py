@@ -32,7 +32,7 @@ def main() -> None:
     result = run_stage1(student, LatentCache(workdir / "cache"), plans, tasks, tasks[tasks["split"] == "val"].head(8),
                         site, latents, config, GenerationParams(max_new_tokens=4, batch_size=16),
                         checkpoint_dir=str(workdir / "checkpoints"))
-    result.hypernet.save(workdir / "hypernet")
+    result.model.save(workdir / "hypernet")
     pd.DataFrame(result.history).to_parquet(workdir / "history.parquet")
 
 

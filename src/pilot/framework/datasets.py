@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from pilot import tracking
 from pilot.guidance import HyperNetwork
-from pilot.latents import LatentCache, LatentCacheBuild, write_cache
+from pilot.baselines.lora import LoraAdapter
+from pilot.latents import CacheManifest, LatentCache, LatentShard, save_chunk, shard_fingerprints
 from pilot.models import CausalLM, PretrainedModelRef, load_causal_lm
-from pilot.training.baselines import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +82,32 @@ class HyperNetworkDataset(_FolderDataset):
 
 
 class LatentCacheDataset(_FolderDataset):
-    """Sharded safetensors with a manifest; saving a build writes only missing shards."""
+    """Sharded safetensors with a manifest, saved chunk by chunk as the ``latents`` node yields them:
+    each :class:`~pilot.latents.LatentShard` is written atomically, the closing
+    :class:`~pilot.latents.CacheManifest` completes the cache."""
 
     def _load(self) -> LatentCache:
         return LatentCache(self._path)
 
-    def _save(self, data: LatentCacheBuild) -> None:
-        write_cache(data, self._path, on_stale=data.on_stale)
+    def _save(self, data: LatentShard | CacheManifest) -> None:
+        save_chunk(self._path, data)
 
     def _exists(self) -> bool:
         return (self._path / "manifest.json").is_file()
+
+
+class LatentShardsDataset(_FolderDataset):
+    """What a latent-cache folder already holds: ``{shard index: fingerprint}`` (``None`` for a
+    corrupt shard), read-only. Lets the ``latents`` node skip shards that are already built."""
+
+    def _load(self) -> dict[int, str | None]:
+        return shard_fingerprints(self._path) if self._path.is_dir() else {}
+
+    def _save(self, data) -> None:
+        raise DatasetError("latent_cache_shards is read-only: the latents node writes `latent_cache`.")
+
+    def _exists(self) -> bool:
+        return True
 
 
 class LoraAdapterDataset(_FolderDataset):

@@ -1,11 +1,15 @@
 """Project hooks: everything that must hold before the first node computes anything.
 
-- Every parameter block a node of the pipeline reads is validated (``pilot.config``), and the
-  guidance layers are checked against the student's layer count; a bad value stops the run with
-  one sentence before any compute.
+- Every parameter block is validated (``pilot.config``) as soon as the configuration is read,
+  and the guidance layers are checked against the student's layer count; a bad value stops the
+  run with one sentence before any compute. Nodes receive the validated, typed objects: their
+  signatures say ``params: Stage1Params``, which Kedro instantiates from the same configuration
+  (its typed-parameter support), so a node never parses a raw dict.
 - The MLflow store is checked: if it is unreachable or locked the run stops now, with a clear
   message, instead of after an hour of training -- or, with ``tracking.on_unavailable: disable``,
   runs on with tracking switched off.
+- Each tracked run records its fully resolved parameters as one YAML artifact
+  (``resolved_parameters.yml``), enough to re-create the run.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import yaml
+
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, TrackingParams, validate
+from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, Params, TrackingParams, validate
 from pilot.guidance import HyperNetConfig
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 
@@ -85,6 +92,22 @@ def _forget_previous_mlflow_run() -> None:
     mlflow_hook.run_id = None
 
 
+def validate_parameters(params: dict[str, Any]) -> dict[str, Params]:
+    """Every known parameter block present in ``params``, validated: one sentence on the first error."""
+    return {key: validate(model, params[key], key) for key, model in PARAMETER_MODELS.items() if key in params}
+
+
+def as_plain(value: Any) -> Any:
+    """Typed parameters as the plain dicts and lists they were configured as (for YAML and MLflow)."""
+    if isinstance(value, Params):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {key: as_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_plain(item) for item in value]
+    return value
+
+
 class PreflightHooks:
     def __init__(self) -> None:
         self._context = None
@@ -92,13 +115,14 @@ class PreflightHooks:
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        """Check the MLflow store before kedro-mlflow (or any node) touches it."""
+        """Validate the parameters and check the MLflow store before anything else reads them."""
         self._context = context
         self._tracking_disabled = False
+        validated = validate_parameters(context.config_loader["parameters"])
         uri = _tracking_uri(context)
         if uri is None:
             return
-        tracking = validate(TrackingParams, context.params.get("tracking") or {}, "tracking")
+        tracking = validated.get("tracking", TrackingParams())
         try:
             check_tracking_store(uri)
         except TrackingUnavailableError as error:
@@ -119,7 +143,7 @@ class PreflightHooks:
             if name.startswith("params:") or name == "parameters" or catalog.exists(name):
                 continue
             producer = _producer(name)
-            hint = f"run `kedro run --pipeline {producer}` first" if producer else "check conf/<env>/catalog.yml"
+            hint = f"run `kedro run --pipelines {producer}` first" if producer else "check conf/<env>/catalog.yml"
             raise MissingInputError(f"Input '{name}' does not exist yet: {hint} (or `kedro run` for everything).")
 
     @hook_impl(tryfirst=True)
@@ -134,15 +158,24 @@ class PreflightHooks:
         wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
                          if name.startswith("params:")})
         for key in wanted:
-            if key in PARAMETER_MODELS:
-                if key not in params:
-                    raise ParameterError(f"Parameter block '{key}' is missing; add it to conf/base/parameters_{key}.yml.")
-                validate(PARAMETER_MODELS[key], params[key], key)
+            if key in PARAMETER_MODELS and key not in params:
+                raise ParameterError(f"Parameter block '{key}' is missing; add it to conf/base/parameters_{key}.yml.")
         if "guidance" in wanted:
             num_layers = _student_num_layers(catalog, params)
             if num_layers is not None:
                 validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)
         self._check_hypernets_fit(pipeline, catalog)
+
+    @hook_impl(tryfirst=True)
+    def before_node_run(self, inputs: dict[str, Any]) -> None:
+        """Show kedro-mlflow (whose hook runs next, on this same dict) typed parameters as plain
+        dicts, so it logs them flattened (``stage1.training.steps``), not as one repr string.
+
+        Only this hooks-only copy of the inputs changes: the node itself still gets the typed objects.
+        """
+        for name, value in inputs.items():
+            if name.startswith("params:") and isinstance(value, Params):
+                inputs[name] = as_plain(value)
 
     @staticmethod
     def _check_hypernets_fit(pipeline: Pipeline, catalog) -> None:
@@ -156,3 +189,16 @@ class PreflightHooks:
             saved = _config_json(catalog, name, "hypernet_config.json")
             if saved is not None:
                 HyperNetConfig(**saved).check_fits(hidden, layers, where=f"'{name}'")
+
+
+class RunRecordHooks:
+    """Records what a tracked run was: its fully resolved parameters, as one YAML artifact."""
+
+    @hook_impl(trylast=True)  # after kedro-mlflow has opened the run
+    def before_pipeline_run(self, run_params: dict[str, Any], catalog) -> None:
+        if mlflow.active_run() is None:
+            return
+        header = {key: run_params.get(key) for key in ("env", "pipeline_names", "runtime_params", "session_id")}
+        document = {"run": header, "parameters": as_plain(catalog.load("parameters"))}
+        mlflow.log_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
+                        "resolved_parameters.yml")

@@ -12,26 +12,30 @@ import logging
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from pilot.config import BaseParams, GenerationParams, validate
+from pilot.config import BaseParams, GenerationParams, with_run_seed
 from pilot.evaluation import answer_and_score, summarize
 from pilot.models import CausalLM, PretrainedModelRef, build_causal_lm, describe, train_tokenizer
 from pilot.prompts import answer_prompt, continuation
+from pilot.tracking import metric_records
 from pilot.training.base_lm import student_examples, teacher_examples, train_causal_lm
 
 logger = logging.getLogger(__name__)
 
 
-def fit_tokenizer(tasks_train: pd.DataFrame, params: dict) -> PreTrainedTokenizerBase:
+def fit_tokenizer(tasks_train: pd.DataFrame, params: BaseParams) -> PreTrainedTokenizerBase:
     """A byte-level BPE tokenizer trained on the training transcripts (question, plan, answer)."""
-    config = validate(BaseParams, params, "base")
     texts = [answer_prompt(q, p) + continuation(a)
              for q, p, a in zip(tasks_train["question"], tasks_train["oracle_plan"], tasks_train["answer"])]
-    return train_tokenizer(texts, config.tokenizer.vocab_size)
+    return train_tokenizer(texts, params.tokenizer.vocab_size)
 
 
-def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: dict,
+# The teacher is a model of its own, not the student's twin: its seeds are offset by one.
+SEED_OFFSET = {"student": 0, "teacher": 1}
+
+
+def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: BaseParams,
            seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
-    spec = getattr(validate(BaseParams, params, "base"), role)
+    spec = getattr(params, role)
     if spec.pretrained:
         logger.info("The %s is pretrained (globals.yml): nothing to train.", role)
         return PretrainedModelRef(role), pd.DataFrame({"step": [], "loss": []})
@@ -39,14 +43,13 @@ def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerB
     examples = student_examples(rows, spec.plan_loss) if role == "student" else teacher_examples(rows)
     lm = build_causal_lm(tokenizer, family=spec.family, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
                          num_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
-                         max_positions=spec.max_positions, seed=seed)
+                         max_positions=spec.max_positions, seed=seed + SEED_OFFSET[role])
     logger.info("Training the %s: %s", role, describe(lm))
-    training = spec.training
-    history = train_causal_lm(lm, examples, training.model_copy(update={"seed": training.seed + seed}), role)
+    history = train_causal_lm(lm, examples, with_run_seed(spec.training, seed, SEED_OFFSET[role]), role)
     return lm, pd.DataFrame(history)
 
 
-def train_student(tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: dict,
+def train_student(tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: BaseParams,
                   seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
     """The student learns question -> answer and question + plan -> answer.
 
@@ -56,26 +59,26 @@ def train_student(tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase,
     return _train("student", tasks_train, tokenizer, params, seed)
 
 
-def train_teacher(tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: dict,
+def train_teacher(tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: BaseParams,
                   seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
     """The teacher learns question -> plan -> answer.
 
     Returns:
         ``teacher_model`` and its per-step loss history.
     """
-    return _train("teacher", tasks_train, tokenizer, params, seed + 1)
+    return _train("teacher", tasks_train, tokenizer, params, seed)
 
 
-def measure_plan_gap(student: CausalLM, tasks_test: pd.DataFrame, generation: dict) -> tuple[pd.DataFrame, dict]:
+def measure_plan_gap(student: CausalLM, tasks_test: pd.DataFrame,
+                     generation: GenerationParams) -> tuple[pd.DataFrame, dict]:
     """Test accuracy of the student without a plan and with the oracle plan in context.
 
     Returns:
         The per-task table (accuracy, 95 % interval) and MLflow metrics including ``plan_gap``.
     """
-    config = validate(GenerationParams, generation, "generation")
     runs = [
-        answer_and_score(student, tasks_test, plans=plans, max_new_tokens=config.max_new_tokens,
-                         batch_size=config.batch_size, method=method, progress=method)
+        answer_and_score(student, tasks_test, plans=plans, max_new_tokens=generation.max_new_tokens,
+                         batch_size=generation.batch_size, method=method, progress=method)
         for method, plans in (("student_no_plan", None), ("student_oracle_plan", tasks_test["oracle_plan"].tolist()))
     ]
     table = summarize(pd.concat(runs), zero_shot="student_no_plan", plan_in_context="student_oracle_plan")
@@ -88,4 +91,4 @@ def measure_plan_gap(student: CausalLM, tasks_test: pd.DataFrame, generation: di
         metrics[f"plan_gap_{task}"] = row["student_oracle_plan"] - row["student_no_plan"]
     logger.info("Plan gap (oracle plan - no plan) on the test split: %s",
                 ", ".join(f"{t} {100 * (r['student_oracle_plan'] - r['student_no_plan']):+.1f} pts" for t, r in pivot.iterrows()))
-    return table, {name: {"value": float(value), "step": 0} for name, value in metrics.items()}
+    return table, metric_records(metrics)

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pilot.config import DataParams, validate
+from pilot.config import DataParams, with_run_seed
 from pilot.tasks import build_task_table, validate_task_table
 
 
-def generate_tasks(params: dict, seed: int) -> pd.DataFrame:
+def generate_tasks(params: DataParams, seed: int) -> pd.DataFrame:
     """Draw every configured task from reasoning-gym's offline generators.
 
     Args:
         params: the ``data`` parameters (tasks with sizes and generator kwargs, split sizes, seed).
-        seed: the run's global seed, added to ``data.seed``.
+        seed: the run's seed, which ``data.seed`` is an offset from.
     Returns:
         One table of all rows with a ``split`` column; questions are unique across splits.
     """
-    config = validate(DataParams, params, "data")
+    config = with_run_seed(params, seed)
     table = build_task_table([t.model_dump() for t in config.tasks], config.val_per_task,
-                             config.test_per_task, config.seed + seed)
+                             config.test_per_task, config.seed)
     return validate_task_table(table)
 
 

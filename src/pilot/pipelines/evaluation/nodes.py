@@ -13,75 +13,67 @@ import pandas as pd
 import torch
 
 from pilot import plots, tracking
-from pilot.config import GenerationParams, GuidanceParams, validate
+from pilot.baselines.caa import steered
+from pilot.baselines.lora import LoraAdapter
+from pilot.config import GenerationParams, GuidanceParams
 from pilot.evaluation import answer_and_score, summarize
-from pilot.generation import Guidance
-from pilot.guidance import GuidanceInjector, HyperNetwork
+from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM
-from pilot.training.baselines import LoraAdapter, caa_guidance
-from pilot.training.stage1 import GuidedStudent
 
 logger = logging.getLogger(__name__)
 
 
-def _answer(student: CausalLM, tasks_test: pd.DataFrame, generation: dict, method: str, **kwargs) -> pd.DataFrame:
-    decoding = validate(GenerationParams, generation, "generation")
-    predictions = answer_and_score(student, tasks_test, max_new_tokens=decoding.max_new_tokens,
-                                   batch_size=decoding.batch_size, method=method, progress=method, **kwargs)
+def _answer(student: CausalLM, tasks_test: pd.DataFrame, generation: GenerationParams, method: str,
+            **kwargs) -> pd.DataFrame:
+    predictions = answer_and_score(student, tasks_test, max_new_tokens=generation.max_new_tokens,
+                                   batch_size=generation.batch_size, method=method, progress=method, **kwargs)
     logger.info("%s: test accuracy %.3f", method, predictions["correct"].mean())
     return predictions
 
 
-def evaluate_zero_shot(student: CausalLM, tasks_test: pd.DataFrame, generation: dict) -> pd.DataFrame:
+def evaluate_zero_shot(student: CausalLM, tasks_test: pd.DataFrame, generation: GenerationParams) -> pd.DataFrame:
     """The frozen student alone."""
     return _answer(student, tasks_test, generation, "zero_shot")
 
 
 def evaluate_plan_in_context(student: CausalLM, tasks_test: pd.DataFrame, teacher_plans: pd.DataFrame,
-                             generation: dict) -> pd.DataFrame:
+                             generation: GenerationParams) -> pd.DataFrame:
     """The student with the teacher's plan for each test query; latency includes the teacher's."""
     plans = tasks_test[["id"]].merge(teacher_plans[["id", "plan", "teacher_seconds"]], on="id", how="left")
     if plans["plan"].isna().any():
-        raise ValueError("Some test queries have no teacher plan; rerun `kedro run --pipeline plans`.")
+        raise ValueError("Some test queries have no teacher plan; rerun `kedro run --pipelines plans`.")
     return _answer(student, tasks_test, generation, "plan_in_context", plans=plans["plan"].tolist(),
                    extra_seconds=plans["teacher_seconds"].tolist())
 
 
-def evaluate_lora(student: CausalLM, lora_adapter: LoraAdapter, tasks_test: pd.DataFrame, generation: dict) -> pd.DataFrame:
+def evaluate_lora(student: CausalLM, lora_adapter: LoraAdapter, tasks_test: pd.DataFrame,
+                  generation: GenerationParams) -> pd.DataFrame:
     """The student with the LoRA adapter attached (a copy; the student itself stays frozen)."""
     return _answer(lora_adapter.attach(student), tasks_test, generation, "lora")
 
 
 def evaluate_caa(student: CausalLM, steering_vector: dict[str, torch.Tensor], caa_config: dict,
-                 tasks_test: pd.DataFrame, guidance: dict, generation: dict) -> pd.DataFrame:
+                 tasks_test: pd.DataFrame, guidance: GuidanceParams, generation: GenerationParams) -> pd.DataFrame:
     """The static steering vector at the injection layer, at its validation-chosen scale."""
-    injector = GuidanceInjector(student.model, validate(GuidanceParams, guidance, "guidance").inject_layer,
-                                caa_config["scale"])
-    try:
-        vectors = caa_guidance(steering_vector).expand(len(tasks_test), -1)
-        return _answer(student, tasks_test, generation, "caa", guidance=Guidance(injector, vectors=vectors))
-    finally:
-        injector.remove()
+    with steered(student, steering_vector, guidance.inject_layer, caa_config["scale"], len(tasks_test)) as steering:
+        return _answer(student, tasks_test, generation, "caa", guidance=steering)
 
 
-def _evaluate_pilot(student: CausalLM, hypernet: HyperNetwork, tasks_test: pd.DataFrame, generation: dict,
-                    method: str) -> pd.DataFrame:
+def _evaluate_pilot(student: CausalLM, hypernet: HyperNetwork, tasks_test: pd.DataFrame,
+                    generation: GenerationParams, method: str) -> pd.DataFrame:
     hypernet.config.check_fits(student.hidden_size, student.num_layers, where=f"for {method}")
-    guided = GuidedStudent(student, hypernet.eval().to(student.device))
-    try:
+    with GuidedStudent(student, hypernet.eval().to(student.device)) as guided:
         return _answer(student, tasks_test, generation, method, guidance=guided.guidance())
-    finally:
-        guided.remove()
 
 
 def evaluate_pilot_stage1(student: CausalLM, hypernet_stage1: HyperNetwork, tasks_test: pd.DataFrame,
-                          generation: dict) -> pd.DataFrame:
+                          generation: GenerationParams) -> pd.DataFrame:
     """PILOT after stage 1: the hyper-network's guidance, no plan, no teacher."""
     return _evaluate_pilot(student, hypernet_stage1, tasks_test, generation, "pilot_stage1")
 
 
 def evaluate_pilot_stage2(student: CausalLM, hypernet_stage2: HyperNetwork, tasks_test: pd.DataFrame,
-                          generation: dict) -> pd.DataFrame:
+                          generation: GenerationParams) -> pd.DataFrame:
     """PILOT after stage 2."""
     return _evaluate_pilot(student, hypernet_stage2, tasks_test, generation, "pilot_stage2")
 
@@ -101,10 +93,9 @@ def build_report(*method_predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
     shown["mean_new_tokens"] = shown["mean_new_tokens"].map(lambda v: f"{v:.1f}")
     markdown = "# PILOT evaluation (test split)\n\n" + shown.to_markdown(index=False) + "\n"
     overall = table[table["task"] == "overall"].set_index("method")
-    metrics = {f"{method}_{name}": {"value": float(row[name]), "step": 0}
-               for method, row in overall.iterrows() for name in ("accuracy", "gap_recovered")
-               if pd.notna(row[name])}
-    return predictions, table, markdown, metrics
+    metrics = {f"{method}_{name}": row[name] for method, row in overall.iterrows()
+               for name in ("accuracy", "gap_recovered") if pd.notna(row[name])}
+    return predictions, table, markdown, tracking.metric_records(metrics)
 
 
 def plot_results(results_table: pd.DataFrame) -> tuple[plt.Figure, plt.Figure]:

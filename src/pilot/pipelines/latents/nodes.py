@@ -1,38 +1,43 @@
-"""Nodes of the ``latents`` pipeline: the plan-conditioned latent cache and the CAA vector."""
+"""Nodes of the ``latents`` pipeline: the plan-conditioned latent cache stage 1 imitates."""
 
 from __future__ import annotations
 
-import pandas as pd
-import torch
+from collections.abc import Iterator
 
-from pilot.config import GuidanceParams, LatentsParams, validate
-from pilot.latents import LatentCache, LatentCacheBuild, plan_cache_build, steering_vector
+import pandas as pd
+
+from pilot.config import GuidanceParams, LatentsParams
+from pilot.latents import CacheManifest, LatentCache, LatentShard, cache_chunks, plan_cache_build
 from pilot.models import CausalLM, freeze
+from pilot.tracking import metric_records
 
 
 def build_latent_cache(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                       student: CausalLM, guidance: dict, params: dict) -> LatentCacheBuild:
-    """One frozen forward pass per kept example, written shard by shard by the catalog.
+                       student: CausalLM, cached_shards: dict[int, str | None], guidance: GuidanceParams,
+                       params: LatentsParams) -> Iterator[LatentShard | CacheManifest]:
+    """One frozen forward pass per kept example, yielded shard by shard (the catalog writes each).
 
-    Returns:
-        The lazy ``latent_cache`` build; saving it computes only shards not already on disk.
+    ``cached_shards`` says what is on disk already (each shard's fingerprint): shards of this
+    build are skipped, so an interrupted build computes only what is missing.
+
+    Yields:
+        ``latent_cache`` chunks: each computed shard, then the manifest.
     """
     freeze(student.model)
-    return plan_cache_build(teacher_plans, pd.concat([tasks_train, tasks_val]), student,
-                            validate(GuidanceParams, guidance, "guidance"), validate(LatentsParams, params, "latents"))
+    build = plan_cache_build(teacher_plans, pd.concat([tasks_train, tasks_val]), student, guidance, params)
+    yield from cache_chunks(build, cached_shards, params.on_stale)
 
 
-def summarize_cache(cache: LatentCache) -> tuple[dict[str, torch.Tensor], dict]:
-    """The CAA steering vector from the cache, and the cache's size and build throughput.
+def summarize_cache(latent_cache: LatentCache) -> dict:
+    """The cache's size and build throughput.
 
     Returns:
-        ``steering_vector`` (safetensors) and MLflow metrics.
+        MLflow metrics.
     """
-    manifest = cache.manifest
-    metrics = {
+    manifest = latent_cache.manifest
+    return metric_records({
         "cache_examples": manifest["num_examples"],
         "cache_mib": manifest["bytes"] / 2**20,
         "cache_examples_per_second": manifest["examples_per_second"] or 0.0,
         "cache_reused_shards": manifest["reused_shards"],
-    }
-    return steering_vector(cache), {k: {"value": float(v), "step": 0} for k, v in metrics.items()}
+    })

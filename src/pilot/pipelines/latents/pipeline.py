@@ -7,10 +7,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(build_latent_cache,
-                 inputs=["teacher_plans", "tasks_train", "tasks_val", "student_model", "params:guidance",
-                         "params:latents"],
+                 inputs=["teacher_plans", "tasks_train", "tasks_val", "student_model", "latent_cache_shards",
+                         "params:guidance", "params:latents"],
                  outputs="latent_cache", name="build_latent_cache_node"),
-            Node(summarize_cache, inputs="latent_cache", outputs=["steering_vector", "latent_cache_metrics"],
+            Node(summarize_cache, inputs="latent_cache", outputs="latent_cache_metrics",
                  name="summarize_latent_cache_node"),
         ],
         tags=["latents"],

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pilot.config import GenerationParams, Stage2Params, validate
+from pilot.config import GenerationParams, Stage2Params, with_run_seed
 from pilot.guidance import HyperNetwork
 from pilot.models import CausalLM
-from pilot.pipelines.stage1.nodes import training_outputs
 from pilot.training.stage2 import run_stage2
 
 
 def train_stage2(hypernet_stage1: HyperNetwork, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                 student: CausalLM, params: dict, generation: dict,
+                 student: CausalLM, params: Stage2Params, generation: GenerationParams,
                  seed: int) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
     """Refine the stage-1 hyper-network from verifier feedback, without plans or teacher.
 
@@ -20,8 +19,6 @@ def train_stage2(hypernet_stage1: HyperNetwork, tasks_train: pd.DataFrame, tasks
         ``hypernet_stage2`` (best validation checkpoint), the reward/loss history, the validation
         curve and summary metrics.
     """
-    config = validate(Stage2Params, params, "stage2")
-    training = config.training.model_copy(update={"seed": config.training.seed + seed})
-    result = run_stage2(student, hypernet_stage1, tasks_train, tasks_val, training,
-                        validate(GenerationParams, generation, "generation"), config.checkpoint_dir, config.resume)
-    return training_outputs(result)
+    result = run_stage2(student, hypernet_stage1, tasks_train, tasks_val, with_run_seed(params.training, seed),
+                        generation, params.checkpoint_dir, params.resume)
+    return result.model, *result.tables()

@@ -1,7 +1,7 @@
-"""Baselines PILOT is compared with: LoRA at a matched parameter budget, and a CAA steering vector.
+"""LoRA at a trainable-parameter budget matched to the hyper-network's (peft).
 
-Zero-shot and plan-in-context need no training: they are the student answering without and
-with a plan (see :mod:`pilot.evaluation`).
+Trained by the shared engine (:func:`pilot.training.base_lm.train_causal_lm`) on question ->
+answer, saved in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from pilot.evaluation import accuracy
-from pilot.generation import Guidance
-from pilot.guidance import GuidanceInjector
+from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
 from pilot.prompts import answer_prompt, continuation
-from pilot.config import LMTrainConfig
 from pilot.training.base_lm import train_causal_lm
 
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------- LoRA
 def lora_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> dict[str, torch.nn.Linear]:
     """The Linear layers whose name ends with one of ``target_modules``."""
     found = {name: module for name, module in model.named_modules()
@@ -96,6 +92,7 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
     present = sorted({name.rsplit(".", 1)[-1] for name in lora_targets(student.model, target_modules)})
     lora_config = LoraConfig(r=rank, lora_alpha=alpha_ratio * rank, lora_dropout=0.0, bias="none",
                              target_modules=present, task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)  # the adapter's initialisation, not whatever state earlier work left
     model = get_peft_model(copy.deepcopy(student.model), lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("LoRA rank %d on %s: %d trainable parameters (hyper-network: %d)", rank, present, trainable, budget)
@@ -104,30 +101,3 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
     history = train_causal_lm(lm, examples, config, "lora")
     config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
     return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(model)), history
-
-
-# ----------------------------------------------------------------------------------- CAA
-def caa_guidance(steering: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The steering vector in the injector's units: the injector adds ``scale * rms(h) * g``,
-    so ``g = vector / reference_rms`` adds about ``scale * vector`` to a typical state."""
-    return steering["vector"] / steering["reference_rms"].clamp_min(1e-6)
-
-
-def choose_caa_scale(student: CausalLM, val_rows: pd.DataFrame, steering: dict[str, torch.Tensor],
-                     inject_layer: int, scales: Sequence[float], max_new_tokens: int,
-                     batch_size: int) -> tuple[float, pd.DataFrame]:
-    """Pick the steering scale with the best validation accuracy; returns (scale, sweep table)."""
-    vector = caa_guidance(steering)
-    sweep = []
-    for scale in scales:
-        injector = GuidanceInjector(student.model, inject_layer, scale)
-        try:
-            guidance = Guidance(injector, vectors=vector.expand(len(val_rows), -1))
-            value = accuracy(student, val_rows, guidance=guidance, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        finally:
-            injector.remove()
-        sweep.append({"scale": float(scale), "val_accuracy": value})
-        logger.info("CAA scale %.3g: validation accuracy %.3f", scale, value)
-    table = pd.DataFrame(sweep)
-    best = float(table.loc[table["val_accuracy"].idxmax(), "scale"])
-    return best, table

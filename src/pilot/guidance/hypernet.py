@@ -1,21 +1,16 @@
-"""The hyper-network and the injection of its guidance vector into the student.
+"""The hyper-network: the student's plan-free reading of a query -> a latent guidance vector g.
 
-Two objects, as in pyvene/pyreft: the :class:`HyperNetwork` (what trains, saved on its own)
-and the :class:`GuidanceInjector` (an intervention named ``pilot_guidance``, attached to one
-decoder layer of the frozen student, switchable off). The backbone is never modified.
-
-Layer numbering: "layer i" is the output of decoder block i (0-based), i.e. the residual
-stream after block i. The hyper-network reads layer ``read_layer`` of an unguided pass over the
-query; the guidance is added to layer ``inject_layer`` at the answer positions, so every
-later block sees it.
+What trains in PILOT, saved on its own (safetensors + JSON config). It reads layer
+``read_layer`` of an unguided pass over the query; :mod:`pilot.guidance.injection` adds g to
+layer ``inject_layer``. Layer numbering: "layer i" is the output of decoder block i (0-based),
+the residual stream after block i.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pilot.models import decoder_layers
+from pilot.config import GuidanceParams
+
 
 Reader = Literal["mean", "attention"]
 
@@ -41,7 +37,6 @@ class HyperNetConfig:
     attention_heads: int = 4
     guidance_scale: float = 1.0
     init_log_std: float = -1.0
-    extra: dict = field(default_factory=dict)
 
     def check_fits(self, hidden_size: int | None, num_layers: int | None, where: str = "") -> None:
         """Raise if this hyper-network was built for a student of another shape."""
@@ -53,7 +48,7 @@ class HyperNetConfig:
         if problems:
             raise ValueError(
                 f"The hyper-network {where} was trained for a different student: {'; '.join(problems)}; "
-                "retrain it for this student with `kedro run --pipeline stage1`."
+                "retrain it for this student with `kedro run --pipelines stage1`."
             )
 
     def resolved_read_layer(self) -> int:
@@ -160,13 +155,11 @@ class HyperNetwork(nn.Module):
             digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
+    def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "hypernet.safetensors")
-        config = asdict(self.config)
-        config["extra"] = {**self.config.extra, **(extra or {})}
-        (path / "hypernet_config.json").write_text(json.dumps(config, indent=2))
+        (path / "hypernet_config.json").write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
     def load(cls, path: str | Path, student_hidden_size: int | None = None,
@@ -176,7 +169,9 @@ class HyperNetwork(nn.Module):
         config_file, weights_file = path / "hypernet_config.json", path / "hypernet.safetensors"
         if not config_file.is_file() or not weights_file.is_file():
             raise FileNotFoundError(f"No hyper-network at '{path}' (needs hypernet_config.json and hypernet.safetensors).")
-        config = HyperNetConfig(**json.loads(config_file.read_text()))
+        saved = json.loads(config_file.read_text())
+        saved.pop("extra", None)  # written by versions before 0.2; never read
+        config = HyperNetConfig(**saved)
         config.check_fits(student_hidden_size, student_num_layers, where=f"at '{path}'")
         network = cls(config)
         try:
@@ -184,71 +179,16 @@ class HyperNetwork(nn.Module):
         except Exception as error:  # safetensors raises its own error types on corrupt files
             raise ValueError(
                 f"Hyper-network weights at '{weights_file}' are unreadable ({error}); "
-                "retrain with `kedro run --pipeline stage1`."
+                "retrain with `kedro run --pipelines stage1`."
             ) from error
         return network
 
 
-class GuidanceInjector:
-    """Adds ``guidance_scale * rms(h) * g`` to the residual stream at one decoder layer.
-
-    Energy-aligned: the vector is scaled by the RMS norm of the hidden state it is added to,
-    so ``||delta|| / ||h|| = guidance_scale * ||g|| / sqrt(d)`` whatever the layer's scale.
-    Inactive unless inside :meth:`guide`; :meth:`remove` detaches it from the model.
-    """
-
-    name = "pilot_guidance"
-
-    def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float) -> None:
-        self.inject_layer = inject_layer
-        self.guidance_scale = guidance_scale
-        self.enabled = True
-        self._vectors: torch.Tensor | None = None
-        self._position_mask: torch.Tensor | None = None
-        self._handle = decoder_layers(model)[inject_layer].register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        if self._vectors is None or not self.enabled:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
-        delta = self.guidance_scale * rms * self._vectors[:, None, :].to(hidden.dtype)
-        if self._position_mask is not None:
-            delta = delta * self._position_mask[..., None].to(hidden.dtype)
-        hidden = hidden + delta
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    @contextmanager
-    def guide(self, vectors: torch.Tensor | None, position_mask: torch.Tensor | None = None):
-        """Inject ``vectors`` (one per batch row) while inside; ``position_mask`` (B, T) limits
-        a full-sequence pass to the answer positions. ``None`` vectors guide nothing."""
-        previous = self._vectors, self._position_mask
-        self._vectors, self._position_mask = vectors, position_mask
-        try:
-            yield self
-        finally:
-            self._vectors, self._position_mask = previous
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-@contextmanager
-def capture_layers(model: nn.Module, layers: list[int]):
-    """Record the outputs of the given decoder layers during forward passes inside the block.
-
-    Yields a dict that fills as the model runs: ``{layer: hidden states (B, T, d)}``.
-    Registered after any injector, so a captured injected layer includes the guidance.
-    """
-    blocks = decoder_layers(model)
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in sorted(set(layers)):
-        def hook(module, args, output, layer=layer):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
-        handles.append(blocks[layer].register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+def make_hypernet(site: GuidanceParams, hidden_size: int, num_layers: int, seed: int) -> HyperNetwork:
+    """A fresh hyper-network for a student of this shape, at the configured read/injection site."""
+    torch.manual_seed(seed)
+    return HyperNetwork(HyperNetConfig(
+        hidden_size=hidden_size, num_layers=num_layers, read_layer=site.read_layer % num_layers,
+        inject_layer=site.inject_layer, reader=site.reader, mlp_hidden=site.mlp_hidden,
+        attention_heads=site.attention_heads, guidance_scale=site.guidance_scale, init_log_std=site.init_log_std,
+    ))

@@ -1,0 +1,136 @@
+"""Injecting guidance into the frozen student: an intervention, as in pyvene / pyreft.
+
+A :class:`GuidanceInjector` has a name and a site (one decoder layer). It is registered on the
+model under its name, refuses to share its site with another injector unless asked, adds
+nothing unless a :meth:`~GuidanceInjector.guide` block hands it vectors, can be switched off,
+and is removed on leaving its ``with`` block -- on success, pruning, a NaN stop or an error.
+The backbone's weights are never touched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pilot.guidance.hypernet import HyperNetwork
+from pilot.models import decoder_layers
+
+_REGISTRY = "_pilot_interventions"
+
+
+class InterventionError(RuntimeError):
+    """Two interventions on one site (or one name), or an intervention used after removal."""
+
+
+def interventions(model: nn.Module) -> dict[str, GuidanceInjector]:
+    """The injectors attached to ``model``, by name."""
+    return model.__dict__.setdefault(_REGISTRY, {})
+
+
+class GuidanceInjector:
+    """Adds ``guidance_scale * rms(h) * g`` to the residual stream at decoder layer ``inject_layer``.
+
+    Energy-aligned: the vector is scaled by the RMS norm of the hidden state it is added to,
+    so ``||delta|| / ||h|| = guidance_scale * ||g|| / sqrt(d)`` whatever the layer's scale.
+    Attached on construction; use it as a context manager (or call :meth:`remove`) to detach.
+    """
+
+    def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float, *,
+                 name: str = "pilot_guidance", allow_shared_site: bool = False) -> None:
+        attached = interventions(model)
+        if name in attached:
+            raise InterventionError(f"An intervention named '{name}' is already attached to this model; "
+                                    "remove it first (leave its `with` block) or choose another name.")
+        sharing = [other.name for other in attached.values() if other.inject_layer == inject_layer]
+        if sharing and not allow_shared_site:
+            raise InterventionError(
+                f"Decoder layer {inject_layer} already carries the intervention(s) {sharing}; stacking "
+                f"'{name}' on it would add both. Remove the other first, or pass allow_shared_site=True."
+            )
+        self.name = name
+        self.inject_layer = inject_layer
+        self.guidance_scale = guidance_scale
+        self.enabled = True
+        self._model = model
+        self._vectors: torch.Tensor | None = None
+        self._position_mask: torch.Tensor | None = None
+        self._handle = decoder_layers(model)[inject_layer].register_forward_hook(self._hook)
+        attached[name] = self
+
+    def _hook(self, module, args, output):
+        if self._vectors is None or not self.enabled:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
+        delta = self.guidance_scale * rms * self._vectors[:, None, :].to(hidden.dtype)
+        if self._position_mask is not None:
+            delta = delta * self._position_mask[..., None].to(device=hidden.device, dtype=hidden.dtype)
+        hidden = hidden + delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    @contextmanager
+    def guide(self, vectors: torch.Tensor | None, position_mask: torch.Tensor | None = None):
+        """Inject ``vectors`` (one per batch row) while inside; ``position_mask`` (B, T) limits
+        a full-sequence pass to the answer positions. ``None`` vectors guide nothing."""
+        if not self.attached:
+            raise InterventionError(f"The intervention '{self.name}' was removed; attach a new one.")
+        previous = self._vectors, self._position_mask
+        self._vectors, self._position_mask = vectors, position_mask
+        try:
+            yield self
+        finally:
+            self._vectors, self._position_mask = previous
+
+    def remove(self) -> None:
+        """Detach from the model (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            interventions(self._model).pop(self.name, None)
+
+    def __enter__(self) -> GuidanceInjector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@dataclass
+class Guidance:
+    """What to inject while generating: a hyper-network, or fixed vectors (one per prompt)."""
+
+    injector: GuidanceInjector
+    hypernet: HyperNetwork | None = None
+    vectors: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.hypernet is None) == (self.vectors is None):
+            raise ValueError("Guidance needs exactly one of a hyper-network or explicit vectors.")
+
+
+@contextmanager
+def capture_layers(model: nn.Module, layers: list[int]):
+    """Record the outputs of the given decoder layers during forward passes inside the block.
+
+    Yields a dict that fills as the model runs: ``{layer: hidden states (B, T, d)}``.
+    Registered after any injector, so a captured injected layer includes the guidance.
+    """
+    blocks = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in sorted(set(layers)):
+        def hook(module, args, output, layer=layer):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+        handles.append(blocks[layer].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,74 @@
+"""The frozen student with a guidance injector: the forward passes both training stages go through."""
+
+from __future__ import annotations
+
+import torch
+
+from pilot.guidance.hypernet import HyperNetwork
+from pilot.guidance.injection import Guidance, GuidanceInjector, capture_layers
+from pilot.models import CausalLM, freeze
+from pilot.prompts import answer_prompt, continuation
+from pilot.sequences import TokenBatch, encode_pairs, lengths_to_mask
+
+
+class GuidedStudent:
+    """``student`` (frozen here) with ``hypernet``'s injector attached at its site.
+
+    Use it as a context manager: the injector is removed when the block ends, however it ends.
+    """
+
+    def __init__(self, student: CausalLM, hypernet: HyperNetwork) -> None:
+        self.student = student
+        freeze(student.model)
+        self.hypernet = hypernet
+        self.injector = GuidanceInjector(student.model, hypernet.config.inject_layer, hypernet.config.guidance_scale)
+
+    def __enter__(self) -> GuidedStudent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        self.injector.remove()
+
+    def guidance(self, vectors: torch.Tensor | None = None) -> Guidance:
+        """Generation-time guidance: the hyper-network's, or explicit ``vectors`` (one per prompt)."""
+        return Guidance(self.injector, hypernet=None if vectors is not None else self.hypernet, vectors=vectors)
+
+    @torch.no_grad()
+    def query_states(self, questions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan-free reading of each question at the hyper-network's read layer (prompt minus last token)."""
+        layer = self.hypernet.config.resolved_read_layer()
+        states, lengths = [], []
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            batch = encode_pairs(self.student.tokenizer, [answer_prompt(q) for q in chunk], [""] * len(chunk))
+            with capture_layers(self.student.model, [layer]) as captured:
+                self.student.model(input_ids=batch.input_ids.to(self.student.device),
+                                   attention_mask=batch.attention_mask.to(self.student.device))
+            mask = batch.query_mask().to(self.student.device)
+            states.extend(captured[layer][i][mask[i]].cpu() for i in range(len(mask)))
+            lengths.extend(int(m.sum()) for m in mask)
+        out = states[0].new_zeros((len(states), max(lengths), states[0].shape[-1]))
+        for i, s in enumerate(states):
+            out[i, : s.shape[0]] = s
+        return out, torch.tensor(lengths)
+
+    @torch.no_grad()
+    def guidance_vectors(self, questions: list[str]) -> torch.Tensor:
+        """The hyper-network's guidance vector for each question (as used at generation time)."""
+        states, lengths = self.query_states(questions)
+        device = next(self.hypernet.parameters()).device
+        mask = lengths_to_mask(lengths, states.shape[1])
+        return self.hypernet(states.to(device), mask.to(device)).cpu()
+
+    def teacher_forced(self, questions: list[str], answers: list[str], vectors: torch.Tensor,
+                       layers: list[int]) -> tuple[TokenBatch, torch.Tensor, dict[int, torch.Tensor]]:
+        """Guided forward on question + answer; returns (batch, logits, {layer: states})."""
+        batch = encode_pairs(self.student.tokenizer, [answer_prompt(q) for q in questions],
+                             [continuation(a) for a in answers]).to(self.student.device)
+        with self.injector.guide(vectors, batch.answer_position_mask()), \
+                capture_layers(self.student.model, layers) as captured:
+            logits = self.student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return batch, logits, dict(captured)

@@ -1,0 +1,244 @@
+"""The one training engine: what stage 1, stage 2, LoRA and the embedded base models all run.
+
+A stage supplies only its loss terms for a step (:class:`Objective`); the engine owns the rest,
+in this order every step: learning-rate schedule, the terms (one dict per micro-batch, each
+backpropagated as it comes, so length-bucketed batches never hold two graphs), the finite-loss
+guard, gradient clipping, the optimizer step, the history row and progress bar, validation
+with best-checkpoint selection, and resumable checkpoints. Randomness derives from
+``(seed, step)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run
+would have.
+
+Interventions a stage attaches (the guided student's injector) are the stage's ``with`` blocks
+around :func:`train`, so they come off however training ends: success, a pruned Optuna trial,
+a NaN stop or an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pilot.checkpoint import CheckpointManager
+from pilot.tracking import metric_records
+
+logger = logging.getLogger(__name__)
+
+Terms = dict[str, torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training stopped with the last good checkpoint kept."""
+
+
+# ------------------------------------------------------------------------------ randomness
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A torch generator for one step, derived from (seed, step) so a resumed run draws the same."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def sample_batch(population: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of one training batch: a fresh permutation per epoch, sliced per step."""
+    if population <= 0:
+        raise ValueError("Cannot train on an empty set of examples.")
+    batch_size = min(batch_size, population)
+    per_epoch = population // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    order = list(range(population))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+# ------------------------------------------------------------------------------ schedule and guards
+def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the base rate."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def check_finite(terms: Mapping[str, torch.Tensor | float], step: int) -> None:
+    """Stop on the first NaN/inf loss term, naming it and the step."""
+    for name, value in terms.items():
+        number = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(number):
+            raise NonFiniteLossError(
+                f"Loss term '{name}' became {number} at step {step}; training stopped and the last "
+                "good checkpoint is kept. Lower the learning rate or that term's weight."
+            )
+
+
+class ProgressLog:
+    """A tqdm bar with counts and ETA, a history of per-step metrics, and a closing summary."""
+
+    def __init__(self, name: str, total_steps: int, start_step: int = 0,
+                 history: list[dict[str, float]] | None = None) -> None:
+        self.name = name
+        self.history = list(history or [])
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]}, refresh=False)
+        self.bar.update(1)
+
+    def close(self, summary: str = "") -> float:
+        self.bar.close()
+        seconds = time.perf_counter() - self.started
+        last = self.history[-1] if self.history else {}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+        logger.info("%s finished in %.1fs (%d steps logged; last: %s)%s", self.name, seconds,
+                    len(self.history), shown, f" {summary}" if summary else "")
+        return seconds
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass(frozen=True)
+class LoopSettings:
+    """How long and how fast to train; every stage's config maps onto this."""
+
+    steps: int
+    learning_rate: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 0                      # 0: validate only before the first and after the last step
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_norm: float = 1.0
+
+
+@dataclass
+class Objective:
+    """A stage's part of training: its loss terms for one step, and which of them train.
+
+    ``step_terms(step)`` yields one dict of named terms per micro-batch (most stages: one).
+    Terms named in ``weights`` are summed with those weights and backpropagated; any other term
+    (a reward, say) is only logged. Every term is logged under its name.
+    """
+
+    step_terms: Callable[[int], Iterable[Terms]]
+    weights: Mapping[str, float]
+
+
+@dataclass
+class TrainingResult:
+    model: nn.Module                          # the selected weights: best on validation, else the last
+    history: list[dict[str, float]]
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best_step: int = -1
+    best_val_accuracy: float = float("nan")
+    seconds: float = 0.0
+
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+        """The per-step history, the validation curve and summary metrics, as a pipeline saves them."""
+        summary = {"best_val_accuracy": self.best_val_accuracy, "best_step": self.best_step,
+                   "train_seconds": self.seconds}
+        return pd.DataFrame(self.history), pd.DataFrame(self.validation), metric_records(summary)
+
+
+def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Sum of ``weight * term`` over the weighted terms present, in the order of ``weights``."""
+    present = [name for name in weights if name in terms]
+    if not present:
+        raise ValueError(f"A step produced none of the trained terms {list(weights)} (got {list(terms)}).")
+    return sum(weights[name] * terms[name] for name in present)
+
+
+def _accumulate(total: dict[str, torch.Tensor | float], terms: Mapping[str, torch.Tensor]) -> None:
+    for name, value in terms.items():
+        value = value.detach() if torch.is_tensor(value) else value
+        total[name] = total[name] + value if name in total else value
+
+
+def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: str,
+          validate: Callable[[], float] | None = None,
+          checkpoints: CheckpointManager | None = None,
+          saved_with_model: Mapping[str, nn.Module] | None = None,
+          on_validation: Callable[[int, float], None] | None = None) -> TrainingResult:
+    """Train the parameters of ``model`` that require gradients on ``objective``.
+
+    With ``validate`` (a function returning validation accuracy, run in eval mode) the model is
+    validated before the first step and every ``loop.eval_every`` steps, and the best of those
+    is returned; ``on_validation(step, accuracy)`` follows each validation (Optuna prunes there).
+    Without it the last weights are returned. ``checkpoints`` are resumed from when they belong
+    to the same run; ``saved_with_model`` are further modules checkpointed alongside (e.g. a
+    frozen reference), restored on resume.
+    """
+    set_seed(loop.seed)
+    checkpoints = checkpoints or CheckpointManager(None, 0)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=loop.learning_rate, weight_decay=loop.weight_decay,
+                                  betas=loop.betas)
+    best = copy.deepcopy(model) if validate is not None else None
+    modules = {"model": model, **({"best": best} if best is not None else {}), **(saved_with_model or {})}
+    start_step, history, validation = 0, [], []
+    best_state = {"step": -1, "accuracy": -1.0}
+    restored = checkpoints.restore(modules, optimizer) if checkpoints.enabled else None
+    if restored is not None:
+        start_step, history = restored.step, restored.history
+        validation, best_state = restored.extra["validation"], restored.extra["best"]
+
+    def run_validation(step: int) -> None:
+        model.eval()
+        value = validate()
+        model.train()
+        validation.append({"step": step, "val_accuracy": value})
+        if value > best_state["accuracy"]:
+            best_state.update(step=step, accuracy=value)
+            best.load_state_dict(model.state_dict())
+        if on_validation is not None:
+            on_validation(step, value)
+
+    log = ProgressLog(name, loop.steps, start_step, history)
+    try:
+        if validate is not None and start_step == 0:
+            run_validation(0)
+        model.train()
+        for step in range(start_step, loop.steps):
+            rate = learning_rate(step, loop.steps, loop.learning_rate, loop.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            logged: dict[str, torch.Tensor | float] = {}
+            for terms in objective.step_terms(step):
+                total = weighted_total(terms, objective.weights)
+                terms = {**terms, "total": total}
+                check_finite(terms, step)
+                total.backward()
+                _accumulate(logged, terms)
+            check_finite(logged, step)
+            torch.nn.utils.clip_grad_norm_(parameters, loop.clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            log.log(done, {k: float(v) for k, v in logged.items()})
+            if validate is not None and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.steps):
+                run_validation(done)
+            if checkpoints.due(done) or (checkpoints.enabled and done == loop.steps):
+                checkpoints.save(done, modules, optimizer, log.history, {"validation": validation, "best": best_state})
+    finally:
+        summary = f"best val accuracy {best_state['accuracy']:.3f} at step {best_state['step']}" if validate else ""
+        seconds = log.close(summary)
+    model.eval()
+    if best is None:
+        return TrainingResult(model, log.history, seconds=seconds)
+    best.eval()
+    return TrainingResult(best, log.history, validation, best_state["step"], best_state["accuracy"], seconds)
