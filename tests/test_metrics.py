@@ -1,0 +1,107 @@
+"""The metrics of the results table: Wilson intervals, gap recovered, and the per-task summary."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from pilot.evaluation import gap_recovered, summarize, wilson_interval
+
+
+def _wilson_by_hand(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    p = successes / total
+    centre = p + z**2 / (2 * total)
+    half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2))
+    return (centre - half) / (1 + z**2 / total), (centre + half) / (1 + z**2 / total)
+
+
+@pytest.mark.parametrize("successes, total, low, high", [
+    # 0/10 by hand: z^2 = 3.8416; centre = half = (3.8416 / 20) / 1.38416 = 0.138770
+    (0, 10, 0.0, 0.277540),
+    (10, 10, 0.722460, 1.0),
+    (5, 10, 0.236590, 0.763410),
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score, no correction)
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+    (29, 29, 0.8830, 1.0),
+])
+def test_wilson_interval_matches_published_values(successes, total, low, high):
+    got = wilson_interval(successes, total)
+    assert got[0] == pytest.approx(low, abs=1e-4)
+    assert got[1] == pytest.approx(high, abs=1e-4)
+    assert got[0] <= successes / total <= got[1]
+
+
+def test_wilson_interval_is_the_formula_and_stays_inside_zero_one():
+    for successes, total in [(3, 7), (1, 1000), (999, 1000), (40, 41)]:
+        assert wilson_interval(successes, total) == pytest.approx(_wilson_by_hand(successes, total), abs=1e-12)
+    assert wilson_interval(0, 1)[0] == 0.0 and wilson_interval(1, 1)[1] == 1.0
+    # a wider z gives a wider interval
+    narrow, wide = wilson_interval(5, 10, z=1.0), wilson_interval(5, 10, z=2.576)
+    assert wide[0] < narrow[0] and wide[1] > narrow[1]
+
+
+def test_wilson_interval_of_no_observations_is_nan():
+    low, high = wilson_interval(0, 0)
+    assert math.isnan(low) and math.isnan(high)
+
+
+def test_gap_recovered():
+    assert gap_recovered(0.6, 0.2, 0.7) == pytest.approx(0.8)
+    assert gap_recovered(0.1, 0.2, 0.7) == pytest.approx(-0.2)    # below zero-shot: negative
+    assert gap_recovered(0.9, 0.2, 0.7) == pytest.approx(1.4)     # beyond plan-in-context: above one
+    assert gap_recovered(0.2, 0.2, 0.7) == 0.0 and gap_recovered(0.7, 0.2, 0.7) == pytest.approx(1.0)
+    assert math.isnan(gap_recovered(0.5, 0.4, 0.4))               # no plan gap
+    assert gap_recovered(0.3, 0.5, 0.4) == pytest.approx(2.0)     # plans hurt: the ratio is still defined
+
+
+def _predictions() -> pd.DataFrame:
+    rows = []
+
+    def add(method, task, correct, seconds, tokens):
+        for i, (c, s, t) in enumerate(zip(correct, seconds, tokens)):
+            rows.append({"method": method, "id": f"{task}-{i}", "task": task, "prediction": "x",
+                         "correct": bool(c), "new_tokens": t, "seconds_per_query": s})
+
+    add("zero_shot", "A", [1, 0, 0, 0], [0.01] * 4, [2] * 4)
+    add("plan_in_context", "A", [1, 1, 1, 0], [0.02] * 4, [3] * 4)
+    add("lora", "A", [1, 1, 0, 0], [0.01, 0.02, 0.03, 0.10], [1, 2, 3, 6])
+    add("zero_shot", "B", [0, 0], [0.01] * 2, [2] * 2)
+    add("plan_in_context", "B", [1, 1], [0.02] * 2, [3] * 2)
+    add("lora", "B", [1, 1], [0.04, 0.06], [4, 4])
+    return pd.DataFrame(rows)
+
+
+def test_summarize_per_task_and_overall():
+    table = summarize(_predictions())
+    assert list(zip(table["task"], table["method"])) == [
+        (task, method) for task in ("A", "B", "overall") for method in ("lora", "plan_in_context", "zero_shot")]
+    row = table.set_index(["method", "task"])
+
+    expected = {  # (hits, n, gap recovered)
+        ("zero_shot", "A"): (1, 4, 0.0), ("plan_in_context", "A"): (3, 4, 1.0), ("lora", "A"): (2, 4, 0.5),
+        ("zero_shot", "B"): (0, 2, 0.0), ("plan_in_context", "B"): (2, 2, 1.0), ("lora", "B"): (2, 2, 1.0),
+        # overall: zero-shot 1/6, plan 5/6, lora 4/6 -> (4/6 - 1/6) / (5/6 - 1/6) = 0.75
+        ("zero_shot", "overall"): (1, 6, 0.0), ("plan_in_context", "overall"): (5, 6, 1.0),
+        ("lora", "overall"): (4, 6, 0.75),
+    }
+    for key, (hits, n, gap) in expected.items():
+        got = row.loc[key]
+        assert got["n"] == n, key
+        assert got["accuracy"] == pytest.approx(hits / n), key
+        assert (got["ci_low"], got["ci_high"]) == pytest.approx(_wilson_by_hand(hits, n), abs=1e-9), key
+        assert got["gap_recovered"] == pytest.approx(gap), key
+    assert row.loc[("zero_shot", "B"), "ci_low"] == 0.0 and row.loc[("lora", "B"), "ci_high"] == 1.0
+    assert row.loc[("lora", "A"), "median_ms_per_query"] == pytest.approx(25.0)
+    assert row.loc[("lora", "A"), "mean_new_tokens"] == pytest.approx(3.0)
+    assert row.loc[("lora", "overall"), "median_ms_per_query"] == pytest.approx(35.0)  # median of 6 values
+    assert row.loc[("lora", "overall"), "mean_new_tokens"] == pytest.approx(20 / 6)
+
+
+def test_summarize_without_reference_methods_gives_nan_gap():
+    only_lora = _predictions().query("method == 'lora'")
+    table = summarize(only_lora)
+    assert len(table) == 3 and table["gap_recovered"].isna().all()
+    assert table.set_index("task").loc["A", "accuracy"] == pytest.approx(0.5)
