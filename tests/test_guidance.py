@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pilot.artifacts import ArtifactChecksumError
 from pilot.generation import generate
 from pilot.guidance import (
     Guidance,
@@ -123,7 +124,7 @@ def test_hypernet_round_trip_and_shape_checks(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="layer count 2 != student's 4"):
         HyperNetwork.load(tmp_path / "h", 32, 4)
     (tmp_path / "h" / "hypernet.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ArtifactChecksumError, match="hypernet.safetensors' does not match its checksum"):
         HyperNetwork.load(tmp_path / "h")
 
 

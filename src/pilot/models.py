@@ -27,6 +27,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from pilot.artifacts import atomic_folder, verify_folder
+
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN, EOS_TOKEN = "<pad>", "<eos>"
@@ -53,14 +55,14 @@ class CausalLM:
         return int(self.model.config.hidden_size)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        """A ``save_pretrained`` folder (model and tokenizer), written atomically with its checksums."""
+        with atomic_folder(path) as folder:
+            self.model.save_pretrained(folder, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
-        return load_causal_lm(path, device=device, dtype=dtype)
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float32", verify: bool = False) -> CausalLM:
+        return load_causal_lm(path, device=device, dtype=dtype, verify=verify)
 
 
 @dataclass(frozen=True)
@@ -147,14 +149,20 @@ def build_causal_lm(
     return CausalLM(model=model, tokenizer=tokenizer)
 
 
-def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> CausalLM:
-    """Load a local Hugging Face causal LM folder (never downloads anything)."""
+def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32", verify: bool = False) -> CausalLM:
+    """Load a local Hugging Face causal LM folder (never downloads anything).
+
+    ``verify`` checks the folder against the checksums :meth:`CausalLM.save` wrote (the embedded
+    models); a pretrained model from elsewhere has none and is read as it is.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"No model at '{path}' (no config.json): run `kedro run --pipelines base` to train the "
             "embedded default, or point the model path at a local Hugging Face model folder."
         )
+    if verify:
+        verify_folder(path, "kedro run --pipelines base")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from pilot.artifacts import atomic_folder, verify_folder
 from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
 from pilot.prompts import answer_prompt, continuation
@@ -73,14 +74,15 @@ class LoraAdapter:
         return sum(t.numel() for t in self.state.values())
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "adapter_config.json").write_text(json.dumps(self.config, indent=2, default=list))
-        save_file({k: v.contiguous() for k, v in self.state.items()}, path / "adapter_model.safetensors")
+        """peft's files, written atomically with their checksums."""
+        with atomic_folder(path) as folder:
+            (folder / "adapter_config.json").write_text(json.dumps(self.config, indent=2, default=list))
+            save_file({k: v.contiguous() for k, v in self.state.items()}, folder / "adapter_model.safetensors")
 
     @classmethod
-    def load(cls, path: str | Path) -> LoraAdapter:
+    def load(cls, path: str | Path, rebuild: str = "kedro run --pipelines baselines") -> LoraAdapter:
         path = Path(path)
+        verify_folder(path, rebuild)
         return cls(json.loads((path / "adapter_config.json").read_text()),
                    load_file(path / "adapter_model.safetensors"))
 

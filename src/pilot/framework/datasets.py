@@ -17,6 +17,7 @@ from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
 from pilot import tracking
+from pilot.artifacts import verify_file, write_file
 from pilot.guidance import HyperNetwork
 from pilot.baselines.lora import LoraAdapter
 from pilot.latents import CacheManifest, LatentCache, LatentShard, save_chunk, shard_fingerprints
@@ -26,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 class _FolderDataset(AbstractDataset):
-    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str, producer: str | None = None, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
+        self._rebuild = f"kedro run --pipelines {producer}" if producer else "rerun the pipeline that writes it"
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
@@ -44,11 +46,12 @@ class CausalLMDataset(_FolderDataset):
 
     def __init__(self, path: str, pretrained: bool = False, device: str = "cpu", dtype: str = "float32",
                  metadata: dict[str, Any] | None = None) -> None:
-        super().__init__(path, metadata)
+        super().__init__(path, metadata=metadata)
         self._pretrained, self._device, self._dtype = pretrained, device, dtype
 
     def _load(self) -> CausalLM:
-        return load_causal_lm(self._path, device=self._device, dtype=self._dtype)
+        # The embedded models carry the checksums CausalLM.save wrote; a pretrained model is read as it is.
+        return load_causal_lm(self._path, device=self._device, dtype=self._dtype, verify=not self._pretrained)
 
     def _save(self, data: CausalLM | PretrainedModelRef) -> None:
         if isinstance(data, PretrainedModelRef):
@@ -72,7 +75,7 @@ class HyperNetworkDataset(_FolderDataset):
     """``hypernet.safetensors`` + ``hypernet_config.json``."""
 
     def _load(self) -> HyperNetwork:
-        return HyperNetwork.load(self._path)
+        return HyperNetwork.load(self._path, rebuild=self._rebuild)
 
     def _save(self, data: HyperNetwork) -> None:
         data.save(self._path)
@@ -114,7 +117,7 @@ class LoraAdapterDataset(_FolderDataset):
     """A peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
 
     def _load(self) -> LoraAdapter:
-        return LoraAdapter.load(self._path)
+        return LoraAdapter.load(self._path, rebuild=self._rebuild)
 
     def _save(self, data: LoraAdapter) -> None:
         data.save(self._path)
@@ -124,18 +127,20 @@ class LoraAdapterDataset(_FolderDataset):
 
 
 class TensorsDataset(AbstractDataset):
-    """A dict of tensors in one safetensors file."""
+    """A dict of tensors in one safetensors file, written atomically with ``<file>.sha256`` beside it."""
 
-    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, filepath: str, producer: str | None = None, metadata: dict[str, Any] | None = None) -> None:
         self._filepath = Path(filepath)
+        self._rebuild = f"kedro run --pipelines {producer}" if producer else "rerun the pipeline that writes it"
         self.metadata = metadata
 
     def _load(self) -> dict[str, torch.Tensor]:
+        verify_file(self._filepath, self._rebuild)
         return load_file(self._filepath)
 
     def _save(self, data: dict[str, torch.Tensor]) -> None:
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in data.items()}, self._filepath)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in data.items()}
+        write_file(self._filepath, lambda scratch: save_file(tensors, scratch))
 
     def _exists(self) -> bool:
         return self._filepath.is_file()

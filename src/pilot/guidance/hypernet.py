@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pilot.artifacts import atomic_folder, verify_folder
 from pilot.config import GuidanceParams
 
 
@@ -156,22 +157,22 @@ class HyperNetwork(nn.Module):
         return digest.hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path / "hypernet.safetensors")
-        (path / "hypernet_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        """``hypernet.safetensors`` + ``hypernet_config.json``, written atomically with their checksums."""
+        with atomic_folder(path) as folder:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                      folder / "hypernet.safetensors")
+            (folder / "hypernet_config.json").write_text(json.dumps(asdict(self.config), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path, student_hidden_size: int | None = None,
-             student_num_layers: int | None = None) -> HyperNetwork:
-        """Load a saved hyper-network, checking it fits the student it will guide."""
+    def load(cls, path: str | Path, student_hidden_size: int | None = None, student_num_layers: int | None = None,
+             rebuild: str = "kedro run --pipelines stage1") -> HyperNetwork:
+        """Load a saved hyper-network: checksums verified, and checked to fit the student it will guide."""
         path = Path(path)
         config_file, weights_file = path / "hypernet_config.json", path / "hypernet.safetensors"
         if not config_file.is_file() or not weights_file.is_file():
             raise FileNotFoundError(f"No hyper-network at '{path}' (needs hypernet_config.json and hypernet.safetensors).")
-        saved = json.loads(config_file.read_text())
-        saved.pop("extra", None)  # written by versions before 0.2; never read
-        config = HyperNetConfig(**saved)
+        verify_folder(path, rebuild)
+        config = HyperNetConfig(**json.loads(config_file.read_text()))
         config.check_fits(student_hidden_size, student_num_layers, where=f"at '{path}'")
         network = cls(config)
         try:
@@ -179,7 +180,7 @@ class HyperNetwork(nn.Module):
         except Exception as error:  # safetensors raises its own error types on corrupt files
             raise ValueError(
                 f"Hyper-network weights at '{weights_file}' are unreadable ({error}); "
-                "retrain with `kedro run --pipelines stage1`."
+                f"retrain with `{rebuild}`."
             ) from error
         return network
 
