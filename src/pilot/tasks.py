@@ -24,6 +24,8 @@ from typing import Any
 import pandas as pd
 import reasoning_gym
 
+from pilot.answers import check_scorable
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -128,6 +130,7 @@ def supported_tasks() -> list[str]:
 
 
 def check_task_name(name: str) -> None:
+    check_scorable(name)  # answers of a task with no grammar must never reach its scorer
     if name not in RENDERERS:
         known = "a reasoning-gym task" if name in reasoning_gym.factory.DATASETS else "not a reasoning-gym task"
         raise ValueError(
