@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+# One torch thread per process: the tests' models are tiny, and the suite runs kedro and tuning
+# subprocesses beside itself, where two threads each on a 2-core machine oversubscribe it badly
+# (measured: the in-memory pipeline tests took 17 s with one thread, 209 s with the default).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
