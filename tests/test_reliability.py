@@ -36,7 +36,21 @@ def _nothing_computed(project: Path) -> bool:
     ({"stage1": {"training": {"steps": "many"}}}, "Parameter 'stage1.training.steps' = 'many' is invalid"),
     ({"data": {"tasks": [{"name": "sudokuu", "size": 10}]}}, "Parameter 'data.tasks.0.name' = 'sudokuu' is invalid"),
     ({"guidance": {"inject_layer": 9}},
-     "Parameter 'guidance.inject_layer' = 9 is outside the student's layers: allowed 0..1"),
+     "Parameter 'guidance.inject_layer' = 9 is outside the student's layers: allowed 0..1."),
+    # `--params stage_1.training.steps=5`: a misspelt block is an error, not silently ignored
+    ({"stage_1": {"training": {"steps": 5}}},
+     "Parameter 'stage_1' is not a known parameter block; the closest known block is 'stage1'"),
+    # `--params stage1.training.learning_rate=inf` arrives as the string 'inf'
+    ({"stage1": {"training": {"learning_rate": "inf"}}},
+     "Parameter 'stage1.training.learning_rate' = 'inf' is invalid: input should be a finite number."),
+    ({"stage1": {"training": {"contrastive_weight": float("nan")}}},
+     "Parameter 'stage1.training.contrastive_weight' = nan is invalid: input should be a finite number."),
+    ({"data": {"tasks": [{"name": "chain_sum", "size": 200, "kwargs": {"min_terms": 3, "max_termz": 4}}]}},
+     "Parameter 'data.tasks.0.kwargs.max_termz' = 4 is invalid: 'max_termz' is not a setting of reasoning-gym's "
+     "chain_sum generator (did you mean 'max_terms'? accepted keys: allow_negation, max_digits"),
+    ({"data": {"tasks": [{"name": "basic_arithmetic", "size": 200,
+                          "kwargs": {"operators": ["+", "-", "/"], "allow_parentheses": False}}]}},
+     "Parameter 'data.tasks.0.kwargs.operators' = ['+', '-', '/'] is invalid: with allow_parentheses: false"),
 ])
 def test_bad_parameters_stop_the_run_before_any_compute(project, monkeypatch, params, message):
     with pytest.raises(ParameterError) as error:

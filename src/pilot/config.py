@@ -1,19 +1,31 @@
-"""Typed parameter models for every pipeline, checked before any compute.
+"""Typed parameter models for every pipeline, and the other checks made before any compute.
 
 Each top-level parameter block (``data``, ``base``, ``guidance`` ...) has a pydantic model
 here. The project's ``before_pipeline_run`` hook validates every block the pipeline's nodes
-read, so a wrong type, a negative loss weight, an unknown task or an injection layer outside
-the student stops the run at once, with one sentence naming the key, the bad value and what
-is allowed. Unknown keys are errors too (a typo is never silently ignored).
+read, so a wrong type, a negative loss weight, a non-finite number, an unknown task, generator
+settings reasoning-gym or the renderer would refuse, or an injection layer outside the student
+stops the run at once, with one sentence naming the key, the bad value and what is allowed.
+Unknown keys are errors too, top-level blocks included (a typo is never silently ignored).
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from pilot.tasks import check_task_name
+from pilot.tasks import GeneratorSettingError, check_generator_kwargs, check_task_name
 
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -26,18 +38,25 @@ class ParameterError(ValueError):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `inf` or `nan` as a weight, a learning rate or a range is refused
+    # (they pass `ge=0` / `gt=0` and would only show up as a non-finite loss mid-training).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _describe(error: dict[str, Any], prefix: str) -> str:
-    key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+    loc = list(error["loc"])
+    value = error.get("input")
+    if error["type"] == "generator_setting" and error["ctx"].get("key") is not None:
+        loc.append(error["ctx"]["key"])  # name the offending generator setting itself
+        value = error["ctx"]["value"]
+    key = ".".join(str(part) for part in (prefix, *loc) if part != "")
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         return f"Parameter '{key}' is not a known setting; remove it or fix its spelling."
     if error["type"] == "missing":
         return f"Parameter '{key}' is required but missing."
     message = message.removeprefix("Value error, ")
-    return f"Parameter '{key}' = {error.get('input')!r} is invalid: {message[0].lower()}{message[1:]}."
+    return f"Parameter '{key}' = {value!r} is invalid: {message[0].lower()}{message[1:]}."
 
 
 def validate(model: type[Params], value: Any, prefix: str) -> Params:
@@ -59,6 +78,18 @@ class TaskParams(Params):
     def _known_task(cls, name: str) -> str:
         check_task_name(name)
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _generator_accepts(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """reasoning-gym's generator and the task's renderer must accept the settings (a dry run)."""
+        if "name" in info.data:  # an unknown name is reported on its own
+            try:
+                check_generator_kwargs(info.data["name"], kwargs)
+            except GeneratorSettingError as error:
+                raise PydanticCustomError("generator_setting", "{message}",
+                                          {"message": str(error), "key": error.key, "value": error.value}) from None
+        return kwargs
 
 
 class DataParams(Params):
@@ -126,13 +157,17 @@ class GuidanceParams(Params):
         return sorted({layer % num_layers for layer in self.align_layers})
 
     def check_against(self, num_layers: int) -> None:
-        """Layer indices must exist in a student with ``num_layers`` decoder layers."""
-        allowed = f"0..{num_layers - 1} (or negative from the end)"
+        """Layer indices must exist in a student with ``num_layers`` decoder layers.
+
+        Each message offers only what that key accepts: ``inject_layer`` is a non-negative index,
+        ``read_layer`` and ``align_layers`` may also count from the end.
+        """
         if not 0 <= self.inject_layer < num_layers:
             raise ParameterError(
                 f"Parameter 'guidance.inject_layer' = {self.inject_layer} is outside the student's "
-                f"layers: allowed {allowed}."
+                f"layers: allowed 0..{num_layers - 1}."
             )
+        allowed = f"0..{num_layers - 1}, or -{num_layers}..-1 counting from the end"
         for key, layers in (("read_layer", [self.read_layer]), ("align_layers", self.align_layers)):
             for layer in layers:
                 if not -num_layers <= layer < num_layers:
@@ -294,3 +329,22 @@ PARAMETER_MODELS: dict[str, type[Params]] = {
     "baselines": BaselinesParams,
     "tune": TuneParams,
 }
+
+
+# Top-level keys that are not a block above. `seed` is the run's base seed (conf/base/parameters.yml).
+OTHER_TOP_LEVEL_KEYS = ("seed",)
+
+
+def check_top_level(params: Mapping[str, Any]) -> None:
+    """Every top-level parameter key must be a known block (``--params stage_1.x=5`` is a typo, not a no-op)."""
+    known = sorted((*PARAMETER_MODELS, *OTHER_TOP_LEVEL_KEYS))
+    for key in params:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"the closest known block is '{close[0]}'" if close else "remove it or fix its spelling"
+        raise ParameterError(f"Parameter '{key}' is not a known parameter block; {hint} (known: {', '.join(known)}).")
+    seed = params.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParameterError(f"Parameter 'seed' = {seed!r} is invalid: it must be an integer.")
+

@@ -23,6 +23,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, TrackingParams, validate
+from pilot.config import check_top_level  # hardening (issue 14)
 from pilot.guidance import HyperNetConfig
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 
@@ -131,6 +132,7 @@ class PreflightHooks:
             _forget_previous_mlflow_run()
         self._check_inputs_exist(pipeline, catalog)
         params = catalog.load("parameters")
+        check_top_level(params)  # hardening (issue 14 item 5a): a misspelt top-level block is an error
         wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
                          if name.startswith("params:")})
         for key in wanted:
