@@ -4,6 +4,7 @@ and reproducibility. Each stops the run before any compute with one clear senten
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import sqlite3
@@ -114,6 +115,47 @@ def test_with_tracking_disabled_on_failure_the_run_goes_on(project, monkeypatch)
     run(project, monkeypatch, "data", params={"tracking": {"on_unavailable": "disable"}})
     assert (project / "data/03_primary/tasks_train.parquet").is_file()
     assert not (project / "no").exists()
+
+
+def _corrupt_store(database: Path) -> bytes:
+    """A store that looks like SQLite (its 100-byte header is intact) but whose pages are garbage:
+    what a disk fault or a half-copied file leaves. Taking the write lock still works on it."""
+    connection = sqlite3.connect(database)
+    connection.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+    connection.executemany("INSERT INTO experiments VALUES (?, ?)", [(i, "x" * 200) for i in range(100)])
+    connection.commit()
+    connection.close()
+    data = database.read_bytes()
+    noise = random.Random(0)
+    corrupted = data[:100] + bytes(noise.randrange(256) for _ in range(len(data) - 100))
+    database.write_bytes(corrupted)
+    holder = sqlite3.connect(database)
+    holder.execute("BEGIN IMMEDIATE")  # the old preflight check: passes on this file
+    holder.rollback()
+    holder.close()
+    return corrupted
+
+
+def test_a_corrupt_tracking_store_fails_before_any_compute_with_a_clear_message(project, monkeypatch):
+    database = project / "mlflow.db"
+    _corrupt_store(database)
+    with pytest.raises(TrackingUnavailableError) as error:
+        run(project, monkeypatch, "data")
+    message = str(error.value)
+    assert message.startswith(f"MLflow store 'sqlite:///{database}' is corrupted or not an SQLite database "
+                              "(database disk image is malformed); move the file aside")
+    assert "\n" not in message and "sqlalchemy" not in message.lower()
+    assert _nothing_computed(project)
+
+
+def test_a_corrupt_tracking_store_with_tracking_disabled_runs_untracked(project, monkeypatch):
+    database = project / "mlflow.db"
+    corrupted = _corrupt_store(database)
+    run(project, monkeypatch, "data", params={"tracking": {"on_unavailable": "disable"}})
+    for split in ("train", "val", "test"):
+        assert len(pd.read_parquet(project / f"data/03_primary/tasks_{split}.parquet")) > 0
+    assert database.read_bytes() == corrupted  # never opened for writing
+    assert mlflow.active_run() is None
 
 
 def test_no_pickle_anywhere_in_the_code():
