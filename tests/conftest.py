@@ -10,6 +10,8 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlflow  # noqa: E402
@@ -95,3 +97,26 @@ def finished_run(tmp_path_factory):
     finally:
         monkeypatch.undo()
         mlflow.set_tracking_uri(None)
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """``folder`` refuses new files and deletions inside it for the duration.
+
+    For a normal user that is chmod 555. Root (the usual user in these containers) ignores mode
+    bits, so there the folder is made immutable (``chattr +i``), which binds root too; the test
+    is skipped where the filesystem or the container's capabilities do not allow it.
+    """
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only for root here (chattr +i refused)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pilot.config import ParameterError
+from pilot.config import OutputNotWritableError, ParameterError
 from pilot.framework.hooks import MissingInputError
 from pilot.tracking import TrackingUnavailableError
-from tests.conftest import ROOT, make_project, run
+from tests.conftest import ROOT, make_project, read_only, run
 
 
 @pytest.fixture()
@@ -156,6 +156,29 @@ def test_a_corrupt_tracking_store_with_tracking_disabled_runs_untracked(project,
         assert len(pd.read_parquet(project / f"data/03_primary/tasks_{split}.parquet")) > 0
     assert database.read_bytes() == corrupted  # never opened for writing
     assert mlflow.active_run() is None
+
+
+def test_an_output_folder_that_is_a_file_fails_before_any_compute(project, monkeypatch):
+    # Works for any user, root included: nothing can be created under a regular file.
+    (project / "data").mkdir()
+    (project / "data/03_primary").write_text("not a folder")
+    with pytest.raises(OutputNotWritableError) as error:
+        run(project, monkeypatch, "data")
+    assert str(error.value) == (
+        f"Output folder '{project / 'data/03_primary'}' (catalog entry 'tasks_test') cannot be written: "
+        f"'{project / 'data/03_primary'}' is a file, not a folder; fix its permissions or point that setting at a "
+        "writable folder in conf/<env>/ before running again.")
+    assert not (project / "data/01_raw").exists()  # tasks_all, computed first, was never generated
+
+
+def test_a_read_only_data_folder_fails_before_any_compute(project, monkeypatch):
+    data = project / "data"
+    data.mkdir()
+    with read_only(data), pytest.raises(OutputNotWritableError, match=rf"Output folder '{data}/01_raw' \(catalog "
+                                                                      rf"entry 'tasks_all'\) cannot be written: "
+                                                                      rf"'{data}' is not writable"):
+        run(project, monkeypatch, "data")
+    assert list(data.iterdir()) == []
 
 
 def test_no_pickle_anywhere_in_the_code():

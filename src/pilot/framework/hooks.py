@@ -23,7 +23,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, TrackingParams, validate
-from pilot.config import check_top_level  # hardening (issue 14)
+from pilot.config import check_top_level, check_writable, output_folders  # hardening (issue 14)
 from pilot.guidance import HyperNetConfig
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 
@@ -145,6 +145,10 @@ class PreflightHooks:
             if num_layers is not None:
                 validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)
         self._check_hypernets_fit(pipeline, catalog)
+        # hardening (issue 14 item 6b): every folder the run writes to must take files before any compute
+        outputs = {name: dataset._describe() for name in pipeline.all_outputs()
+                   if (dataset := catalog.get(name)) is not None}
+        check_writable(output_folders(outputs, params, wanted))
 
     @staticmethod
     def _check_hypernets_fit(pipeline: Pipeline, catalog) -> None:
