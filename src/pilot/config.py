@@ -308,6 +308,10 @@ class TuneParams(Params):
     n_trials: PositiveInt = 12
     timeout_s: PositiveInt | None = None
     sampler_seed: int = 0
+    # This process's name in a study shared by several workers; its sampler seed is derived from
+    # (sampler_seed, worker), so workers never propose the same points. None: host and process id
+    # (unique, not reproducible); set distinct names (`--params tune.worker=a`) for reproducible workers.
+    worker: str | int | None = None
     trial_steps: PositiveInt = 60
     eval_every: PositiveInt = 20
     stage2_steps: NonNegativeInt = 0
