@@ -52,9 +52,9 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
                     connection.execute("SELECT experiment_id FROM experiments LIMIT 1").fetchall()
             finally:
                 connection.close()
-        except sqlite3.DatabaseError as error:
-            if "locked" in str(error) or "busy" in str(error):
-                raise TrackingUnavailableError(f"MLflow store '{uri}' is unavailable ({error}); {fix}.") from error
+        except sqlite3.OperationalError as error:  # locked, read-only, cannot be opened
+            raise TrackingUnavailableError(f"MLflow store '{uri}' is unavailable ({error}); {fix}.") from error
+        except sqlite3.DatabaseError as error:  # "database disk image is malformed", "file is not a database"
             raise TrackingUnavailableError(f"MLflow store '{uri}' is corrupted or not an SQLite database "
                                            f"({error}); {corrupt}.") from error
         except sqlite3.Error as error:
