@@ -79,11 +79,20 @@ def run(project: Path, monkeypatch, pipeline: str | None = None, env: str = "tes
         return session.run(pipeline_names=[pipeline] if pipeline else None)
 
 
+def same_code_env() -> dict[str, str]:
+    """The environment for a child process that imports the very ``pilot`` under test (a relative
+    PYTHONPATH such as ``src`` would resolve elsewhere once the child runs in another folder)."""
+    import pilot
+
+    here = str(Path(pilot.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def kedro_cli(project: Path, *args: str) -> subprocess.Popen:
     """``kedro ...`` as a separate process in ``project`` (stdout and stderr captured)."""
     return subprocess.Popen([str(Path(sys.executable).with_name("kedro")), *args], cwd=project,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200"})
+                            env={**same_code_env(), "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import kedro_cli, make_project, run
+from tests.conftest import kedro_cli, make_project, run, same_code_env
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_parallel_workers_never_propose_the_same_point(tmp_path):
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     jobs = [subprocess.Popen([sys.executable, str(WORKER), storage, "8"], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+                             stderr=subprocess.STDOUT, text=True, env=same_code_env()) for _ in range(2)]
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs
 
@@ -127,7 +128,7 @@ def test_parallel_workers_never_propose_the_same_point(tmp_path):
     assert len(set(points)) == len(points), "two trials evaluated the same point"
 
     workers = {t.user_attrs["worker"] for t in trials}
-    assert workers == {f"{__import__('socket').gethostname()}-{job.pid}" for job in jobs}
+    assert workers == {f"{socket.gethostname()}-{job.pid}" for job in jobs}
     for worker in workers:  # every trial records its worker's own seed, derived from seed 0 and the worker
         seeds = {t.user_attrs["sampler_seed"] for t in trials if t.user_attrs["worker"] == worker}
         assert seeds == {worker_sampler_seed(0, worker, 0)}
