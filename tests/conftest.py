@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlflow  # noqa: E402
@@ -81,11 +83,20 @@ def run(project: Path, monkeypatch, pipeline: str | None = None, env: str = "tes
         return session.run(pipeline_names=[pipeline] if pipeline else None)
 
 
+def same_code_env() -> dict[str, str]:
+    """The environment for a child process that imports the very ``pilot`` under test (a relative
+    PYTHONPATH such as ``src`` would resolve elsewhere once the child runs in another folder)."""
+    import pilot
+
+    here = str(Path(pilot.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def kedro_cli(project: Path, *args: str) -> subprocess.Popen:
     """``kedro ...`` as a separate process in ``project`` (stdout and stderr captured)."""
     return subprocess.Popen([str(Path(sys.executable).with_name("kedro")), *args], cwd=project,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200"})
+                            env={**same_code_env(), "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +110,26 @@ def finished_run(tmp_path_factory):
     finally:
         monkeypatch.undo()
         mlflow.set_tracking_uri(None)
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """``folder`` refuses new files and deletions inside it for the duration.
+
+    For a normal user that is chmod 555. Root (the usual user in these containers) ignores mode
+    bits, so there the folder is made immutable (``chattr +i``), which binds root too; the test
+    is skipped where the filesystem or the container's capabilities do not allow it.
+    """
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only for root here (chattr +i refused)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)

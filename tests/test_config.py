@@ -5,10 +5,13 @@ import pytest
 
 from pilot.config import (
     PARAMETER_MODELS,
+    BaselinesParams,
     DataParams,
     GuidanceParams,
     ParameterError,
     Stage1Params,
+    TuneParams,
+    check_top_level,
     validate,
 )
 
@@ -55,9 +58,36 @@ def test_every_shipped_environment_resolves_to_valid_parameters(env):
     (DataParams, {"tasks": [{"name": "not_a_task", "size": 10}]},
      "Parameter 'data.tasks.0.name' = 'not_a_task' is invalid: task 'not_a_task' is not a reasoning-gym task"),
     (GuidanceParams, {"reader": "lstm"}, "Parameter 'guidance.reader' = 'lstm' is invalid: input should be 'mean' or 'attention'"),
+    # non-finite numbers pass `ge=0` / `gt=0`; they are refused everywhere
+    (Stage1Params, {"training": {"learning_rate": float("inf")}},
+     "Parameter 'stage1.training.learning_rate' = inf is invalid: input should be a finite number."),
+    (Stage1Params, {"training": {"rl_weight": float("nan")}},
+     "Parameter 'stage1.training.rl_weight' = nan is invalid: input should be a finite number."),
+    (Stage1Params, {"training": {"contrastive_weight": "inf"}},  # as `--params` passes it
+     "Parameter 'stage1.training.contrastive_weight' = 'inf' is invalid: input should be a finite number."),
+    (BaselinesParams, {"caa": {"scales": [1.0, float("inf")]}},
+     "Parameter 'baselines.caa.scales.1' = inf is invalid: input should be a finite number."),
+    (TuneParams, {"rl_weight": {"low": 0.01, "high": float("inf")}},
+     "Parameter 'tune.rl_weight.high' = inf is invalid: input should be a finite number."),
+    (GuidanceParams, {"init_log_std": float("-inf")},
+     "Parameter 'guidance.init_log_std' = -inf is invalid: input should be a finite number."),
+    # reasoning-gym generator settings are checked by a dry run, naming the setting and the accepted keys
+    (DataParams, {"tasks": [{"name": "chain_sum", "size": 10}, {"name": "chain_sum", "size": 10,
+                                                                 "kwargs": {"max_term": 4}}]},
+     "Parameter 'data.tasks.1.kwargs.max_term' = 4 is invalid: 'max_term' is not a setting of reasoning-gym's "
+     "chain_sum generator (did you mean 'max_terms'? accepted keys: allow_negation, max_digits, max_terms, "
+     "min_digits, min_terms)."),
+    (DataParams, {"tasks": [{"name": "chain_sum", "size": 10, "kwargs": {"min_terms": 6, "max_terms": 3}}]},
+     "Parameter 'data.tasks.0.kwargs' = {'min_terms': 6, 'max_terms': 3} is invalid: reasoning-gym's chain_sum "
+     "generator refuses these settings (max_terms must be >= min_terms)"),
+    (DataParams, {"tasks": [{"name": "basic_arithmetic", "size": 10,
+                             "kwargs": {"operators": ["+", "/"], "allow_parentheses": False}}]},
+     "Parameter 'data.tasks.0.kwargs.operators' = ['+', '/'] is invalid: with allow_parentheses: false "
+     "reasoning-gym evaluates '*' and '/' left to right"),
 ])
 def test_bad_parameters_are_one_clear_sentence(model, value, message):
-    prefix = {Stage1Params: "stage1", DataParams: "data", GuidanceParams: "guidance"}[model]
+    prefix = {Stage1Params: "stage1", DataParams: "data", GuidanceParams: "guidance", BaselinesParams: "baselines",
+              TuneParams: "tune"}[model]
     with pytest.raises(ParameterError) as error:
         validate(model, value, prefix)
     assert str(error.value).startswith(message)
@@ -72,3 +102,44 @@ def test_guidance_layers_are_checked_against_the_student():
     with pytest.raises(ParameterError, match="must be at or after inject_layer=1"):
         GuidanceParams(inject_layer=1, align_layers=[0]).check_against(2)
     GuidanceParams(inject_layer=1, align_layers=[-1]).check_against(2)
+
+
+def test_a_misspelt_top_level_block_names_the_closest_known_one():
+    with pytest.raises(ParameterError) as error:
+        check_top_level({"seed": 0, "stage1": {}, "stage_1": {"training": {"steps": 5}}})
+    assert str(error.value).startswith("Parameter 'stage_1' is not a known parameter block; the closest known "
+                                       "block is 'stage1' (known: base, baselines, data, generation, guidance,")
+    with pytest.raises(ParameterError, match="'learning_rate' is not a known parameter block; remove it"):
+        check_top_level({"learning_rate": 0.1})
+    with pytest.raises(ParameterError, match="Parameter 'seed' = 1.5 is invalid: it must be an integer"):
+        check_top_level({"seed": 1.5})
+
+
+def test_every_top_level_key_the_shipped_configuration_uses_is_known():
+    import yaml
+
+    for env in ("base", "test"):
+        keys = {key for file in (PACKAGE.parents[1] / "conf" / env).glob("parameters*.yml")
+                for key in (yaml.safe_load(file.read_text()) or {})}
+        check_top_level(dict.fromkeys(keys, {}) | {"seed": 0})
+
+
+def _offered(message: str) -> list[int]:
+    """Every layer index a message says is allowed ("0..1", "-2..-1")."""
+    import re
+
+    return [i for low, high in re.findall(r"(-?\d+)\.\.(-?\d+)", message) for i in range(int(low), int(high) + 1)]
+
+
+@pytest.mark.parametrize("key, bad", [("inject_layer", 7), ("read_layer", 5), ("align_layers", [-9])])
+def test_layer_messages_offer_only_values_that_are_accepted(key, bad):
+    with pytest.raises(ParameterError) as error:
+        GuidanceParams(**{key: bad}).check_against(2)
+    offered = _offered(str(error.value).split("allowed", 1)[1])
+    assert offered, str(error.value)
+    for value in offered:  # each offered value passes validation and the layer check
+        validated = validate(GuidanceParams, {key: [value] if key == "align_layers" else value,
+                                              **({"align_layers": [-1]} if key == "inject_layer" else {})}, "guidance")
+        validated.check_against(2)
+    if key == "inject_layer":
+        assert "from the end" not in str(error.value) and all(v >= 0 for v in offered)

@@ -4,6 +4,7 @@ and reproducibility. Each stops the run before any compute with one clear senten
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import sqlite3
@@ -14,10 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pilot.config import ParameterError
+from pilot.config import OutputNotWritableError, ParameterError
 from pilot.framework.hooks import MissingInputError
 from pilot.tracking import TrackingUnavailableError
-from tests.conftest import ROOT, make_project, run
+from tests.conftest import ROOT, make_project, read_only, run
 
 
 @pytest.fixture()
@@ -36,7 +37,21 @@ def _nothing_computed(project: Path) -> bool:
     ({"stage1": {"training": {"steps": "many"}}}, "Parameter 'stage1.training.steps' = 'many' is invalid"),
     ({"data": {"tasks": [{"name": "sudokuu", "size": 10}]}}, "Parameter 'data.tasks.0.name' = 'sudokuu' is invalid"),
     ({"guidance": {"inject_layer": 9}},
-     "Parameter 'guidance.inject_layer' = 9 is outside the student's layers: allowed 0..1"),
+     "Parameter 'guidance.inject_layer' = 9 is outside the student's layers: allowed 0..1."),
+    # `--params stage_1.training.steps=5`: a misspelt block is an error, not silently ignored
+    ({"stage_1": {"training": {"steps": 5}}},
+     "Parameter 'stage_1' is not a known parameter block; the closest known block is 'stage1'"),
+    # `--params stage1.training.learning_rate=inf` arrives as the string 'inf'
+    ({"stage1": {"training": {"learning_rate": "inf"}}},
+     "Parameter 'stage1.training.learning_rate' = 'inf' is invalid: input should be a finite number."),
+    ({"stage1": {"training": {"contrastive_weight": float("nan")}}},
+     "Parameter 'stage1.training.contrastive_weight' = nan is invalid: input should be a finite number."),
+    ({"data": {"tasks": [{"name": "chain_sum", "size": 200, "kwargs": {"min_terms": 3, "max_termz": 4}}]}},
+     "Parameter 'data.tasks.0.kwargs.max_termz' = 4 is invalid: 'max_termz' is not a setting of reasoning-gym's "
+     "chain_sum generator (did you mean 'max_terms'? accepted keys: allow_negation, max_digits"),
+    ({"data": {"tasks": [{"name": "basic_arithmetic", "size": 200,
+                          "kwargs": {"operators": ["+", "-", "/"], "allow_parentheses": False}}]}},
+     "Parameter 'data.tasks.0.kwargs.operators' = ['+', '-', '/'] is invalid: with allow_parentheses: false"),
 ])
 def test_bad_parameters_stop_the_run_before_any_compute(project, monkeypatch, params, message):
     with pytest.raises(ParameterError) as error:
@@ -100,6 +115,70 @@ def test_with_tracking_disabled_on_failure_the_run_goes_on(project, monkeypatch)
     run(project, monkeypatch, "data", params={"tracking": {"on_unavailable": "disable"}})
     assert (project / "data/03_primary/tasks_train.parquet").is_file()
     assert not (project / "no").exists()
+
+
+def _corrupt_store(database: Path) -> bytes:
+    """A store that looks like SQLite (its 100-byte header is intact) but whose pages are garbage:
+    what a disk fault or a half-copied file leaves. Taking the write lock still works on it."""
+    connection = sqlite3.connect(database)
+    connection.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+    connection.executemany("INSERT INTO experiments VALUES (?, ?)", [(i, "x" * 200) for i in range(100)])
+    connection.commit()
+    connection.close()
+    data = database.read_bytes()
+    noise = random.Random(0)
+    corrupted = data[:100] + bytes(noise.randrange(256) for _ in range(len(data) - 100))
+    database.write_bytes(corrupted)
+    holder = sqlite3.connect(database)
+    holder.execute("BEGIN IMMEDIATE")  # the old preflight check: passes on this file
+    holder.rollback()
+    holder.close()
+    return corrupted
+
+
+def test_a_corrupt_tracking_store_fails_before_any_compute_with_a_clear_message(project, monkeypatch):
+    database = project / "mlflow.db"
+    _corrupt_store(database)
+    with pytest.raises(TrackingUnavailableError) as error:
+        run(project, monkeypatch, "data")
+    message = str(error.value)
+    assert message.startswith(f"MLflow store 'sqlite:///{database}' is corrupted or not an SQLite database "
+                              "(database disk image is malformed); move the file aside")
+    assert "\n" not in message and "sqlalchemy" not in message.lower()
+    assert _nothing_computed(project)
+
+
+def test_a_corrupt_tracking_store_with_tracking_disabled_runs_untracked(project, monkeypatch):
+    database = project / "mlflow.db"
+    corrupted = _corrupt_store(database)
+    run(project, monkeypatch, "data", params={"tracking": {"on_unavailable": "disable"}})
+    for split in ("train", "val", "test"):
+        assert len(pd.read_parquet(project / f"data/03_primary/tasks_{split}.parquet")) > 0
+    assert database.read_bytes() == corrupted  # never opened for writing
+    assert mlflow.active_run() is None
+
+
+def test_an_output_folder_that_is_a_file_fails_before_any_compute(project, monkeypatch):
+    # Works for any user, root included: nothing can be created under a regular file.
+    (project / "data").mkdir()
+    (project / "data/03_primary").write_text("not a folder")
+    with pytest.raises(OutputNotWritableError) as error:
+        run(project, monkeypatch, "data")
+    assert str(error.value) == (
+        f"Output folder '{project / 'data/03_primary'}' (catalog entry 'tasks_test') cannot be written: "
+        f"'{project / 'data/03_primary'}' is a file, not a folder; fix its permissions or point that setting at a "
+        "writable folder in conf/<env>/ before running again.")
+    assert not (project / "data/01_raw").exists()  # tasks_all, computed first, was never generated
+
+
+def test_a_read_only_data_folder_fails_before_any_compute(project, monkeypatch):
+    data = project / "data"
+    data.mkdir()
+    with read_only(data), pytest.raises(OutputNotWritableError, match=rf"Output folder '{data}/01_raw' \(catalog "
+                                                                      rf"entry 'tasks_all'\) cannot be written: "
+                                                                      rf"'{data}' is not writable"):
+        run(project, monkeypatch, "data")
+    assert list(data.iterdir()) == []
 
 
 def test_no_pickle_anywhere_in_the_code():

@@ -77,3 +77,44 @@ def test_schema_validation_catches_broken_tables(task_table):
     duplicated = pd.concat([task_table, task_table.iloc[:1].assign(id="dup")])
     with pytest.raises(ValueError, match="appears twice"):
         validate_task_table(duplicated)
+
+
+def test_basic_arithmetic_with_division_skips_and_counts_inexact_rows():
+    """reasoning-gym floors an inexact division (its gold answer for 7 / 2 is 3); such rows are skipped
+    and counted instead of crashing the renderer, and every kept plan divides exactly."""
+    kwargs = {"min_terms": 3, "max_terms": 5, "min_digits": 1, "max_digits": 2, "operators": ["+", "-", "*", "/"]}
+    rows, counts = generate_task_rows("basic_arithmetic", 300, kwargs, seed=0, exclude_questions=set())
+    assert len(rows) == 300
+    assert counts["inexact_division"] > 0
+    divisions = [step for r in rows for step in r["oracle_plan"].split(" , ") if " / " in step and "=" in step]
+    assert divisions
+    for step in divisions:
+        (a, b), value = step.split(" = ")[0].split(" / ")[-2:], int(step.split(" = ")[1])
+        assert int(a.split()[-1]) == int(b) * value
+
+
+@pytest.mark.parametrize("kwargs, key, message", [
+    ({"min_termz": 3}, "min_termz", "did you mean 'min_terms'? accepted keys: allow_negation, max_digits, max_terms, "
+                                    "min_digits, min_terms"),
+    ({"min_terms": "three"}, "min_terms", "it must be an integer (the generator's default is 2)"),
+    ({"size": 10}, "size", "'size' is set by the project"),
+    ({"min_terms": 5, "max_terms": 2}, None, "refuses these settings (max_terms must be >= min_terms)"),
+])
+def test_generator_settings_are_checked_before_any_row(kwargs, key, message):
+    from pilot.tasks import GeneratorSettingError, check_generator_kwargs
+
+    with pytest.raises(GeneratorSettingError) as error:
+        check_generator_kwargs("chain_sum", kwargs)
+    assert error.value.key == key
+    assert message in str(error.value)
+
+
+def test_basic_arithmetic_renderer_preconditions():
+    from pilot.tasks import GeneratorSettingError, check_generator_kwargs
+
+    check_generator_kwargs("basic_arithmetic", {"operators": ["+", "-", "*", "/"]})
+    # the flat generator computes '*' and '/' left to right, so its answers contradict the expression
+    with pytest.raises(GeneratorSettingError, match="left to right") as error:
+        check_generator_kwargs("basic_arithmetic", {"operators": ["+", "/"], "allow_parentheses": False})
+    assert error.value.key == "operators"
+    check_generator_kwargs("basic_arithmetic", {"operators": ["+", "-"], "allow_parentheses": False})

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pilot.checkpoint import CheckpointManager, CorruptCheckpointError
+from pilot.checkpoint import CheckpointManager, CorruptCheckpointError, find_checkpoints
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config
 from pilot.guidance import HyperNetwork
 from pilot.latents import LatentCache, plan_cache_build, write_cache
@@ -44,13 +44,13 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(workdir, tmp_path_f
     job = _run_job(workdir, 40)
     checkpoints = CheckpointManager(workdir / "checkpoints", every=4)
     deadline = time.time() + 300
-    while not any(p.name >= "step-00000012" for p in checkpoints.list()):
+    while not any(p.name >= "step-00000012" for p in find_checkpoints(workdir / "checkpoints")):
         assert job.poll() is None, "the job finished before it could be killed"
         assert time.time() < deadline
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    kept = checkpoints.list()
+    kept = find_checkpoints(workdir / "checkpoints")
     assert kept and all(checkpoints.verify(p)["step"] % 4 == 0 for p in kept)  # no completed checkpoint lost
     assert not (workdir / "hypernet").exists()
 
@@ -98,7 +98,7 @@ def test_a_corrupted_checkpoint_is_reported_with_its_path(tiny_lm, task_table, t
     val = task_table[task_table["split"] == "val"].head(4)
     run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents, config, GEN,
                checkpoint_dir=str(tmp_path / "ckpt"))
-    newest = CheckpointManager(tmp_path / "ckpt", 2).latest()
+    newest = find_checkpoints(tmp_path / "ckpt")[-1]
     (newest / "weights.safetensors").write_bytes(b"garbage")
     with pytest.raises(CorruptCheckpointError, match=str(newest / "weights.safetensors")):
         run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents, config, GEN,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import kedro_cli, make_project, run
+from tests.conftest import kedro_cli, make_project, run, same_code_env
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,8 @@ def test_tune_writes_best_weights_plots_and_nested_mlflow_runs(project, monkeypa
     assert len(study.trials) == 3
     # The untuned weights are measured first, the same way, as the reference the study must beat.
     configured = run_params(project)["stage1"]["training"]
-    assert study.trials[0].user_attrs == {"baseline": True}
+    assert study.trials[0].user_attrs["baseline"] is True
+    assert all(not t.user_attrs.get("baseline") for t in study.trials[1:])
     assert study.trials[0].params == {k: configured[k] for k in ("contrastive_weight", "rl_weight")}
     assert weights["baseline_val_accuracy"] == study.trials[0].value
 
@@ -98,3 +103,53 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+
+
+WORKER = Path(__file__).parent / "jobs" / "tune_worker.py"
+
+
+def test_parallel_workers_never_propose_the_same_point(tmp_path):
+    """Two real processes on one new SQLite study: each samples with its own seed (both configured
+    with tune.sampler_seed = 0), so no point is evaluated twice, and the untuned baseline is queued
+    once although both workers start on an empty study."""
+    from pilot.tuning import worker_sampler_seed
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    jobs = [subprocess.Popen([sys.executable, str(WORKER), storage, "8"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=same_code_env()) for _ in range(2)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+
+    trials = optuna.load_study(study_name="parallel", storage=storage).trials
+    assert len(trials) == 16
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
+    points = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(points)) == len(points), "two trials evaluated the same point"
+
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert workers == {f"{socket.gethostname()}-{job.pid}" for job in jobs}
+    for worker in workers:  # every trial records its worker's own seed, derived from seed 0 and the worker
+        seeds = {t.user_attrs["sampler_seed"] for t in trials if t.user_attrs["worker"] == worker}
+        assert seeds == {worker_sampler_seed(0, worker, 0)}
+    assert len({worker_sampler_seed(0, w, 0) for w in workers}) == 2
+    # both workers really ran in parallel on the one study (their trials interleave)
+    order = [t.user_attrs["worker"] for t in sorted(trials, key=lambda t: t.datetime_start)]
+    assert sum(a != b for a, b in zip(order, order[1:])) >= 2
+
+
+def test_a_rerun_of_the_same_named_worker_does_not_replay_its_points(tmp_path):
+    from pilot.config import TuneParams
+    from pilot.tuning import tune
+
+    config = TuneParams(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="rerun", n_trials=4, worker="a")
+
+    def objective(trial):
+        return trial.suggest_float("contrastive_weight", 0.01, 1.0, log=True)
+
+    tune(objective, config)
+    study = tune(objective, config)  # the same explicit name, seed and study: a continued run
+    points = [t.params["contrastive_weight"] for t in study.trials]
+    assert len(points) == 8 and len(set(points)) == 8
+    assert len({t.user_attrs["sampler_seed"] for t in study.trials}) == 2
+    assert {t.user_attrs["worker"] for t in study.trials} == {"a"}

@@ -6,6 +6,11 @@ the optimizer's scalar state, the loss history so far and a sha256 of both tenso
 It is written to a temporary folder and renamed into place, so a run killed mid-write leaves
 either the previous checkpoints or the new one, never half of one. Randomness in the trainers
 is derived from (seed, step), so the step alone is enough to resume bit-for-bit.
+
+Each run keeps its checkpoints in a folder of its own, ``<directory>/<fingerprint>/step-...``
+(the fingerprint names the data and settings). A run with other settings therefore never
+touches the previous run's resumable checkpoints; the oldest runs' folders are pruned only after
+the new run has saved its own first checkpoint, keeping the newest :data:`KEEP_RUNS` runs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 
+KEEP_RUNS = 2  # fingerprint folders kept: the current run and the one before it
+
+
 class CorruptCheckpointError(RuntimeError):
     pass
 
@@ -34,6 +42,31 @@ def run_fingerprint(*parts: object) -> str:
     of another run are never resumed."""
     payload = json.dumps([p.model_dump() if hasattr(p, "model_dump") else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class CheckpointDeleteError(RuntimeError):
+    """Old checkpoints could not be deleted, so a fresh start (``resume: false``) is impossible."""
+
+
+def _step_folders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A run's folder holds checkpoints and nothing else (never prune what a user keeps there)."""
+    if not path.is_dir() or path.name.startswith(("step-", ".")):
+        return False
+    children = list(path.iterdir())
+    return bool(children) and all(c.is_dir() and c.name.startswith(("step-", ".tmp-step-")) for c in children)
+
+
+def find_checkpoints(directory: str | Path) -> list[Path]:
+    """Every checkpoint under ``directory``, of every run (fingerprint), oldest step first."""
+    directory = Path(directory)
+    runs = [directory, *(p for p in directory.iterdir() if p.is_dir())] if directory.is_dir() else []
+    return sorted((step for run in runs for step in _step_folders(run)), key=lambda p: (p.name, str(p)))
 
 
 def _sha256(path: Path) -> str:
@@ -73,10 +106,11 @@ class Checkpoint:
 
 
 class CheckpointManager:
-    """Saves every ``every`` steps into ``directory``, keeps the newest ``keep``.
+    """Saves every ``every`` steps into ``directory/<fingerprint>``, keeps the newest ``keep``.
 
-    ``fingerprint`` names the run (its data and configuration): checkpoints written under a
-    different fingerprint belong to another run and are cleared instead of resumed.
+    ``fingerprint`` names the run (its data and configuration): only checkpoints of the same
+    fingerprint are resumed; other runs' folders are left alone (and pruned to the newest
+    :data:`KEEP_RUNS` once this run has saved a checkpoint of its own).
     """
 
     def __init__(self, directory: str | Path | None, every: int, keep: int = 2, fingerprint: str = "") -> None:
@@ -84,6 +118,11 @@ class CheckpointManager:
         self.every = every
         self.keep = keep
         self.fingerprint = fingerprint
+
+    @property
+    def run_directory(self) -> Path | None:
+        """This run's own folder, ``<directory>/<fingerprint>`` (``default`` without a fingerprint)."""
+        return self.directory / (self.fingerprint or "default") if self.directory is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -94,10 +133,10 @@ class CheckpointManager:
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
              history: list[dict[str, float]], extra: dict[str, Any] | None = None) -> Path:
-        assert self.directory is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"step-{step:08d}"
-        tmp = self.directory / f".tmp-step-{step:08d}-{os.getpid()}"
+        assert self.run_directory is not None
+        self.run_directory.mkdir(parents=True, exist_ok=True)
+        final = self.run_directory / f"step-{step:08d}"
+        tmp = self.run_directory / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         weights = {f"{name}.{key}": value.detach().contiguous().cpu()
@@ -117,20 +156,52 @@ class CheckpointManager:
         for file in tmp.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in self.list()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old, strict=False)
+        self._prune_other_runs()
         return final
 
+    def _prune_other_runs(self) -> None:
+        """Keep this run's folder and the newest other runs', :data:`KEEP_RUNS` in all (best effort)."""
+        assert self.directory is not None and self.run_directory is not None
+        others = [p for p in self.directory.iterdir() if p != self.run_directory and _is_run_folder(p)]
+        others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[KEEP_RUNS - 1:]:
+            _remove(old, strict=False)
+        for legacy in _step_folders(self.directory):  # the flat layout of earlier versions
+            _remove(legacy, strict=False)
+
+    def _adopt_flat_layout(self) -> Path | None:
+        """This run's checkpoints saved by an earlier version straight under ``directory`` (no run
+        folder): moved into this run's folder so an upgrade does not lose a resumable run."""
+        if self.directory is None or self.run_directory is None:
+            return None
+        mine = []
+        for path in _step_folders(self.directory):
+            try:
+                if json.loads((path / "state.json").read_text()).get("fingerprint", "") == self.fingerprint:
+                    mine.append(path)
+            except (OSError, ValueError):
+                continue
+        if not mine:
+            return None
+        self.run_directory.mkdir(parents=True, exist_ok=True)
+        for path in mine:
+            os.replace(path, self.run_directory / path.name)
+        return self.latest()
+
     def list(self) -> list[Path]:
-        if self.directory is None or not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        """This run's checkpoints, oldest first."""
+        return _step_folders(self.run_directory) if self.run_directory is not None else []
 
     def clear(self) -> None:
+        """Delete this run's checkpoints (``resume: false``); raise :class:`CheckpointDeleteError` if one stays."""
+        self._adopt_flat_layout()
         for path in self.list():
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path, strict=True)
 
     def verify(self, path: Path) -> dict[str, Any]:
         """Read ``state.json`` and check both tensor files against their recorded sha256."""
@@ -156,14 +227,13 @@ class CheckpointManager:
 
         A corrupted newest checkpoint is an error naming the file, never silently skipped.
         """
-        path = self.latest()
+        path = self.latest() or self._adopt_flat_layout()
         if path is None:
             return None
         state = self.verify(path)
-        if state.get("fingerprint", "") != self.fingerprint:
-            logger.info("Checkpoints in %s belong to another run (different data or settings); starting afresh.",
-                        self.directory)
-            self.clear()
+        if state.get("fingerprint", "") != self.fingerprint:  # copied in by hand: not this run's
+            logger.warning("Checkpoint %s belongs to another run (different data or settings); starting afresh "
+                           "without it.", path)
             return None
         weights = load_file(path / "weights.safetensors")
         for name, module in modules.items():
@@ -172,3 +242,18 @@ class CheckpointManager:
         _optimizer_from_flat(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
         logger.info("Resumed from checkpoint %s (step %d)", path, state["step"])
         return Checkpoint(step=state["step"], path=path, history=state["history"], extra=state["extra"])
+
+
+def _remove(path: Path, strict: bool) -> None:
+    """Delete a checkpoint folder; ``strict``: raise :class:`CheckpointDeleteError` naming it if it stays."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        if strict:
+            raise CheckpointDeleteError(
+                f"Cannot delete old checkpoint folder '{path}' ({error.strerror or error}), so the run cannot start "
+                "afresh as resume: false asks; delete it by hand (or fix its permissions) and run again."
+            ) from error
+        logger.warning("Could not delete old checkpoint folder %s (%s); delete it by hand.", path, error)

@@ -1,19 +1,37 @@
-"""Typed parameter models for every pipeline, checked before any compute.
+"""Typed parameter models for every pipeline, and the other checks made before any compute.
 
 Each top-level parameter block (``data``, ``base``, ``guidance`` ...) has a pydantic model
 here. The project's ``before_pipeline_run`` hook validates every block the pipeline's nodes
-read, so a wrong type, a negative loss weight, an unknown task or an injection layer outside
-the student stops the run at once, with one sentence naming the key, the bad value and what
-is allowed. Unknown keys are errors too (a typo is never silently ignored).
+read, so a wrong type, a negative loss weight, a non-finite number, an unknown task, generator
+settings reasoning-gym or the renderer would refuse, or an injection layer outside the student
+stops the run at once, with one sentence naming the key, the bad value and what is allowed.
+Unknown keys are errors too, top-level blocks included (a typo is never silently ignored).
+The same hook checks that every folder the run will write to is writable
+(:func:`output_folders`, :func:`check_writable`), so a read-only ``data/`` fails before the
+compute, not at the last save.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from pilot.tasks import check_task_name
+from pilot.tasks import GeneratorSettingError, check_generator_kwargs, check_task_name
 
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -26,18 +44,25 @@ class ParameterError(ValueError):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `inf` or `nan` as a weight, a learning rate or a range is refused
+    # (they pass `ge=0` / `gt=0` and would only show up as a non-finite loss mid-training).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _describe(error: dict[str, Any], prefix: str) -> str:
-    key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+    loc = list(error["loc"])
+    value = error.get("input")
+    if error["type"] == "generator_setting" and error["ctx"].get("key") is not None:
+        loc.append(error["ctx"]["key"])  # name the offending generator setting itself
+        value = error["ctx"]["value"]
+    key = ".".join(str(part) for part in (prefix, *loc) if part != "")
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         return f"Parameter '{key}' is not a known setting; remove it or fix its spelling."
     if error["type"] == "missing":
         return f"Parameter '{key}' is required but missing."
     message = message.removeprefix("Value error, ")
-    return f"Parameter '{key}' = {error.get('input')!r} is invalid: {message[0].lower()}{message[1:]}."
+    return f"Parameter '{key}' = {value!r} is invalid: {message[0].lower()}{message[1:]}."
 
 
 def validate(model: type[Params], value: Any, prefix: str) -> Params:
@@ -73,6 +98,18 @@ class TaskParams(Params):
     def _known_task(cls, name: str) -> str:
         check_task_name(name)
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _generator_accepts(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """reasoning-gym's generator and the task's renderer must accept the settings (a dry run)."""
+        if "name" in info.data:  # an unknown name is reported on its own
+            try:
+                check_generator_kwargs(info.data["name"], kwargs)
+            except GeneratorSettingError as error:
+                raise PydanticCustomError("generator_setting", "{message}",
+                                          {"message": str(error), "key": error.key, "value": error.value}) from None
+        return kwargs
 
 
 class DataParams(Params):
@@ -140,13 +177,17 @@ class GuidanceParams(Params):
         return sorted({layer % num_layers for layer in self.align_layers})
 
     def check_against(self, num_layers: int) -> None:
-        """Layer indices must exist in a student with ``num_layers`` decoder layers."""
-        allowed = f"0..{num_layers - 1} (or negative from the end)"
+        """Layer indices must exist in a student with ``num_layers`` decoder layers.
+
+        Each message offers only what that key accepts: ``inject_layer`` is a non-negative index,
+        ``read_layer`` and ``align_layers`` may also count from the end.
+        """
         if not 0 <= self.inject_layer < num_layers:
             raise ParameterError(
                 f"Parameter 'guidance.inject_layer' = {self.inject_layer} is outside the student's "
-                f"layers: allowed {allowed}."
+                f"layers: allowed 0..{num_layers - 1}."
             )
+        allowed = f"0..{num_layers - 1}, or -{num_layers}..-1 counting from the end"
         for key, layers in (("read_layer", [self.read_layer]), ("align_layers", self.align_layers)):
             for layer in layers:
                 if not -num_layers <= layer < num_layers:
@@ -281,6 +322,10 @@ class TuneParams(Params):
     n_trials: PositiveInt = 12
     timeout_s: PositiveInt | None = None
     sampler_seed: int = 0
+    # This process's name in a study shared by several workers; its sampler seed is derived from
+    # (sampler_seed, worker), so workers never propose the same points. None: host and process id
+    # (unique, not reproducible); set distinct names (`--params tune.worker=a`) for reproducible workers.
+    worker: str | int | None = None
     trial_steps: PositiveInt = 60
     eval_every: PositiveInt = 20
     stage2_steps: NonNegativeInt = 0
@@ -308,3 +353,89 @@ PARAMETER_MODELS: dict[str, type[Params]] = {
     "baselines": BaselinesParams,
     "tune": TuneParams,
 }
+
+
+# Top-level keys that are not a block above. `seed` is the run's base seed (conf/base/parameters.yml).
+OTHER_TOP_LEVEL_KEYS = ("seed",)
+
+
+def check_top_level(params: Mapping[str, Any]) -> None:
+    """Every top-level parameter key must be a known block (``--params stage_1.x=5`` is a typo, not a no-op)."""
+    known = sorted((*PARAMETER_MODELS, *OTHER_TOP_LEVEL_KEYS))
+    for key in params:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"the closest known block is '{close[0]}'" if close else "remove it or fix its spelling"
+        raise ParameterError(f"Parameter '{key}' is not a known parameter block; {hint} (known: {', '.join(known)}).")
+    seed = params.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParameterError(f"Parameter 'seed' = {seed!r} is invalid: it must be an integer.")
+
+
+# ---------------------------------------------------------------------------------- output folders
+class OutputNotWritableError(PermissionError):
+    """A folder the run will write to cannot be written; raised before the first node runs."""
+
+
+def output_folders(datasets: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any] | None = None,
+                   blocks: Iterable[str] = ()) -> dict[Path, str]:
+    """The local folders a run writes to, each with the setting that puts it there.
+
+    ``datasets`` maps each output dataset's name to its ``_describe()`` dict: a ``filepath`` is
+    written into its parent folder, a ``path`` is a folder dataset. Remote protocols and models
+    marked ``pretrained`` (never written) are left out. The stages' checkpoint folders and the
+    tune study's SQLite file are added for the parameter ``blocks`` the pipeline reads.
+    """
+    folders: dict[Path, str] = {}
+    for name, described in sorted(datasets.items()):
+        if described.get("protocol", "file") != "file" or described.get("pretrained"):
+            continue
+        if described.get("filepath"):
+            folders.setdefault(Path(str(described["filepath"])).parent, f"catalog entry '{name}'")
+        elif described.get("path"):
+            folders.setdefault(Path(str(described["path"])), f"catalog entry '{name}'")
+    params, blocks = params or {}, set(blocks)
+    for block in ("stage1", "stage2"):
+        directory = (params.get(block) or {}).get("checkpoint_dir") if block in blocks else None
+        if directory:
+            folders.setdefault(Path(directory), f"parameter '{block}.checkpoint_dir'")
+    storage = str((params.get("tune") or {}).get("storage") or "") if "tune" in blocks else ""
+    if storage.startswith("sqlite:///"):
+        folders.setdefault(Path(storage.removeprefix("sqlite:///")).parent, "parameter 'tune.storage'")
+    return folders
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be written at ``folder`` (None if it can): its nearest existing ancestor must
+    be a folder that takes a new file. Probed with a real temporary file rather than `os.access`,
+    which says yes to root whatever the permissions and knows nothing of ACLs or network mounts."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"'{existing}' is not writable"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"'{existing}' is not writable ({error.strerror or error})"
+    return None
+
+
+def check_writable(folders: Mapping[Path | str, str]) -> None:
+    """Raise :class:`OutputNotWritableError` (one sentence) for the first folder nothing can be written to.
+
+    ``folders`` maps each folder to what writes there (as :func:`output_folders` returns). Folders
+    that do not exist yet are fine when they can be created (their nearest existing ancestor is a
+    writable folder); nothing is created here.
+    """
+    for folder, owner in folders.items():
+        reason = _unwritable(Path(folder))
+        if reason is not None:
+            raise OutputNotWritableError(
+                f"Output folder '{folder}' ({owner}) cannot be written: {reason}; fix its permissions or "
+                "point that setting at a writable folder in conf/<env>/ before running again."
+            )

@@ -12,6 +12,8 @@ whole phrase are skipped at generation time (and counted), so the guarantee hold
 from __future__ import annotations
 
 import ast
+import dataclasses
+import difflib
 import json
 import logging
 import operator
@@ -62,9 +64,19 @@ def _render_chain_sum(entry: dict[str, Any]) -> Rendered:
     return Rendered(f"{entry['metadata']['expression']} =", f"left to right: {order}")
 
 
+class UnrenderableRow(ValueError):
+    """One generated row the compact renderer cannot state truthfully; it is skipped and counted."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 def _exact_division(a: int, b: int) -> int:
+    # reasoning-gym floors an inexact division (7 / 2 -> 3); a plan saying "7 / 2 = 3" would teach
+    # wrong arithmetic, so such rows are skipped (counted as ``inexact_division``).
     if b == 0 or a % b:
-        raise ValueError(f"{a} / {b} is not an exact integer division")
+        raise UnrenderableRow("inexact_division", f"{a} / {b} is not an exact integer division")
     return a // b
 
 
@@ -124,6 +136,100 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
 }
 
 
+# Generator settings a renderer cannot follow, found before any row is generated: each check gets
+# the task's kwargs and returns (key, message) for the first problem, or None.
+def _basic_arithmetic_preconditions(kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    operators = list(kwargs.get("operators", ("+", "-", "*", "/")))
+    unsupported = [op for op in operators if op not in ("+", "-", "*", "/")]
+    if unsupported:
+        return "operators", f"the basic_arithmetic renderer supports only '+', '-', '*', '/', not {unsupported}"
+    if not kwargs.get("allow_parentheses", True) and {"*", "/"} & set(operators):
+        # reasoning-gym's flat generator (allow_parentheses: false) computes '*' and '/' left to right,
+        # ignoring precedence, so its gold answers disagree with the expression the plan walks.
+        return "operators", ("with allow_parentheses: false reasoning-gym evaluates '*' and '/' left to right, so "
+                             "its answers contradict the expression; use operators ['+', '-'] or allow_parentheses: true")
+    return None
+
+
+PRECONDITIONS: dict[str, Callable[[dict[str, Any]], tuple[str, str] | None]] = {
+    "basic_arithmetic": _basic_arithmetic_preconditions,
+}
+
+# Set by the project for every task (``data.seed`` and ``data.tasks[i].size``), never in kwargs.
+_RESERVED_KWARGS = ("seed", "size")
+
+
+class GeneratorSettingError(ValueError):
+    """A task's generator ``kwargs`` are wrong; ``key`` is the offending setting (None: the combination)."""
+
+    def __init__(self, message: str, key: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """A mismatch between a setting and the type of the generator's default (None when it fits)."""
+    if default is None or isinstance(default, (dict, set)) or callable(default):
+        return None
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, (list, tuple)):
+        ok, wanted = isinstance(value, (list, tuple)), "a list"
+    else:
+        return None
+    return None if ok else f"it must be {wanted} (the generator's default is {default!r})"
+
+
+def check_generator_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check a task's generator settings before any row is generated; raise :class:`GeneratorSettingError`.
+
+    Every key must be a field of the reasoning-gym generator's config dataclass (``seed`` and
+    ``size`` are the project's), of the default's type; the generator's own ``validate`` must
+    accept the combination and draw a few rows; and the renderer's preconditions must hold.
+    """
+    check_task_name(name)
+    config_cls = reasoning_gym.factory.DATASETS[name][1]
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    accepted = sorted(k for k in fields if k not in _RESERVED_KWARGS)
+    for key, value in kwargs.items():
+        if key in _RESERVED_KWARGS:
+            raise GeneratorSettingError(f"'{key}' is set by the project (data.seed, data.tasks[i].size), not in "
+                                        f"kwargs; accepted keys: {', '.join(accepted)}", key, value)
+        if key not in fields:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise GeneratorSettingError(f"'{key}' is not a setting of reasoning-gym's {name} generator ({hint}"
+                                        f"accepted keys: {', '.join(accepted)})", key, value)
+        field = fields[key]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        problem = _type_problem(value, default)
+        if problem:
+            raise GeneratorSettingError(problem, key, value)
+    precondition = PRECONDITIONS.get(name)
+    problem = precondition(kwargs) if precondition else None
+    if problem:
+        key, message = problem
+        raise GeneratorSettingError(message, key, kwargs.get(key))
+    try:  # a dry run: the generator's own checks, and a few rows through the renderer
+        dataset = reasoning_gym.create_dataset(name, seed=0, size=8, **kwargs)
+        for index in range(len(dataset)):
+            try:
+                RENDERERS[name](dataset[index])
+            except UnrenderableRow:
+                pass  # skipped and counted at generation time
+    except (AssertionError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as error:
+        detail = str(error) or type(error).__name__
+        raise GeneratorSettingError(f"reasoning-gym's {name} generator refuses these settings ({detail}); "
+                                    f"accepted keys: {', '.join(accepted)}", None, kwargs) from error
+
+
 def supported_tasks() -> list[str]:
     """Task names that have a compact renderer and an oracle-plan derivation."""
     return sorted(RENDERERS)
@@ -161,8 +267,9 @@ def generate_task_rows(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Draw ``size`` unique rows of one task from reasoning-gym's offline generator.
 
-    Duplicate questions (also against ``exclude_questions``, the other tasks' questions) and rows
-    whose plan would reveal the answer are skipped; the returned counts say how many.
+    Duplicate questions (also against ``exclude_questions``, the other tasks' questions), rows
+    whose plan would reveal the answer and rows the renderer cannot state truthfully (an inexact
+    division) are skipped; the returned counts say how many.
     """
     check_task_name(name)
     render = RENDERERS[name]
@@ -173,7 +280,11 @@ def generate_task_rows(
     seen = set(exclude_questions)
     for index in range(pool):
         entry = dataset[index]
-        rendered = render(entry)
+        try:
+            rendered = render(entry)
+        except UnrenderableRow as skipped:
+            counts[skipped.reason] = counts.get(skipped.reason, 0) + 1
+            continue
         if rendered.question in seen:
             counts["duplicates"] += 1
             continue
@@ -224,8 +335,10 @@ def build_task_table(
                 "test" if rank < test_per_task else "val" if rank < test_per_task + val_per_task else "train"
             )
         logger.info(
-            "Task %s: %d rows (skipped %d duplicates, %d whose plan would reveal the answer)",
+            "Task %s: %d rows (skipped %d duplicates, %d whose plan would reveal the answer%s)",
             spec["name"], len(rows), counts["duplicates"], counts["plan_reveals_answer"],
+            "".join(f", {n} {reason.replace('_', ' ')}" for reason, n in counts.items()
+                    if reason not in ("duplicates", "plan_reveals_answer")),
         )
         frames.append(pd.DataFrame(rows))
     table = pd.concat(frames, ignore_index=True)

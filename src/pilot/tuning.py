@@ -5,17 +5,30 @@ optionally followed by a short stage 2) scored by validation accuracy; validatio
 reported as intermediate values so the pruner stops bad trials early. The study lives in an
 RDB storage (SQLite under ``data/`` by default), so several processes can share it and a rerun
 continues it. A trial that raises is recorded as failed and the study goes on.
+
+Each worker (process) samples with its own seed, derived from ``tune.sampler_seed``, the
+worker's name (``tune.worker``; host and process id by default) and how many trials that worker
+already ran, so parallel workers and reruns never replay each other's points. Every trial
+records its ``worker`` and ``sampler_seed`` as user attributes.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import logging
+import os
+import socket
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config, TuneParams
 from pilot.latents import LatentCache
@@ -39,20 +52,87 @@ def apply_tuned(tuned: dict, training: Stage1Config, site: GuidanceParams) -> tu
             site.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
 
 
-def open_study(config: TuneParams) -> optuna.Study:
-    """Create or continue (``load_if_exists``) the study in its RDB storage."""
+_studies_opened = itertools.count()  # a process that tunes twice is two workers
+
+
+def worker_name(config: TuneParams) -> str:
+    """``tune.worker`` if set, else this host and process (unique among the study's live workers)."""
+    if config.worker is not None:
+        return str(config.worker)
+    opened = next(_studies_opened)
+    return f"{socket.gethostname()}-{os.getpid()}" + (f"-{opened}" if opened else "")
+
+
+def worker_sampler_seed(sampler_seed: int, worker: str, previous_trials: int = 0) -> int:
+    """The sampler seed of one worker: a hash of the configured seed, the worker's name and the
+    number of trials that worker already ran in the study (so a rerun does not replay its points)."""
+    digest = hashlib.sha256(f"{sampler_seed}/{worker}/{previous_trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")  # numpy seeds are 32-bit
+
+
+def _rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    """The storage, created once even when several workers start together on a new database: the
+    losers of Optuna's race to write the schema version retry and find the schema in place."""
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            time.sleep(0.2 * (attempt + 1))
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def _create_or_load(config: TuneParams, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it (study creation is atomic in the storage)."""
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=config.pruner_warmup_steps)
+    try:
+        study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize",
+                                    pruner=pruner, load_if_exists=False)
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=config.study_name, storage=storage, pruner=pruner), False
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One process taking part in a study: its name and the seed of its sampler."""
+
+    name: str
+    sampler_seed: int
+
+
+def open_study(config: TuneParams, baseline: dict[str, float] | None = None) -> tuple[optuna.Study, Worker]:
+    """Create or continue the study in its RDB storage, with this worker's own sampler.
+
+    ``baseline`` (the configured, untuned weights) is queued as the first trial by the one
+    process that creates the study, never twice when several workers start together.
+    """
     url = config.storage
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Several processes share one SQLite file: wait for the write lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 120}}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    return optuna.create_study(
-        study_name=config.study_name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=config.sampler_seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=config.pruner_warmup_steps),
-    )
+    storage = _rdb_storage(url, engine_kwargs)
+    study, created = _create_or_load(config, storage)
+    if created and baseline:
+        study.enqueue_trial({k: v for k, v in baseline.items() if k in TUNED_KEYS}, user_attrs={"baseline": True})
+    worker = worker_name(config)
+    previous = sum(t.user_attrs.get("worker") == worker for t in study.get_trials(deepcopy=False))
+    seed = worker_sampler_seed(config.sampler_seed, worker, previous)
+    study.sampler = optuna.samplers.TPESampler(seed=seed)  # constant_liar (default): avoids running trials' points
+    logger.info("Tuning worker %s samples with seed %d (%d earlier trials of this worker)", worker, seed, previous)
+    return study, Worker(worker, seed)
+
+
+def _recorded(objective: Callable[[optuna.Trial], float], worker: Worker) -> Callable[[optuna.Trial], float]:
+    """``objective`` that first records which worker (and sampler seed) ran the trial."""
+    @functools.wraps(objective)
+    def recorded(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker.name)
+        trial.set_user_attr("sampler_seed", worker.sampler_seed)
+        return objective(trial)
+
+    return recorded
 
 
 def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
@@ -103,11 +183,9 @@ def tune(objective: Callable[[optuna.Trial], float], config: TuneParams,
     ``baseline`` (the configured, untuned weights) is queued as the first trial of a new study, so
     the study itself measures the untuned default the same way as every tuned point.
     """
-    study = open_study(config)
-    if baseline and not study.trials:
-        study.enqueue_trial({k: v for k, v in baseline.items() if k in TUNED_KEYS}, user_attrs={"baseline": True})
-    study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout_s, catch=(Exception,),
-                   callbacks=callbacks or [], show_progress_bar=True, gc_after_trial=True)
+    study, worker = open_study(config, baseline)
+    study.optimize(_recorded(objective, worker), n_trials=config.n_trials, timeout=config.timeout_s,
+                   catch=(Exception,), callbacks=callbacks or [], show_progress_bar=True, gc_after_trial=True)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     logger.info("Study %s: %d trials in storage (%s)", config.study_name, len(study.trials), states)
     return study

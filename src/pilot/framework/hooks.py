@@ -29,7 +29,18 @@ from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from pilot.config import PARAMETER_MODELS, BaseParams, GuidanceParams, ParameterError, Params, TrackingParams, validate
+from pilot.config import (
+    PARAMETER_MODELS,
+    BaseParams,
+    GuidanceParams,
+    ParameterError,
+    Params,
+    TrackingParams,
+    check_top_level,
+    check_writable,
+    output_folders,
+    validate,
+)
 from pilot.guidance import HyperNetConfig
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 
@@ -118,7 +129,9 @@ class PreflightHooks:
         """Validate the parameters and check the MLflow store before anything else reads them."""
         self._context = context
         self._tracking_disabled = False
-        validated = validate_parameters(context.config_loader["parameters"])
+        raw = context.config_loader["parameters"]
+        check_top_level(raw)  # a misspelt top-level block (`--params stage_1.x=5`) is an error, not a no-op
+        validated = validate_parameters(raw)
         uri = _tracking_uri(context)
         if uri is None:
             return
@@ -165,6 +178,10 @@ class PreflightHooks:
             if num_layers is not None:
                 validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)
         self._check_hypernets_fit(pipeline, catalog)
+        # Every folder the run writes to must take files before any compute, not at the last save.
+        outputs = {name: dataset._describe() for name in pipeline.all_outputs()
+                   if (dataset := catalog.get(name)) is not None}
+        check_writable(output_folders(outputs, as_plain(params), wanted))
 
     @hook_impl(tryfirst=True)
     def before_node_run(self, inputs: dict[str, Any]) -> None:
