@@ -332,4 +332,6 @@ def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     expected = train(scratch, _fit(scratch, noisy=True), loop, name="scratch")
     assert _equal(_state(other), _state(scratch)) and result.history == expected.history  # trained afresh
     assert not _equal(_state(other), _state(first))
-    assert [p.name for p in CheckpointManager(tmp_path, every=2).list()] == ["step-00000002", "step-00000004"]
+    for run in ("x", "y"):  # each run keeps its own resumable checkpoints
+        assert [p.name for p in CheckpointManager(tmp_path, every=2, fingerprint=run).list()] == \
+            ["step-00000002", "step-00000004"]
