@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pandas as pd
@@ -176,15 +178,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_models_serve_answers_questions_over_http(finished_run):
+def test_mlflow_models_serve_answers_questions_over_http(finished_run, tmp_path):
     info = json.loads((finished_run / "data/08_reporting/trained_model.json").read_text())
     port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")  # a file, not a pipe nobody drains while it runs
     mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = {**same_code_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{finished_run / 'mlflow.db'}",
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}  # its uvicorn
     server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", info["model_uri"], "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              cwd=finished_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=finished_run, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -196,7 +199,7 @@ def test_mlflow_models_serve_answers_questions_over_http(finished_run):
             except (urllib.error.URLError, OSError):
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                output = server.stdout.read().decode(errors="replace")[-2000:] if server.poll() is not None else ""
+                output = (tmp_path / "serve.log").read_text(errors="replace")[-2000:]
                 pytest.skip(f"`mlflow models serve` did not start within 120 s here: {output}")
             time.sleep(1)
         questions, expected = _pilot_stage2_answers(finished_run, 3)
@@ -215,3 +218,54 @@ def test_mlflow_models_serve_answers_questions_over_http(finished_run):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        log.close()
+
+
+def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_path):
+    """A screenshot of MLflow's compare view of the six method runs, kept with the reports."""
+    from tests.test_viz import _chromium, _headless
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian package `chromium`; `make test` installs it as root).")
+    runs = _method_runs(finished_run)
+    experiment_id = next(iter(runs.values())).info.experiment_id
+    port = _free_port()
+    log = open(tmp_path / "ui.log", "wb")
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+                               "--backend-store-uri", f"sqlite:///{finished_run / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=finished_run, env={**same_code_env(), "PATH": os.pathsep.join(
+                                  [os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"the MLflow UI did not start: {(tmp_path / 'ui.log').read_text(errors='replace')[-1500:]}")
+            time.sleep(1)
+        ids = ",".join(f'"{run.info.run_id}"' for run in runs.values())
+        url = (f"http://127.0.0.1:{port}/#/compare-runs?runs=[{urllib.parse.quote(ids)}]"
+               f"&experiments=[{urllib.parse.quote(json.dumps(experiment_id))}]")
+        screenshot = ROOT / "data" / "08_reporting" / "mlflow_compare.png"
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.unlink(missing_ok=True)
+        _headless(chromium, tmp_path / "profile", f"--screenshot={screenshot}", url)
+        assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
+        if os.environ.get("PILOT_UPDATE_DOCS") == "1" or not (ROOT / "docs" / "mlflow_compare.png").exists():
+            (ROOT / "docs").mkdir(exist_ok=True)
+            shutil.copy(screenshot, ROOT / "docs" / "mlflow_compare.png")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
