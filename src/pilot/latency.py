@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from pilot.baselines.caa import steered
 from pilot.baselines.lora import LoraAdapter
@@ -79,7 +80,8 @@ def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens
 
 
 def measure_latency(answerers: Mapping[str, Answerer], num_questions: int, passes: int = 3,
-                    warmup_questions: int = 2, clock: Callable[[], float] = time.perf_counter) -> pd.DataFrame:
+                    warmup_questions: int = 2, clock: Callable[[], float] = time.perf_counter,
+                    progress: bool = False) -> pd.DataFrame:
     """Time every method on questions ``0..num_questions-1``: all warmed up, then interleaved.
 
     Returns one row per (method, question): ``seconds`` is the median over ``passes`` of that
@@ -92,6 +94,7 @@ def measure_latency(answerers: Mapping[str, Answerer], num_questions: int, passe
             answer(i)
     times: dict[tuple[str, int], list[float]] = {(m, i): [] for m in answerers for i in range(num_questions)}
     methods = list(answerers)
+    bar = tqdm(total=passes * num_questions * len(methods), desc="latency", unit="q", disable=not progress, leave=False)
     for p in range(passes):
         order = methods if p % 2 == 0 else methods[::-1]  # no method always goes first
         for i in range(num_questions):
@@ -99,6 +102,8 @@ def measure_latency(answerers: Mapping[str, Answerer], num_questions: int, passe
                 began = clock()
                 extra = answerers[method](i)
                 times[(method, i)].append(clock() - began + extra)
+                bar.update()
+    bar.close()
     return pd.DataFrame([{"method": m, "question": i, "seconds": statistics.median(t), "passes": len(t)}
                          for (m, i), t in times.items()])
 

@@ -108,7 +108,7 @@ def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_
         teacher_seconds=plans["teacher_seconds"].tolist(), lora_adapter=lora_adapter,
         steering_vector=steering_vector, caa_scale=caa_config["scale"], inject_layer=guidance.inject_layer,
         hypernets={"pilot_stage1": hypernet_stage1, "pilot_stage2": hypernet_stage2})
-    timings = measure_latency(answerers, len(timed), settings.passes, settings.warmup_questions)
+    timings = measure_latency(answerers, len(timed), settings.passes, settings.warmup_questions, progress=True)
     table = latency_table(timings, timed["task"].tolist())
     overall = table[table["task"] == "overall"].set_index("method")["median_ms_per_query"]
     logger.info("Latency (median ms per query, %d questions x %d passes): %s", len(timed), settings.passes,
