@@ -336,6 +336,22 @@ class TuneParams(Params):
     guidance_scale: SearchRange | None = None
 
 
+# ---------------------------------------------------------------------------------- evaluation
+class LatencyParams(Params):
+    """How latency is measured: every method answers the same questions one at a time, after a
+    shared warm-up, interleaved round-robin over ``passes``; the median per query is reported."""
+
+    questions_per_task: PositiveInt = 16
+    passes: PositiveInt = 3
+    warmup_questions: NonNegativeInt = 2
+
+
+class EvaluationParams(Params):
+    latency: LatencyParams = LatencyParams()
+    model_name: str = "pilot"                     # artifact path of the logged pyfunc model in its run
+    registered_model_name: str | None = "pilot"   # MLflow model registry name; null: log, don't register
+
+
 class TrackingParams(Params):
     on_unavailable: Literal["fail", "disable"] = "fail"
 
@@ -352,6 +368,7 @@ PARAMETER_MODELS: dict[str, type[Params]] = {
     "stage2": Stage2Params,
     "baselines": BaselinesParams,
     "tune": TuneParams,
+    "evaluation": EvaluationParams,
 }
 
 

@@ -56,6 +56,20 @@ def answer_and_score(
 
 METHODS = ("zero_shot", "plan_in_context", "lora", "caa", "pilot_stage1", "pilot_stage2")
 
+# What every method's MLflow run records, with the same keys for all (empty where a setting does
+# not apply), so MLflow's compare view and parallel-coordinates plot line the methods up.
+METHOD_SETTINGS = ("method", "trainable_parameters", "guidance_reader", "guidance_read_layer",
+                   "guidance_inject_layer", "guidance_scale", "training_steps", "training_data_rows", "seed")
+
+
+def method_settings(method: str, **settings: object) -> dict[str, str]:
+    """``method``'s row of :data:`METHOD_SETTINGS` as strings; settings left out are ``""``."""
+    unknown = sorted(set(settings) - set(METHOD_SETTINGS))
+    if unknown:
+        raise ValueError(f"Unknown method setting(s) {unknown}; the shared keys are {list(METHOD_SETTINGS)}.")
+    values = {**settings, "method": method}
+    return {key: "" if values.get(key) is None else str(values[key]) for key in METHOD_SETTINGS}
+
 
 def accuracy(student: CausalLM, rows: pd.DataFrame, **kwargs) -> float:
     return float(answer_and_score(student, rows, **kwargs)["correct"].mean())
@@ -79,11 +93,13 @@ def gap_recovered(acc: float, acc_zero_shot: float, acc_plan: float) -> float:
 
 
 def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
-              plan_in_context: str = "plan_in_context") -> pd.DataFrame:
+              plan_in_context: str = "plan_in_context", latency: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (method, task) plus an ``overall`` row per method.
 
     Columns: accuracy with its 95 % interval, n, median latency per query (ms), mean generated
     tokens, and gap recovered against the zero-shot and plan-in-context rows of the same task.
+    With ``latency`` (:func:`pilot.latency.latency_table`), the latency columns come from that
+    interleaved, warmed-up measurement instead of the batched evaluation's wall time.
     """
     records = []
     groups = list(predictions.groupby(["method", "task"]))
@@ -98,6 +114,11 @@ def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
             "mean_new_tokens": float(part["new_tokens"].mean()),
         })
     table = pd.DataFrame.from_records(records)
+    if latency is not None:
+        measured = latency.set_index(["method", "task"])
+        keys = list(zip(table["method"], table["task"]))
+        table["median_ms_per_query"] = [measured["median_ms_per_query"].get(k, math.nan) for k in keys]
+        table["timed_queries"] = [int(measured["timed_queries"].get(k, 0)) for k in keys]
     reference = table.set_index(["method", "task"])["accuracy"]
     table["gap_recovered"] = [
         gap_recovered(row.accuracy, reference.get((zero_shot, row.task), math.nan),

@@ -101,6 +101,27 @@ def nested_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[str
         yield run.info.run_id
 
 
+def log_params(params: Mapping[str, object]) -> None:
+    if active():
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+
+
+# How the MLflow 3 UI decides what an experiment is (tag read by its experiment page): without
+# it, an experiment may open in the GenAI view (traces, prompts) instead of runs and models.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def mark_model_training(experiment_id: str | None = None) -> None:
+    """Tag the active run's experiment (or ``experiment_id``) as model training, for the MLflow UI."""
+    run = mlflow.active_run()
+    experiment_id = experiment_id or (run.info.experiment_id if run else None)
+    if experiment_id is None:
+        return
+    client = MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     if active():
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -42,6 +42,7 @@ from pilot.config import (
     validate,
 )
 from pilot.guidance import HyperNetConfig
+from pilot import tracking
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class RunRecordHooks:
     def before_pipeline_run(self, run_params: dict[str, Any], catalog) -> None:
         if mlflow.active_run() is None:
             return
+        tracking.mark_model_training()  # experiments created before conf/base/mlflow.yml set the tag, too
         header = {key: run_params.get(key) for key in ("env", "pipeline_names", "runtime_params", "session_id")}
         document = {"run": header, "parameters": as_plain(catalog.load("parameters"))}
         mlflow.log_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=False),

@@ -15,10 +15,21 @@ import torch
 from pilot import plots, tracking
 from pilot.baselines.caa import steered
 from pilot.baselines.lora import LoraAdapter
-from pilot.config import GenerationParams, GuidanceParams
-from pilot.evaluation import answer_and_score, summarize
+from pilot.config import (
+    BaselinesParams,
+    EvaluationParams,
+    GenerationParams,
+    GuidanceParams,
+    LatentsParams,
+    Stage1Params,
+    Stage2Params,
+)
+from pilot.evaluation import answer_and_score, method_settings, summarize
 from pilot.guidance import GuidedStudent, HyperNetwork
-from pilot.models import CausalLM
+from pilot.latency import latency_table, measure_latency, method_answerers
+from pilot.latents import select_examples
+from pilot.models import CausalLM, count_parameters
+from pilot.serving import log_pilot_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,20 +89,55 @@ def evaluate_pilot_stage2(student: CausalLM, hypernet_stage2: HyperNetwork, task
     return _evaluate_pilot(student, hypernet_stage2, tasks_test, generation, "pilot_stage2")
 
 
-def build_report(*method_predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str, dict]:
+def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_plans: pd.DataFrame,
+                           lora_adapter: LoraAdapter, steering_vector: dict[str, torch.Tensor], caa_config: dict,
+                           hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwork, guidance: GuidanceParams,
+                           generation: GenerationParams, evaluation: EvaluationParams) -> pd.DataFrame:
+    """Every method's latency on the same questions, one at a time, warmed up and interleaved.
+
+    Returns:
+        ``latency_table``: median ms per query per (method, task) and overall.
+    """
+    settings = evaluation.latency
+    timed = tasks_test.groupby("task", sort=True).head(settings.questions_per_task).reset_index(drop=True)
+    plans = timed[["id"]].merge(teacher_plans[["id", "plan", "teacher_seconds"]], on="id", how="left")
+    if plans["plan"].isna().any():
+        raise ValueError("Some test queries have no teacher plan; rerun `kedro run --pipelines plans`.")
+    answerers = method_answerers(
+        student, timed["question"].tolist(), generation.max_new_tokens, plans=plans["plan"].tolist(),
+        teacher_seconds=plans["teacher_seconds"].tolist(), lora_adapter=lora_adapter,
+        steering_vector=steering_vector, caa_scale=caa_config["scale"], inject_layer=guidance.inject_layer,
+        hypernets={"pilot_stage1": hypernet_stage1, "pilot_stage2": hypernet_stage2})
+    timings = measure_latency(answerers, len(timed), settings.passes, settings.warmup_questions, progress=True)
+    table = latency_table(timings, timed["task"].tolist())
+    overall = table[table["task"] == "overall"].set_index("method")["median_ms_per_query"]
+    logger.info("Latency (median ms per query, %d questions x %d passes): %s", len(timed), settings.passes,
+                ", ".join(f"{m} {v:.2f}" for m, v in overall.items()))
+    return table
+
+
+def build_report(latency: pd.DataFrame, *method_predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str, dict]:
     """All predictions, the results table (parquet + markdown) and overall metrics.
+
+    Accuracy comes from the predictions; latency from ``latency`` (:func:`measure_method_latency`).
 
     Returns:
         ``predictions``, ``results_table``, ``results_markdown``, ``results_metrics``.
     """
     predictions = pd.concat(method_predictions, ignore_index=True)
-    table = summarize(predictions)
+    table = summarize(predictions, latency=latency)
     shown = table.copy()
     for column in ("accuracy", "ci_low", "ci_high", "gap_recovered"):
         shown[column] = shown[column].map(lambda v: f"{v:.3f}")
     shown["median_ms_per_query"] = shown["median_ms_per_query"].map(lambda v: f"{v:.2f}")
     shown["mean_new_tokens"] = shown["mean_new_tokens"].map(lambda v: f"{v:.1f}")
-    markdown = "# PILOT evaluation (test split)\n\n" + shown.to_markdown(index=False) + "\n"
+    markdown = ("# PILOT evaluation (test split)\n\n" + shown.to_markdown(index=False) + "\n\n"
+                "Latency: `median_ms_per_query` is timed apart from accuracy, on the first "
+                "`evaluation.latency.questions_per_task` test questions of each task (`timed_queries` per row): "
+                "each method answers them one at a time (batch of 1) after a shared warm-up, interleaved "
+                "round-robin with the other methods over `evaluation.latency.passes` passes; the median over "
+                "passes, then over questions. `plan_in_context` includes the teacher's recorded plan-writing "
+                "time per query.\n")
     overall = table[table["task"] == "overall"].set_index("method")
     metrics = {f"{method}_{name}": row[name] for method, row in overall.iterrows()
                for name in ("accuracy", "gap_recovered") if pd.notna(row[name])}
@@ -109,8 +155,46 @@ def plot_training(stage1_history: pd.DataFrame, stage1_validation: pd.DataFrame,
     return plots.training_curves(stage1_history, stage1_validation, stage2_history, stage2_validation)
 
 
-def log_method_runs(results_table: pd.DataFrame) -> dict:
-    """One nested MLflow run per method (tagged with it), same metric names, for the compare view.
+def describe_methods(hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwork, lora_adapter: LoraAdapter,
+                     caa_config: dict, steering_vector: dict[str, torch.Tensor], teacher_plans: pd.DataFrame,
+                     tasks_train: pd.DataFrame, tasks_val: pd.DataFrame, guidance: GuidanceParams,
+                     latents: LatentsParams, stage1: Stage1Params, stage2: Stage2Params,
+                     baselines: BaselinesParams, seed: int) -> dict[str, dict[str, str]]:
+    """What each method is, under the same keys for every method (``pilot.evaluation.METHOD_SETTINGS``).
+
+    Training steps are the configured optimizer steps behind the method (PILOT stage 2: stage 1's
+    plus its own); training data rows are the rows it learned from (stage 1 and CAA: the kept
+    teacher plans in the latent cache; LoRA and stage 2: the training split).
+
+    Returns:
+        ``method_settings``: ``{method: {setting: value as text, "" where it does not apply}}``.
+    """
+    cached = len(select_examples(teacher_plans, pd.concat([tasks_train, tasks_val]), latents.splits))
+    lora_steps = baselines.lora.training.steps or stage1.training.steps
+
+    def pilot(hypernet: HyperNetwork, steps: int, rows: int) -> dict:
+        site = hypernet.config
+        return {"trainable_parameters": count_parameters(hypernet), "guidance_reader": site.reader,
+                "guidance_read_layer": site.resolved_read_layer(), "guidance_inject_layer": site.inject_layer,
+                "guidance_scale": site.guidance_scale, "training_steps": steps, "training_data_rows": rows}
+
+    settings = {
+        "zero_shot": {"trainable_parameters": 0},
+        "plan_in_context": {"trainable_parameters": 0},
+        "lora": {"trainable_parameters": lora_adapter.num_parameters, "training_steps": lora_steps,
+                 "training_data_rows": len(tasks_train)},
+        "caa": {"trainable_parameters": int(steering_vector["vector"].numel()),
+                "guidance_inject_layer": guidance.inject_layer, "guidance_scale": caa_config["scale"],
+                "training_data_rows": cached},
+        "pilot_stage1": pilot(hypernet_stage1, stage1.training.steps, cached),
+        "pilot_stage2": pilot(hypernet_stage2, stage1.training.steps + stage2.training.steps, len(tasks_train)),
+    }
+    return {method: method_settings(method, seed=seed, **values) for method, values in settings.items()}
+
+
+def log_method_runs(results_table: pd.DataFrame, method_settings: dict[str, dict[str, str]]) -> dict:
+    """One nested MLflow run per method, for the compare view: the same metric names, and the same
+    parameter and tag keys (``method_settings``) for every method.
 
     Runs after the results table is saved, so a tracking failure cannot lose results.
 
@@ -119,9 +203,11 @@ def log_method_runs(results_table: pd.DataFrame) -> dict:
     """
     run_ids = {}
     for method, part in results_table.groupby("method", sort=False):
-        with tracking.nested_run(f"eval-{method}", tags={"method": method}) as run_id:
+        settings = method_settings.get(method) or {"method": method}
+        with tracking.nested_run(f"eval-{method}", tags=settings) as run_id:
             if run_id is None:
                 continue
+            tracking.log_params(settings)
             metrics = {}
             for row in part.itertuples():
                 metrics[f"accuracy_{row.task}"] = row.accuracy
@@ -133,3 +219,20 @@ def log_method_runs(results_table: pd.DataFrame) -> dict:
             tracking.log_metrics(metrics)
             run_ids[method] = run_id
     return run_ids
+
+
+def log_trained_model(student: CausalLM, hypernet_stage2: HyperNetwork, generation: GenerationParams,
+                      evaluation: EvaluationParams) -> dict:
+    """The trained PILOT (student + stage-2 hyper-network) as an MLflow pyfunc model, registered
+    under ``evaluation.registered_model_name``; load it with ``mlflow.pyfunc.load_model``.
+
+    Returns:
+        ``trained_model``: its run id, model URI and registered name and version (empty with tracking off).
+    """
+    info = log_pilot_model(student, hypernet_stage2, max_new_tokens=generation.max_new_tokens,
+                           batch_size=generation.batch_size, name=evaluation.model_name,
+                           registered_model_name=evaluation.registered_model_name)
+    if info:
+        logger.info("Trained PILOT logged as %s (registered: %s %s)", info["model_uri"],
+                    info["registered_model_name"] or "no", info["registered_model_version"])
+    return info
