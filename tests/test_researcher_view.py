@@ -170,6 +170,10 @@ def test_the_trained_pilot_loads_in_a_fresh_process_and_answers_like_the_evaluat
     answers = json.loads(done.stdout.split("ANSWERS", 1)[1])
     assert answers["run"] == expected
     assert answers["registry"] == expected
+    # Models from code: the logged model holds no pickled object, only files and code.
+    logged = _client(finished_run).list_artifacts(info["run_id"], "pilot")
+    assert "pilot/MLmodel" in {a.path for a in logged}
+    assert not [a.path for a in logged if a.path.endswith((".pkl", ".pickle"))]
 
 
 def _free_port() -> int:

@@ -2,7 +2,8 @@
 
 The model's artifacts are the frozen student (its ``save_pretrained`` folder), the stage-2
 hyper-network folder (weights, config and checksums) and the decoding settings; the ``pilot``
-package travels with it as code. Answers come from the same generation path as the
+package travels with it as code, and the model itself is code too (``pilot/pyfunc_entry.py``,
+MLflow's "models from code"), so nothing is pickled. Answers come from the same generation path as the
 evaluation (:func:`pilot.generation.generate`), so for the same questions they are the
 evaluation's ``pilot_stage2`` predictions::
 
@@ -108,7 +109,9 @@ def log_pilot_model(student: CausalLM, hypernet: HyperNetwork, *, max_new_tokens
         (folder / "settings.json").write_text(json.dumps({"max_new_tokens": max_new_tokens,
                                                           "batch_size": batch_size}, indent=2))
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=PilotModel(), signature=SIGNATURE, pip_requirements=_requirements(),
+            # Models from code: MLflow runs pyfunc_entry.py at load time instead of unpickling an object.
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), signature=SIGNATURE,
+            pip_requirements=_requirements(),
             artifacts={"student": str(folder / "student"), "hypernet": str(folder / "hypernet"),
                        "settings": str(folder / "settings.json")},
             code_paths=[str(folder / "pilot")], registered_model_name=registered_model_name,
