@@ -159,6 +159,17 @@ stop_pg() {
   fi
 }
 
+# The project's own services: let `kedro run --env shared` find the password (conf/shared/mlflow.yml
+# exports the pilot_services credentials as environment variables). Never for another services folder.
+register_credentials() {
+  [ -z "${PILOT_SERVICES_DIR:-}" ] || return 0
+  local credentials="$ROOT/conf/local/credentials.yml"
+  grep -qs '^pilot_services:' "$credentials" && return 0
+  mkdir -p "$ROOT/conf/local"
+  printf '\n# Written by scripts/services.sh: the local PostgreSQL password file (libpq format).\npilot_services:\n  PGPASSFILE: %s\n' "$PGPASS" >>"$credentials"
+  echo "Added the entry pilot_services (PGPASSFILE) to conf/local/credentials.yml"
+}
+
 print_env() {
   echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(mlflow_port)"
   echo "export PILOT_OPTUNA_STORAGE=postgresql+psycopg://$PG_USER@127.0.0.1:$(pg_port)/optuna"
@@ -172,6 +183,7 @@ case "${1:-}" in
     init_cluster
     start_pg
     start_mlflow
+    register_credentials
     echo "Services healthy after $(elapsed "$started") s. Clients: eval \"\$(scripts/services.sh env)\""
     ;;
   stop)
