@@ -252,3 +252,10 @@ def test_missing_services_fail_in_one_sentence_naming_make_services():
         check_storage(f"postgresql+psycopg://pilot@127.0.0.1:{port}/optuna", timeout_s=2)
     with pytest.raises(TrackingUnavailableError, match=r"unreachable .*`make services`"):
         check_tracking_store(f"http://127.0.0.1:{port}", timeout_s=2)
+
+
+def test_a_grace_period_shorter_than_the_heartbeat_is_refused():
+    from pilot.config import ParameterError, TuneParams, validate
+
+    with pytest.raises(ParameterError, match="grace_period_s=5 must exceed heartbeat_interval_s=10"):
+        validate(TuneParams, {"heartbeat_interval_s": 10, "grace_period_s": 5}, "tune")

@@ -341,6 +341,13 @@ class TuneParams(Params):
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     guidance_scale: SearchRange | None = None
 
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeat(self) -> TuneParams:
+        if self.grace_period_s is not None and self.grace_period_s <= self.heartbeat_interval_s:
+            raise ValueError(f"grace_period_s={self.grace_period_s} must exceed heartbeat_interval_s="
+                             f"{self.heartbeat_interval_s}, or every running trial would be declared dead")
+        return self
+
 
 class TrackingParams(Params):
     on_unavailable: Literal["fail", "disable"] = "fail"

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +110,13 @@ def _rdb_storage(url: str, engine_kwargs: dict, config: TuneParams) -> optuna.st
     ``retry_history`` system attribute names the trials it retries.
     """
     def storage() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval_s,
-            grace_period=config.grace_period_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry))
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.x: not news
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=config.heartbeat_interval_s,
+                                              grace_period=config.grace_period_s,
+                                              heartbeat_stale_trial_callback=retry)
 
     for attempt in range(4):
         try:
