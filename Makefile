@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser run test viz mlflow-ui clean-data
+.PHONY: install browser run test viz mlflow-ui services services-stop services-status clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ viz: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# PostgreSQL + an MLflow server on it, on 127.0.0.1, data in .services/ (see README, "Sharing
+# tracking and tuning across machines"); then `kedro run --env shared`.
+services: install
+	MLFLOW=$(BIN)/mlflow scripts/services.sh start
+
+services-stop:
+	scripts/services.sh stop
+
+services-status:
+	scripts/services.sh status
 
 clean-data:
 	find data -type f ! -name .gitkeep -delete

@@ -118,7 +118,7 @@ def test_a_misspelt_top_level_block_names_the_closest_known_one():
 def test_every_top_level_key_the_shipped_configuration_uses_is_known():
     import yaml
 
-    for env in ("base", "test"):
+    for env in ("base", "test", "shared"):
         keys = {key for file in (PACKAGE.parents[1] / "conf" / env).glob("parameters*.yml")
                 for key in (yaml.safe_load(file.read_text()) or {})}
         check_top_level(dict.fromkeys(keys, {}) | {"seed": 0})

@@ -331,9 +331,22 @@ class TuneParams(Params):
     stage2_steps: NonNegativeInt = 0
     pruner_warmup_steps: NonNegativeInt = 20
     enqueue_baseline: bool = True   # a new study's first trial is the configured (untuned) weights
+    # A running trial records a heartbeat every heartbeat_interval_s; one silent for grace_period_s
+    # (default twice the interval) belonged to a dead worker: it is marked FAIL and queued again
+    # (at most max_retry times; null: always) by the next worker that asks for a trial.
+    heartbeat_interval_s: PositiveInt = 30
+    grace_period_s: PositiveInt | None = None
+    max_retry: NonNegativeInt | None = 2
     contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     guidance_scale: SearchRange | None = None
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeat(self) -> TuneParams:
+        if self.grace_period_s is not None and self.grace_period_s <= self.heartbeat_interval_s:
+            raise ValueError(f"grace_period_s={self.grace_period_s} must exceed heartbeat_interval_s="
+                             f"{self.heartbeat_interval_s}, or every running trial would be declared dead")
+        return self
 
 
 # ---------------------------------------------------------------------------------- evaluation

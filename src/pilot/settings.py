@@ -1,5 +1,6 @@
 """Kedro project settings."""
 
+import os
 import warnings
 
 from pilot.framework.hooks import PreflightHooks, RunRecordHooks
@@ -18,4 +19,7 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
     # conf/<env> overrides individual keys of conf/base instead of whole top-level blocks.
     "merge_strategy": {"parameters": "soft", "globals": "soft"},
+    # ${env:NAME,default} in any configuration file (conf/shared reads the services' addresses so).
+    # Not Kedro's `oc.env`, which it reserves for credentials and clears after reading them.
+    "custom_resolvers": {"env": lambda name, default=None: os.environ.get(name, default)},
 }

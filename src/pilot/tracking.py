@@ -63,6 +63,8 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingUnavailableError(f"MLflow store '{uri}' is corrupted (integrity check: "
                                            f"{'; '.join(problems[:2])}); {corrupt}.")
     elif uri.startswith(("http://", "https://")):
+        fix = ("start it (`make services` for this project's local server), fix the URI in conf/<env>/mlflow.yml "
+               "or MLFLOW_TRACKING_URI, or set tracking.on_unavailable: disable")
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
                 if response.status != 200:
@@ -135,6 +137,13 @@ def optuna_callbacks(metric_name: str = "value") -> list:
 
     return [MLflowCallback(tracking_uri=mlflow.get_tracking_uri(), metric_name=metric_name,
                            create_experiment=False, mlflow_kwargs={"nested": True})]
+
+
+def log_folder(folder: Path, artifact_path: str | None = None) -> None:
+    """Every file of ``folder`` as artifacts of the active run, under ``artifact_path`` (the
+    folder's name by default), so a process with only the tracking URI can download it."""
+    if active():
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path or Path(folder).name)
 
 
 def metric_records(values: Mapping[str, float], step: int = 0) -> dict[str, dict[str, float]]:

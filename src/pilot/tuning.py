@@ -4,7 +4,9 @@ Each trial is a short run of the real stage-1 training (:func:`pilot.training.st
 optionally followed by a short stage 2) scored by validation accuracy; validation results are
 reported as intermediate values so the pruner stops bad trials early. The study lives in an
 RDB storage (SQLite under ``data/`` by default), so several processes can share it and a rerun
-continues it. A trial that raises is recorded as failed and the study goes on.
+continues it. A trial that raises is recorded as failed and the study goes on. On a database
+server (``conf/shared``: PostgreSQL) workers on several machines share one study; a worker killed
+mid-trial leaves no trial stuck RUNNING: the heartbeat marks it FAIL and it is retried.
 
 Each worker (process) samples with its own seed, derived from ``tune.sampler_seed``, the
 worker's name (``tune.worker``; host and process id by default) and how many trials that worker
@@ -21,6 +23,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
+import sqlalchemy
 import sqlalchemy.exc
 
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config, TuneParams
@@ -70,15 +74,56 @@ def worker_sampler_seed(sampler_seed: int, worker: str, previous_trials: int = 0
     return int.from_bytes(digest[:4], "little")  # numpy seeds are 32-bit
 
 
-def _rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+class StorageUnavailableError(RuntimeError):
+    """The study's database server cannot be reached or refuses this client."""
+
+
+def _masked(url: str) -> str:
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def check_storage(url: str, timeout_s: int = 5) -> None:
+    """Raise :class:`StorageUnavailableError` (one sentence) if a server-backed study storage
+    (PostgreSQL, MySQL) does not accept a connection now; SQLite files need no server."""
+    if url.startswith("sqlite"):
+        return
+    connect_args = {"connect_timeout": timeout_s} if url.startswith("postgresql") else {}
+    engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise StorageUnavailableError(
+            f"Optuna storage '{_masked(url)}' is unreachable ({reason}); start the local services with "
+            "`make services` (and set PGPASSFILE or PGPASSWORD, see README), or fix tune.storage.") from error
+    finally:
+        engine.dispose()
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, config: TuneParams) -> optuna.storages.RDBStorage:
     """The storage, created once even when several workers start together on a new database: the
-    losers of Optuna's race to write the schema version retry and find the schema in place."""
+    losers of Optuna's race to write the schema version retry and find the schema in place.
+
+    Running trials send heartbeats; the next worker to ask for a trial marks one whose worker died
+    (no heartbeat for the grace period) FAIL and queues its parameters again as a new trial, whose
+    ``retry_history`` system attribute names the trials it retries.
+    """
+    def storage() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.x: not news
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=config.heartbeat_interval_s,
+                                              grace_period=config.grace_period_s,
+                                              heartbeat_stale_trial_callback=retry)
+
     for attempt in range(4):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            return storage()
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             time.sleep(0.2 * (attempt + 1))
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return storage()
 
 
 def _create_or_load(config: TuneParams, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
@@ -107,12 +152,15 @@ def open_study(config: TuneParams, baseline: dict[str, float] | None = None) -> 
     process that creates the study, never twice when several workers start together.
     """
     url = config.storage
-    engine_kwargs = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Several processes share one SQLite file: wait for the write lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 120}}
-    storage = _rdb_storage(url, engine_kwargs)
+    else:
+        check_storage(url)
+        # A database server may drop idle connections while a long trial trains: test before use.
+        engine_kwargs = {"pool_pre_ping": True}
+    storage = _rdb_storage(url, engine_kwargs, config)
     study, created = _create_or_load(config, storage)
     if created and baseline:
         study.enqueue_trial({k: v for k, v in baseline.items() if k in TUNED_KEYS}, user_attrs={"baseline": True})

@@ -72,13 +72,15 @@ class CausalLMDataset(_FolderDataset):
 
 
 class HyperNetworkDataset(_FolderDataset):
-    """``hypernet.safetensors`` + ``hypernet_config.json``."""
+    """``hypernet.safetensors`` + ``hypernet_config.json``; once saved, also logged as artifacts of
+    the active MLflow run, under the folder's name (``hypernet_stage1/``), for download elsewhere."""
 
     def _load(self) -> HyperNetwork:
         return HyperNetwork.load(self._path, rebuild=self._rebuild)
 
     def _save(self, data: HyperNetwork) -> None:
         data.save(self._path)
+        tracking.log_folder(self._path)
 
     def _exists(self) -> bool:
         return (self._path / "hypernet.safetensors").is_file()

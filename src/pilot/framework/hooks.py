@@ -7,7 +7,8 @@
   (its typed-parameter support), so a node never parses a raw dict.
 - The MLflow store is checked: if it is unreachable or locked the run stops now, with a clear
   message, instead of after an hour of training -- or, with ``tracking.on_unavailable: disable``,
-  runs on with tracking switched off.
+  runs on with tracking switched off. A tune run's study storage on a database server
+  (``tune.storage``) must accept a connection too.
 - Each tracked run records its fully resolved parameters as one YAML artifact
   (``resolved_parameters.yml``), enough to re-create the run.
 """
@@ -36,6 +37,7 @@ from pilot.config import (
     ParameterError,
     Params,
     TrackingParams,
+    TuneParams,
     check_top_level,
     check_writable,
     output_folders,
@@ -44,6 +46,7 @@ from pilot.config import (
 from pilot.guidance import HyperNetConfig
 from pilot import tracking
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
+from pilot.tuning import check_storage
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +182,8 @@ class PreflightHooks:
             if num_layers is not None:
                 validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)
         self._check_hypernets_fit(pipeline, catalog)
+        if "tune" in wanted:  # a shared study's database server must answer before any compute
+            check_storage(validate(TuneParams, params["tune"], "tune").storage)
         # Every folder the run writes to must take files before any compute, not at the last save.
         outputs = {name: dataset._describe() for name in pipeline.all_outputs()
                    if (dataset := catalog.get(name)) is not None}
