@@ -153,3 +153,41 @@ def test_a_rerun_of_the_same_named_worker_does_not_replay_its_points(tmp_path):
     assert len(points) == 8 and len(set(points)) == 8
     assert len({t.user_attrs["sampler_seed"] for t in study.trials}) == 2
     assert {t.user_attrs["worker"] for t in study.trials} == {"a"}
+
+
+def test_a_worker_that_ends_first_reports_the_whole_study(tmp_path):
+    """Worker `fast` ends its trial while `slow` still runs one: `fast` waits, so its best weights
+    include `slow`'s (better) trial; a worker with n_trials=0 reads the same best from the study."""
+    import threading
+    import time
+
+    from pilot.config import TuneParams
+    from pilot.tuning import best_weights, tune
+
+    config = TuneParams(storage=f"sqlite:///{tmp_path}/study.db", study_name="settle", n_trials=1,
+                        enqueue_baseline=False, heartbeat_interval_s=1, grace_period_s=5)
+    started = threading.Event()
+
+    def slow(trial) -> float:
+        trial.suggest_float("contrastive_weight", 0.01, 1.0, log=True)
+        trial.suggest_float("rl_weight", 0.01, 1.0, log=True)
+        started.set()
+        time.sleep(4)
+        return 1.0
+
+    def fast(trial) -> float:
+        trial.suggest_float("contrastive_weight", 0.01, 1.0, log=True)
+        trial.suggest_float("rl_weight", 0.01, 1.0, log=True)
+        return 0.5
+
+    slow_worker = threading.Thread(target=tune, args=(slow, config.model_copy(update={"worker": "slow"})))
+    slow_worker.start()
+    assert started.wait(60)
+    study = tune(fast, config.model_copy(update={"worker": "fast"}))
+    assert not slow_worker.is_alive()  # `fast` returned only after `slow`'s trial ended
+    slow_worker.join()
+    fast_best = best_weights(study)
+    assert fast_best["best_val_accuracy"] == 1.0
+    assert study.trials[fast_best["trial"]].user_attrs["worker"] == "slow"
+    reader = tune(fast, config.model_copy(update={"worker": "reader", "n_trials": 0}))
+    assert len(reader.trials) == 2 and best_weights(reader) == fast_best

@@ -77,6 +77,27 @@ def active() -> bool:
     return mlflow.active_run() is not None
 
 
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def mark_killed(run_id: str | None) -> None:
+    """End another process's run as KILLED (its process died mid-run), if it is still RUNNING.
+
+    Best effort: a tracking server that cannot be reached only costs a warning.
+    """
+    if not run_id:
+        return
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            logger.info("MLflow run %s of the dead worker marked KILLED", run_id)
+    except Exception as error:  # noqa: BLE001 - the study goes on whatever the tracking store says
+        logger.warning("Could not mark MLflow run %s KILLED: %s", run_id, error)
+
+
 def log_history(history: pd.DataFrame, prefix: str = "", step_column: str = "step") -> None:
     """Log every numeric column of a per-step history as an MLflow metric history (batched)."""
     run = mlflow.active_run()

@@ -6,7 +6,9 @@ reported as intermediate values so the pruner stops bad trials early. The study 
 RDB storage (SQLite under ``data/`` by default), so several processes can share it and a rerun
 continues it. A trial that raises is recorded as failed and the study goes on. On a database
 server (``conf/shared``: PostgreSQL) workers on several machines share one study; a worker killed
-mid-trial leaves no trial stuck RUNNING: the heartbeat marks it FAIL and it is retried.
+mid-trial leaves no trial stuck RUNNING: the heartbeat marks it FAIL and it is retried. A worker
+that ends its own trials waits for the others' (and runs any retry left queued), so the best weights
+it returns are the whole study's, the same whichever worker finishes last.
 
 Each worker (process) samples with its own seed, derived from ``tune.sampler_seed``, the
 worker's name (``tune.worker``; host and process id by default) and how many trials that worker
@@ -34,6 +36,7 @@ import pandas as pd
 import sqlalchemy
 import sqlalchemy.exc
 
+from pilot import tracking
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config, TuneParams
 from pilot.latents import LatentCache
 from pilot.models import CausalLM
@@ -113,10 +116,17 @@ def _rdb_storage(url: str, engine_kwargs: dict, config: TuneParams) -> optuna.st
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.x: not news
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+
+            def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                logger.warning("Trial %d of worker %s stopped beating (its worker died): failed, queued again",
+                               trial.number, trial.user_attrs.get("worker", "?"))
+                tracking.mark_killed(trial.user_attrs.get("mlflow_run_id"))
+                retry(study, trial)
+
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                               heartbeat_interval=config.heartbeat_interval_s,
                                               grace_period=config.grace_period_s,
-                                              heartbeat_stale_trial_callback=retry)
+                                              heartbeat_stale_trial_callback=on_stale)
 
     for attempt in range(4):
         try:
@@ -174,10 +184,14 @@ def open_study(config: TuneParams, baseline: dict[str, float] | None = None) -> 
 
 def _recorded(objective: Callable[[optuna.Trial], float], worker: Worker) -> Callable[[optuna.Trial], float]:
     """``objective`` that first records which worker (and sampler seed) ran the trial."""
+    run_id = tracking.active_run_id()
+
     @functools.wraps(objective)
     def recorded(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker.name)
         trial.set_user_attr("sampler_seed", worker.sampler_seed)
+        if run_id:  # the worker's MLflow run: marked KILLED if this trial's worker dies
+            trial.set_user_attr("mlflow_run_id", run_id)
         return objective(trial)
 
     return recorded
@@ -232,11 +246,50 @@ def tune(objective: Callable[[optuna.Trial], float], config: TuneParams,
     the study itself measures the untuned default the same way as every tuned point.
     """
     study, worker = open_study(config, baseline)
-    study.optimize(_recorded(objective, worker), n_trials=config.n_trials, timeout=config.timeout_s,
-                   catch=(Exception,), callbacks=callbacks or [], show_progress_bar=True, gc_after_trial=True)
+    optimize = functools.partial(study.optimize, _recorded(objective, worker), catch=(Exception,),
+                                 callbacks=callbacks or [], gc_after_trial=True)
+    optimize(n_trials=config.n_trials, timeout=config.timeout_s, show_progress_bar=True)
+    settle(study, optimize, config.wait_for_workers_s)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     logger.info("Study %s: %d trials in storage (%s)", config.study_name, len(study.trials), states)
     return study
+
+
+def settle(study: optuna.Study, optimize: Callable[..., None], timeout_s: float | None) -> None:
+    """Wait until no trial of the study runs anywhere, running the retries left queued (``WAITING``)
+    here, so what this worker then reports is the whole study.
+
+    Other workers' trials keep beating while they run; one whose worker died is failed (and queued
+    again) by :func:`optuna.storages.fail_stale_trials` on the next poll. Gives up after ``timeout_s``
+    (``None``: never), warning that the result covers only the trials finished so far.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    waited = False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        queued = states.count(optuna.trial.TrialState.WAITING)
+        running = states.count(optuna.trial.TrialState.RUNNING)
+        if queued:
+            logger.info("Running %d queued (retried) trial(s) left in the study", queued)
+            optimize(n_trials=queued)
+            continue
+        if not running:
+            if waited:
+                logger.info("Every worker's trials ended: %d trials in the study", len(states))
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            logger.warning("%d trial(s) of other workers still run after %.0f s; reporting the study's %d "
+                           "finished trials (raise tune.wait_for_workers_s to wait longer)",
+                           running, timeout_s, len(states) - running)
+            return
+        if not waited:
+            logger.info("Waiting for %d trial(s) running in other workers, so the best weights are the "
+                        "whole study's", running)
+            waited = True
+        time.sleep(2.0)
 
 
 def best_weights(study: optuna.Study) -> dict:
