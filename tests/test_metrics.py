@@ -54,7 +54,8 @@ def test_gap_recovered():
     assert gap_recovered(0.9, 0.2, 0.7) == pytest.approx(1.4)     # beyond plan-in-context: above one
     assert gap_recovered(0.2, 0.2, 0.7) == 0.0 and gap_recovered(0.7, 0.2, 0.7) == pytest.approx(1.0)
     assert math.isnan(gap_recovered(0.5, 0.4, 0.4))               # no plan gap
-    assert gap_recovered(0.3, 0.5, 0.4) == pytest.approx(2.0)     # plans hurt: the ratio is still defined
+    assert math.isnan(gap_recovered(0.3, 0.5, 0.4))               # plans hurt: undefined, not +2.0
+    assert math.isnan(gap_recovered(0.6, 0.5, 0.4))               # nor -1.0 for a method above zero-shot
 
 
 def _predictions() -> pd.DataFrame:
@@ -105,3 +106,15 @@ def test_summarize_without_reference_methods_gives_nan_gap():
     table = summarize(only_lora)
     assert len(table) == 3 and table["gap_recovered"].isna().all()
     assert table.set_index("task").loc["A", "accuracy"] == pytest.approx(0.5)
+
+
+def test_a_task_where_the_plan_hurts_reports_no_gap_recovered(caplog):
+    predictions = _predictions()
+    flipped = predictions["task"].eq("B") & predictions["method"].isin(["zero_shot", "plan_in_context"])
+    predictions.loc[flipped, "correct"] = ~predictions.loc[flipped, "correct"]  # zero-shot 2/2, plan 0/2
+    with caplog.at_level("WARNING", logger="pilot.evaluation"):
+        table = summarize(predictions).set_index(["method", "task"])
+    assert table.loc[[("zero_shot", "B"), ("plan_in_context", "B"), ("lora", "B")], "gap_recovered"].isna().all()
+    assert table.loc[("lora", "A"), "gap_recovered"] == pytest.approx(0.5)  # other tasks unaffected
+    assert "Task B: plan-in-context does not beat zero-shot (plan gap -1.000)" in caplog.text
+    assert "Task A" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -12,6 +13,8 @@ from pilot.generation import Guidance, generate
 from pilot.models import CausalLM
 from pilot.prompts import answer_prompt
 from pilot.verifier import score_answers
+
+logger = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("method", "id", "task", "prediction", "correct", "new_tokens", "seconds_per_query")
 
@@ -87,9 +90,11 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 
 
 def gap_recovered(acc: float, acc_zero_shot: float, acc_plan: float) -> float:
-    """(acc - acc_zero_shot) / (acc_plan_in_context - acc_zero_shot); NaN without a plan gap."""
+    """(acc - acc_zero_shot) / (acc_plan_in_context - acc_zero_shot); NaN without a positive plan
+    gap: when the plan does not help, "how much of the gap" has no meaning (a negative gap would turn
+    methods below zero-shot into positive recoveries)."""
     gap = acc_plan - acc_zero_shot
-    return (acc - acc_zero_shot) / gap if abs(gap) > 1e-12 else math.nan
+    return (acc - acc_zero_shot) / gap if gap > 1e-12 else math.nan
 
 
 def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
@@ -120,6 +125,11 @@ def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
         table["median_ms_per_query"] = [measured["median_ms_per_query"].get(k, math.nan) for k in keys]
         table["timed_queries"] = [int(measured["timed_queries"].get(k, 0)) for k in keys]
     reference = table.set_index(["method", "task"])["accuracy"]
+    for task in table["task"].unique():
+        gap = reference.get((plan_in_context, task), math.nan) - reference.get((zero_shot, task), math.nan)
+        if gap <= 1e-12:  # NaN (no rows to compare) stays silent
+            logger.warning("Task %s: plan-in-context does not beat zero-shot (plan gap %+.3f), so gap_recovered "
+                           "is undefined (NaN) there; PILOT has nothing to imitate on it.", task, gap)
     table["gap_recovered"] = [
         gap_recovered(row.accuracy, reference.get((zero_shot, row.task), math.nan),
                       reference.get((plan_in_context, row.task), math.nan))
