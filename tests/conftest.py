@@ -56,6 +56,18 @@ def tiny_lm(tokenizer):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def stage1_inputs(lm, task_table: pd.DataFrame, tmp_path: Path):
+    """Oracle plans for every row, a small guidance site, and their latent cache in ``tmp_path/cache``."""
+    from pilot.config import GuidanceParams, LatentsParams
+    from pilot.latents import plan_cache_build, write_cache
+
+    plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
+    site = GuidanceParams(mlp_hidden=16, attention_heads=2)
+    latents = LatentsParams(shard_size=64)
+    write_cache(plan_cache_build(plans, task_table, lm, site, latents), tmp_path / "cache")
+    return plans, site, latents
+
+
 def make_project(tmp_path: Path) -> Path:
     """A copy of the project's configuration in a fresh folder (its own data/ and mlflow.db)."""
     project = tmp_path / "project"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pilot.checkpoint import KEEP_RUNS, CheckpointDeleteError, CheckpointManager, find_checkpoints
-from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config
-from pilot.latents import LatentCache, plan_cache_build, write_cache
+from pilot.config import GenerationParams, Stage1Config
+from pilot.latents import LatentCache
 from pilot.training.stage1 import run_stage1
-from tests.conftest import read_only
+from tests.conftest import read_only, stage1_inputs
 
 GEN = GenerationParams(max_new_tokens=4, batch_size=16)
 
@@ -65,21 +65,13 @@ def test_each_run_keeps_its_own_folder_and_only_the_oldest_runs_are_pruned(tmp_p
     assert [p.parent.name for p in find_checkpoints(root)] == ["bbbb", "cccc"]
 
 
-def _stage1_inputs(lm, task_table, tmp_path):
-    plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
-    site = GuidanceParams(mlp_hidden=16, attention_heads=2)
-    latents = LatentsParams(shard_size=64)
-    write_cache(plan_cache_build(plans, task_table, lm, site, latents), tmp_path / "cache")
-    return plans, site, latents
-
-
 class Interrupted(Exception):
     pass
 
 
 def test_a_run_with_other_settings_that_stops_at_step_0_keeps_the_previous_runs_checkpoints(tiny_lm, task_table,
                                                                                            tmp_path):
-    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     val = task_table[task_table["split"] == "val"].head(4)
     config = Stage1Config(steps=6, batch_size=4, rl_weight=0, eval_every=3, checkpoint_every=2)
     directory = str(tmp_path / "ckpt")
@@ -109,7 +101,7 @@ def test_a_run_with_other_settings_that_stops_at_step_0_keeps_the_previous_runs_
 
 
 def test_a_fresh_start_that_cannot_delete_old_checkpoints_fails_naming_the_folder(tiny_lm, task_table, tmp_path):
-    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     val = task_table[task_table["split"] == "val"].head(4)
     config = Stage1Config(steps=4, batch_size=4, rl_weight=0, eval_every=4, checkpoint_every=2)
     directory = tmp_path / "ckpt"

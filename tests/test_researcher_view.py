@@ -156,6 +156,18 @@ print("ANSWERS" + json.dumps({"run": list(by_run), "registry": list(by_registry)
 """
 
 
+def _stop(server: subprocess.Popen, log) -> None:
+    """Stop a server started in its own process group (SIGTERM, then SIGKILL) and close its log."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    log.close()
+
+
 def test_the_trained_pilot_loads_in_a_fresh_process_and_answers_like_the_evaluation(finished_run):
     info = json.loads((finished_run / "data/08_reporting/trained_model.json").read_text())
     assert info["model_uri"].endswith("/pilot") and info["registered_model_name"] == "pilot"
@@ -215,14 +227,7 @@ def test_mlflow_models_serve_answers_questions_over_http(finished_run, tmp_path)
         assert set(reply) == {"predictions"}
         assert len(reply["predictions"]) == 3 and all(isinstance(a, str) for a in reply["predictions"])
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        _stop(server, log)
 
 
 def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_path):
@@ -265,11 +270,4 @@ def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_pa
             (ROOT / "docs").mkdir(exist_ok=True)
             shutil.copy(screenshot, ROOT / "docs" / "mlflow_compare.png")
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        _stop(server, log)

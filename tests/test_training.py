@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pilot.checkpoint import CheckpointManager, CorruptCheckpointError, find_checkpoints
-from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config
+from pilot.config import GenerationParams, Stage1Config, Stage2Config
 from pilot.guidance import HyperNetwork
-from pilot.latents import LatentCache, plan_cache_build, write_cache
+from pilot.latents import LatentCache
 from pilot.training.engine import NonFiniteLossError
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2
+from tests.conftest import stage1_inputs
 
 JOB = Path(__file__).parent / "jobs" / "stage1_job.py"
 GEN = GenerationParams(max_new_tokens=4, batch_size=16)
@@ -62,14 +63,6 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(workdir, tmp_path_f
                                   pd.read_parquet(reference / "history.parquet"))
 
 
-def _stage1_inputs(lm, task_table, tmp_path):
-    plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
-    site = GuidanceParams(mlp_hidden=16, attention_heads=2)
-    latents = LatentsParams(shard_size=64)
-    write_cache(plan_cache_build(plans, task_table, lm, site, latents), tmp_path / "cache")
-    return plans, site, latents
-
-
 def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_injector(tiny_lm, task_table,
                                                                                       tmp_path):
     from pilot.guidance import GuidedStudent, interventions, make_hypernet
@@ -77,7 +70,7 @@ def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_i
     from pilot.training.engine import train
     from pilot.training.stage1 import loop_settings, stage1_objective
 
-    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     cache = LatentCache(tmp_path / "cache").load()
     cache["target_states"][:] = float("inf")  # e.g. a corrupt, overflowing cache
     examples = task_table[task_table["split"] == "train"].assign(plan=lambda f: f["oracle_plan"]).sort_values("id")
@@ -93,7 +86,7 @@ def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_i
 
 
 def test_a_corrupted_checkpoint_is_reported_with_its_path(tiny_lm, task_table, tmp_path):
-    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     config = Stage1Config(steps=4, batch_size=4, rl_weight=0, eval_every=4, checkpoint_every=2)
     val = task_table[task_table["split"] == "val"].head(4)
     run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents, config, GEN,
@@ -106,7 +99,7 @@ def test_a_corrupted_checkpoint_is_reported_with_its_path(tiny_lm, task_table, t
 
 
 def test_stage1_refuses_a_stale_cache(tiny_lm, task_table, tmp_path):
-    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     moved = site.model_copy(update={"inject_layer": 1})
     from pilot.latents import StaleCacheError
 
@@ -116,7 +109,7 @@ def test_stage1_refuses_a_stale_cache(tiny_lm, task_table, tmp_path):
 
 
 def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_path):
-    plans, site, latents = _stage1_inputs(tiny_lm, task_table, tmp_path)
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     val = task_table[task_table["split"] == "val"]
     first = run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents,
                        Stage1Config(steps=6, batch_size=8, rl_every=2, rl_batch=2, rl_samples=2, eval_every=3), GEN)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pilot.artifacts import sha256_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,14 +69,6 @@ def find_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     runs = [directory, *(p for p in directory.iterdir() if p.is_dir())] if directory.is_dir() else []
     return sorted((step for run in runs for step in _step_folders(run)), key=lambda p: (p.name, str(p)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -150,7 +144,7 @@ class CheckpointManager:
             "history": history,
             "extra": extra or {},
             "fingerprint": self.fingerprint,
-            "sha256": {name: _sha256(tmp / name) for name in ("weights.safetensors", "optimizer.safetensors")},
+            "sha256": {name: sha256_file(tmp / name) for name in ("weights.safetensors", "optimizer.safetensors")},
         }
         (tmp / "state.json").write_text(json.dumps(state))
         for file in tmp.iterdir():
@@ -211,7 +205,7 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"Checkpoint '{path}' has no readable state.json ({error}).") from error
         for name, expected in state.get("sha256", {}).items():
             file = path / name
-            if not file.is_file() or _sha256(file) != expected:
+            if not file.is_file() or sha256_file(file) != expected:
                 raise CorruptCheckpointError(
                     f"Checkpoint file '{file}' is missing or corrupted (checksum mismatch); delete "
                     f"'{path}' to resume from the previous checkpoint, or rerun from scratch."
