@@ -226,3 +226,29 @@ def test_same_seed_same_metrics_other_seed_other_metrics(finished_run, tmp_path_
     other_results, other_history = metrics(other)
     assert not first_history["total"].equals(other_history["total"])
     assert not first_results["accuracy"].equals(other_results["accuracy"])
+
+
+def test_processes_starting_together_on_a_new_store_create_one_experiment(tmp_path):
+    """kedro-mlflow looks the experiment up, then creates it: parallel workers on a new store raced
+    (RESOURCE_ALREADY_EXISTS). ensure_experiment, run by the preflight hook first, has no window."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pilot.tracking import ensure_experiment
+    from tests.conftest import same_code_env
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_experiment(uri, "warm-up")  # the schema exists before the race, as on a running server
+    script = ("import sys; from pilot.tracking import ensure_experiment; "
+              "ensure_experiment(sys.argv[1], 'pilot', {'mlflow.experimentKind': 'custom_model_development'})")
+    workers = [subprocess.Popen([sys.executable, "-c", script, uri], env=same_code_env(), stderr=subprocess.PIPE,
+                                text=True) for _ in range(4)]
+    errors = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4, errors
+    ensure_experiment(uri, "pilot")  # and once more, after the fact
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e for e in client.search_experiments() if e.name == "pilot"]
+    assert len(experiments) == 1
+    assert experiments[0].tags["mlflow.experimentKind"] == "custom_model_development"

@@ -134,6 +134,20 @@ def log_params(params: Mapping[str, object]) -> None:
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
+def ensure_experiment(uri: str, name: str, tags: Mapping[str, str] | None = None) -> None:
+    """Create the experiment ``name`` unless it exists, safe when several processes start at once.
+
+    kedro-mlflow looks the experiment up, then creates it: two workers starting together on a new
+    tracking server both see none and the second creation fails (RESOURCE_ALREADY_EXISTS). Creating
+    first and taking "already exists" as success has no such window.
+    """
+    try:
+        MlflowClient(tracking_uri=uri).create_experiment(name, tags=dict(tags or {}))
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def mark_model_training(experiment_id: str | None = None) -> None:
     """Tag the active run's experiment (or ``experiment_id``) as model training, for the MLflow UI."""
     run = mlflow.active_run()

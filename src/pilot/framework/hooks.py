@@ -139,11 +139,11 @@ class PreflightHooks:
         uri = _tracking_uri(context)
         if uri is None:
             return
-        tracking = validated.get("tracking", TrackingParams())
+        tracking_params = validated.get("tracking", TrackingParams())
         try:
             check_tracking_store(uri)
         except TrackingUnavailableError as error:
-            if tracking.on_unavailable == "fail":
+            if tracking_params.on_unavailable == "fail":
                 raise
             logger.warning("%s Tracking is disabled for this run (tracking.on_unavailable: disable).", error)
             # kedro-mlflow still sets itself up at start; point it at a throwaway store and
@@ -152,6 +152,12 @@ class PreflightHooks:
             os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'unused.db'}"
             context.config_loader.config_patterns["mlflow"] = ["__tracking_disabled__"]
             self._tracking_disabled = True
+            return
+        # kedro-mlflow creates the experiment racily; parallel tune workers on a new server must not fail
+        experiment = (context.config_loader["mlflow"].get("tracking") or {}).get("experiment") or {}
+        if experiment.get("name"):
+            tracking.ensure_experiment(uri, experiment["name"],
+                                       (experiment.get("create_experiment_kwargs") or {}).get("tags"))
 
     @staticmethod
     def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
