@@ -191,3 +191,5 @@ def test_a_worker_that_ends_first_reports_the_whole_study(tmp_path):
     assert study.trials[fast_best["trial"]].user_attrs["worker"] == "slow"
     reader = tune(fast, config.model_copy(update={"worker": "reader", "n_trials": 0}))
     assert len(reader.trials) == 2 and best_weights(reader) == fast_best
+    with pytest.raises(RuntimeError, match="Study 'typo' does not exist .* only reads a study"):
+        tune(fast, config.model_copy(update={"study_name": "typo", "n_trials": 0}))

@@ -328,7 +328,7 @@ class SearchRange(Params):
 class TuneParams(Params):
     study_name: str = "pilot-stage1-loss-balance"
     storage: str = "sqlite:///data/07_model_output/optuna.db"
-    n_trials: NonNegativeInt = 12  # 0: run no trial, only report the study's best
+    n_trials: NonNegativeInt = 12  # 0: run no trial, only read an existing study's best
     timeout_s: PositiveInt | None = None
     sampler_seed: int = 0
     # This process's name in a study shared by several workers; its sampler seed is derived from
@@ -346,8 +346,8 @@ class TuneParams(Params):
     heartbeat_interval_s: PositiveInt = 30
     grace_period_s: PositiveInt | None = None
     max_retry: NonNegativeInt | None = 2
-    # A worker that ran its trials waits (at most this long; null: no limit) for those still running
-    # in other workers, so the best weights it writes are the whole study's.
+    # A worker that ran its trials waits (at most this long; null: no limit) for the trials other
+    # workers are running at that moment, so the best weights it writes include them.
     wait_for_workers_s: NonNegativeInt | None = 3600
     contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)

@@ -134,7 +134,8 @@ def log_params(params: Mapping[str, object]) -> None:
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
-def ensure_experiment(uri: str, name: str, tags: Mapping[str, str] | None = None) -> None:
+def ensure_experiment(uri: str, name: str, tags: Mapping[str, str] | None = None,
+                      artifact_location: str | None = None) -> None:
     """Create the experiment ``name`` unless it exists, safe when several processes start at once.
 
     kedro-mlflow looks the experiment up, then creates it: two workers starting together on a new
@@ -142,7 +143,8 @@ def ensure_experiment(uri: str, name: str, tags: Mapping[str, str] | None = None
     first and taking "already exists" as success has no such window.
     """
     try:
-        MlflowClient(tracking_uri=uri).create_experiment(name, tags=dict(tags or {}))
+        MlflowClient(tracking_uri=uri).create_experiment(name, artifact_location=artifact_location,
+                                                         tags=dict(tags or {}))
     except mlflow.exceptions.MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -7,8 +7,8 @@ RDB storage (SQLite under ``data/`` by default), so several processes can share 
 continues it. A trial that raises is recorded as failed and the study goes on. On a database
 server (``conf/shared``: PostgreSQL) workers on several machines share one study; a worker killed
 mid-trial leaves no trial stuck RUNNING: the heartbeat marks it FAIL and it is retried. A worker
-that ends its own trials waits for the others' (and runs any retry left queued), so the best weights
-it returns are the whole study's, the same whichever worker finishes last.
+that ends its own trials waits for those the others are running, so its best weights include them;
+with ``tune.n_trials=0`` a process runs no trial and only reads the study's best.
 
 Each worker (process) samples with its own seed, derived from ``tune.sampler_seed``, the
 worker's name (``tune.worker``; host and process id by default) and how many trials that worker
@@ -118,10 +118,13 @@ def _rdb_storage(url: str, engine_kwargs: dict, config: TuneParams) -> optuna.st
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
 
             def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-                logger.warning("Trial %d of worker %s stopped beating (its worker died): failed, queued again",
-                               trial.number, trial.user_attrs.get("worker", "?"))
+                retries = len(trial.system_attrs.get("retry_history", [])) + 1  # (retry() appends to it)
+                retry(study, trial)  # before tracking: a slow tracking server must not delay the requeue
+                requeued = config.max_retry is None or retries <= config.max_retry
+                logger.warning("Trial %d of worker %s stopped beating (its worker died): failed%s", trial.number,
+                               trial.user_attrs.get("worker", "?"),
+                               ", its point queued again" if requeued else f", not retried (tune.max_retry={config.max_retry})")
                 tracking.mark_killed(trial.user_attrs.get("mlflow_run_id"))
-                retry(study, trial)
 
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                               heartbeat_interval=config.heartbeat_interval_s,
@@ -171,6 +174,14 @@ def open_study(config: TuneParams, baseline: dict[str, float] | None = None) -> 
         # A database server may drop idle connections while a long trial trains: test before use.
         engine_kwargs = {"pool_pre_ping": True}
     storage = _rdb_storage(url, engine_kwargs, config)
+    if not config.n_trials:  # a reader: the study must exist, and nothing is queued or run
+        try:
+            study = optuna.load_study(study_name=config.study_name, storage=storage)
+        except KeyError as error:
+            raise RuntimeError(f"Study '{config.study_name}' does not exist in {_masked(url)}; tune.n_trials=0 only "
+                               "reads a study: run `kedro run --pipelines tune` first, or fix tune.study_name "
+                               "/ tune.storage.") from error
+        return study, Worker(worker_name(config), config.sampler_seed)
     study, created = _create_or_load(config, storage)
     if created and baseline:
         study.enqueue_trial({k: v for k, v in baseline.items() if k in TUNED_KEYS}, user_attrs={"baseline": True})
@@ -246,50 +257,42 @@ def tune(objective: Callable[[optuna.Trial], float], config: TuneParams,
     the study itself measures the untuned default the same way as every tuned point.
     """
     study, worker = open_study(config, baseline)
-    optimize = functools.partial(study.optimize, _recorded(objective, worker), catch=(Exception,),
-                                 callbacks=callbacks or [], gc_after_trial=True)
-    optimize(n_trials=config.n_trials, timeout=config.timeout_s, show_progress_bar=True)
-    settle(study, optimize, config.wait_for_workers_s)
+    if config.n_trials:
+        study.optimize(_recorded(objective, worker), n_trials=config.n_trials, timeout=config.timeout_s,
+                       catch=(Exception,), callbacks=callbacks or [], show_progress_bar=True, gc_after_trial=True)
+    settle(study, config.wait_for_workers_s)
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     logger.info("Study %s: %d trials in storage (%s)", config.study_name, len(study.trials), states)
     return study
 
 
-def settle(study: optuna.Study, optimize: Callable[..., None], timeout_s: float | None) -> None:
-    """Wait until no trial of the study runs anywhere, running the retries left queued (``WAITING``)
-    here, so what this worker then reports is the whole study.
+def settle(study: optuna.Study, timeout_s: float | None) -> None:
+    """Wait for the trials other workers are running now, so what this worker reports includes them.
 
-    Other workers' trials keep beating while they run; one whose worker died is failed (and queued
-    again) by :func:`optuna.storages.fail_stale_trials` on the next poll. Gives up after ``timeout_s``
-    (``None``: never), warning that the result covers only the trials finished so far.
+    A trial of a worker that died meanwhile stops beating: :func:`optuna.storages.fail_stale_trials`
+    marks it FAIL on a later poll (and queues its point again, for the next worker that runs trials).
+    Gives up after ``timeout_s`` (``None``: never), warning that those trials are not included.
     """
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    if running:
+        logger.info("Waiting for %d trial(s) running in other workers (%s), so the best weights include them",
+                    len(running), sorted(running))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    waited = False
-    while True:
+    while running:
+        time.sleep(2.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        queued = states.count(optuna.trial.TrialState.WAITING)
-        running = states.count(optuna.trial.TrialState.RUNNING)
-        if queued:
-            logger.info("Running %d queued (retried) trial(s) left in the study", queued)
-            optimize(n_trials=queued)
-            continue
-        if not running:
-            if waited:
-                logger.info("Every worker's trials ended: %d trials in the study", len(states))
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        running &= still
+        if running and deadline is not None and time.monotonic() > deadline:
+            logger.warning("Trial(s) %s of other workers still run after %.0f s; the best weights leave them out "
+                           "(raise tune.wait_for_workers_s to wait longer)", sorted(running), timeout_s)
             return
-        if deadline is not None and time.monotonic() > deadline:
-            logger.warning("%d trial(s) of other workers still run after %.0f s; reporting the study's %d "
-                           "finished trials (raise tune.wait_for_workers_s to wait longer)",
-                           running, timeout_s, len(states) - running)
-            return
-        if not waited:
-            logger.info("Waiting for %d trial(s) running in other workers, so the best weights are the "
-                        "whole study's", running)
-            waited = True
-        time.sleep(2.0)
+    queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    if queued:
+        logger.warning("%d queued trial(s) (retries of dead workers' trials) are not evaluated yet: the next "
+                       "`kedro run --pipelines tune` with tune.n_trials > 0 runs them first", queued)
 
 
 def best_weights(study: optuna.Study) -> dict:

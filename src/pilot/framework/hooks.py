@@ -154,10 +154,13 @@ class PreflightHooks:
             self._tracking_disabled = True
             return
         # kedro-mlflow creates the experiment racily; parallel tune workers on a new server must not fail
-        experiment = (context.config_loader["mlflow"].get("tracking") or {}).get("experiment") or {}
+        try:
+            experiment = (context.config_loader["mlflow"].get("tracking") or {}).get("experiment") or {}
+        except MissingConfigException:
+            experiment = {}
         if experiment.get("name"):
-            tracking.ensure_experiment(uri, experiment["name"],
-                                       (experiment.get("create_experiment_kwargs") or {}).get("tags"))
+            create = experiment.get("create_experiment_kwargs") or {}
+            tracking.ensure_experiment(uri, experiment["name"], create.get("tags"), create.get("artifact_location"))
 
     @staticmethod
     def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
