@@ -10,6 +10,7 @@ is the median over passes and questions.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,11 +56,7 @@ def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens
     """The evaluated methods as answerers: zero-shot, plan-in-context (plus the teacher's recorded
     plan-writing time), LoRA, CAA and each PILOT hyper-network in ``hypernets`` (by method name)."""
     lora = lora_adapter.attach(student)
-
-    @contextmanager
-    def caa() -> Iterator[Guidance]:
-        with steered(student, steering_vector, inject_layer, caa_scale, 1) as guidance:
-            yield guidance
+    caa = functools.partial(steered, student, steering_vector, inject_layer, caa_scale, 1)  # one prompt per call
 
     def pilot(hypernet: HyperNetwork):
         @contextmanager
@@ -114,8 +111,6 @@ def latency_table(timings: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     ``tasks[i]`` is the task of question ``i``.
     """
     frame = timings.assign(task=[tasks[i] for i in timings["question"]], ms=1000 * timings["seconds"])
-    per_task = frame.groupby(["method", "task"], as_index=False).agg(median_ms_per_query=("ms", "median"),
-                                                                      timed_queries=("ms", "size"))
-    overall = frame.groupby("method", as_index=False).agg(median_ms_per_query=("ms", "median"),
-                                                          timed_queries=("ms", "size")).assign(task="overall")
-    return pd.concat([per_task, overall], ignore_index=True)[["method", "task", "median_ms_per_query", "timed_queries"]]
+    frame = pd.concat([frame, frame.assign(task="overall")], ignore_index=True)
+    return frame.groupby(["method", "task"], as_index=False).agg(median_ms_per_query=("ms", "median"),
+                                                                 timed_queries=("ms", "size"))

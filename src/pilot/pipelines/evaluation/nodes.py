@@ -42,6 +42,14 @@ def _answer(student: CausalLM, tasks_test: pd.DataFrame, generation: GenerationP
     return predictions
 
 
+def _plans_for(rows: pd.DataFrame, teacher_plans: pd.DataFrame) -> pd.DataFrame:
+    """The teacher's plan and plan-writing time for each of ``rows``, in their order."""
+    plans = rows[["id"]].merge(teacher_plans[["id", "plan", "teacher_seconds"]], on="id", how="left")
+    if plans["plan"].isna().any():
+        raise ValueError("Some test queries have no teacher plan; rerun `kedro run --pipelines plans`.")
+    return plans
+
+
 def evaluate_zero_shot(student: CausalLM, tasks_test: pd.DataFrame, generation: GenerationParams) -> pd.DataFrame:
     """The frozen student alone."""
     return _answer(student, tasks_test, generation, "zero_shot")
@@ -50,9 +58,7 @@ def evaluate_zero_shot(student: CausalLM, tasks_test: pd.DataFrame, generation: 
 def evaluate_plan_in_context(student: CausalLM, tasks_test: pd.DataFrame, teacher_plans: pd.DataFrame,
                              generation: GenerationParams) -> pd.DataFrame:
     """The student with the teacher's plan for each test query; latency includes the teacher's."""
-    plans = tasks_test[["id"]].merge(teacher_plans[["id", "plan", "teacher_seconds"]], on="id", how="left")
-    if plans["plan"].isna().any():
-        raise ValueError("Some test queries have no teacher plan; rerun `kedro run --pipelines plans`.")
+    plans = _plans_for(tasks_test, teacher_plans)
     return _answer(student, tasks_test, generation, "plan_in_context", plans=plans["plan"].tolist(),
                    extra_seconds=plans["teacher_seconds"].tolist())
 
@@ -100,9 +106,7 @@ def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_
     """
     settings = evaluation.latency
     timed = tasks_test.groupby("task", sort=True).head(settings.questions_per_task).reset_index(drop=True)
-    plans = timed[["id"]].merge(teacher_plans[["id", "plan", "teacher_seconds"]], on="id", how="left")
-    if plans["plan"].isna().any():
-        raise ValueError("Some test queries have no teacher plan; rerun `kedro run --pipelines plans`.")
+    plans = _plans_for(timed, teacher_plans)
     answerers = method_answerers(
         student, timed["question"].tolist(), generation.max_new_tokens, plans=plans["plan"].tolist(),
         teacher_seconds=plans["teacher_seconds"].tolist(), lora_adapter=lora_adapter,
