@@ -106,7 +106,8 @@ def check_storage(url: str, timeout_s: int = 5) -> None:
 
 def _rdb_storage(url: str, engine_kwargs: dict, config: TuneParams) -> optuna.storages.RDBStorage:
     """The storage, created once even when several workers start together on a new database: the
-    losers of Optuna's race to write the schema version retry and find the schema in place.
+    losers of Optuna's race to create the tables and write the schema version retry and find the
+    schema in place.
 
     Running trials send heartbeats; the next worker to ask for a trial marks one whose worker died
     (no heartbeat for the grace period) FAIL and queues its parameters again as a new trial, whose
@@ -134,7 +135,8 @@ def _rdb_storage(url: str, engine_kwargs: dict, config: TuneParams) -> optuna.st
     for attempt in range(4):
         try:
             return storage()
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        # SQLite: "database is locked"; PostgreSQL: DuplicateTable / UniqueViolation from concurrent CREATE TABLE
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
             time.sleep(0.2 * (attempt + 1))
     return storage()
 
