@@ -135,8 +135,9 @@ def test_float16_storage_is_smaller_and_close(tiny_lm, plans, task_table, tmp_pa
 
 
 def test_no_kept_plans_is_a_clear_error(tiny_lm, plans, task_table):
-    with pytest.raises(ValueError, match="No kept plans"):
-        _build(tiny_lm, plans.assign(kept=False), task_table)
+    # The message says why nothing was kept and what to change (plans.teacher=oracle would not help).
+    with pytest.raises(ValueError, match=r"No kept plans(.|\n)*0 of \d+ plans(.|\n)*plans.keep=all"):
+        _build(tiny_lm, plans.assign(kept=False, verified=False, teacher="hf"), task_table)
 
 
 def test_cached_and_recomputed_batches_agree(tiny_lm, plans, task_table, tmp_path):

@@ -9,14 +9,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from pilot.answers import extract_answer
 from pilot.generation import Guidance, generate
 from pilot.models import CausalLM
-from pilot.prompts import answer_prompt
+from pilot.prompts import prompt_format
 from pilot.verifier import score_answers
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("method", "id", "task", "prediction", "correct", "new_tokens", "seconds_per_query")
+PREDICTION_COLUMNS = ("method", "id", "task", "prediction", "reply", "correct", "new_tokens", "seconds_per_query")
 
 
 def answer_and_score(
@@ -30,17 +31,23 @@ def answer_and_score(
     method: str = "",
     progress: str | None = None,
     extra_seconds: Sequence[float] | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Answer every row (optionally with plans in context or guidance) and verify the answers.
 
-    ``extra_seconds`` adds a per-row cost paid outside the student, e.g. the teacher writing the
-    plan at run time for plan-in-context.
+    Prompts come from the student's format (:func:`pilot.prompts.prompt_format`); each reply is
+    read by its row's ``extract`` rule (:func:`pilot.answers.extract_answer`; ``first_line`` when
+    the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
+    cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
     """
     questions = rows["question"].tolist()
-    prompts = [answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
+    fmt = prompt_format(student.tokenizer)
+    prompts = [fmt.answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
     result = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      guidance=guidance, progress=progress)
-    rewards = score_answers(rows["task"].tolist(), result.answers, rows["answer"].tolist(),
+                      guidance=guidance, progress=progress, stop_strings=stop_strings)
+    rules = rows["extract"].tolist() if "extract" in rows else ["first_line"] * len(rows)
+    answers = [extract_answer(text, rule) for text, rule in zip(result.answers, rules)]
+    rewards = score_answers(rows["task"].tolist(), answers, rows["answer"].tolist(),
                             rows["metadata"].tolist(), questions)
     seconds = np.asarray(result.seconds_per_query)
     if extra_seconds is not None:
@@ -49,7 +56,8 @@ def answer_and_score(
         "method": method,
         "id": rows["id"].to_numpy(),
         "task": rows["task"].to_numpy(),
-        "prediction": result.answers,
+        "prediction": answers,
+        "reply": result.answers,
         "correct": np.asarray(rewards) == 1.0,
         "new_tokens": result.new_tokens,
         "seconds_per_query": seconds,

@@ -24,7 +24,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pilot.guidance import Guidance, capture_layers
 from pilot.models import CausalLM
-from pilot.prompts import first_line
+from pilot.prompts import first_line, prompt_format
 
 
 @dataclass
@@ -34,10 +34,13 @@ class GenerationResult:
     batch_seconds: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     guidance_vectors: torch.Tensor | None = None
+    line_answers: bool = True            # the toy format: the answer is the first line
 
     @property
     def answers(self) -> list[str]:
-        return [first_line(text) for text in self.texts]
+        """The replies as answers: their first line in the toy format, the whole reply otherwise
+        (:func:`pilot.answers.extract_answer` then reads a chain-of-thought reply by its task's rule)."""
+        return [first_line(text) if self.line_answers else text.strip() for text in self.texts]
 
     @property
     def seconds_per_query(self) -> list[float]:
@@ -46,18 +49,30 @@ class GenerationResult:
 
 
 @lru_cache(maxsize=8)
-def _stop_ids_cached(tokenizer_id: int, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    # A line ends the answer: stop at end-of-sequence or at any token whose text has a newline.
-    vocab = tokenizer.get_vocab()
-    ids = {tokenizer.eos_token_id}
-    for token_id in vocab.values():
-        if "\n" in tokenizer.decode([token_id]):
-            ids.add(token_id)
+def _stop_ids_cached(tokenizer_id: int, tokenizer: PreTrainedTokenizerBase, line_answers: bool,
+                     extra_eos: tuple[int, ...]) -> torch.Tensor:
+    # End of sequence always ends a reply; in the toy format so does any token whose text has a newline.
+    ids = {tokenizer.eos_token_id, *extra_eos}
+    if line_answers:
+        for token_id in tokenizer.get_vocab().values():
+            if "\n" in tokenizer.decode([token_id]):
+                ids.add(token_id)
     return torch.tensor(sorted(i for i in ids if i is not None))
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    return _stop_ids_cached(id(tokenizer), tokenizer)
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, line_answers: bool = True,
+                   model: torch.nn.Module | None = None) -> torch.Tensor:
+    """Token ids that end a reply: end of sequence (the tokenizer's, and the model's generation
+    config's), plus every newline-bearing token when answers are single lines."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = tuple(configured if isinstance(configured, list) else [] if configured is None else [configured])
+    return _stop_ids_cached(id(tokenizer), tokenizer, line_answers, extra)
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stop_strings`` (excluded), and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +90,10 @@ def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tupl
 
 @torch.no_grad()
 def _generate_batch(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, guidance: Guidance | None,
-                    vectors: torch.Tensor | None, temperature: float, generator: torch.Generator | None):
+                    vectors: torch.Tensor | None, temperature: float, generator: torch.Generator | None,
+                    stop_strings: Sequence[str] = ()):
     model, tokenizer, device = lm.model, lm.tokenizer, lm.device
+    line_answers = prompt_format(tokenizer).line_answers
     input_ids, mask = (t.to(device) for t in left_pad(tokenizer, prompts))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache()
@@ -86,13 +103,14 @@ def _generate_batch(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, g
               past_key_values=cache, use_cache=True)
     if guidance is not None and vectors is None:
         vectors = guidance.hypernet(captured[read_layer], mask[:, :-1])
-    stop_ids = stop_token_ids(tokenizer).to(device)
+    stop_ids = stop_token_ids(tokenizer, line_answers, model).to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    lengths = torch.full((len(prompts),), max_new_tokens, dtype=torch.long, device=device)  # stop token included
     tokens = []
     step_input, step_positions = input_ids[:, -1:], positions[:, -1:]
     context = guidance.injector.guide(vectors) if guidance is not None else nullcontext()
     with context:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = model(step_input, attention_mask=mask, position_ids=step_positions,
                            past_key_values=cache, use_cache=True).logits[:, -1].float()
             if temperature > 0:
@@ -102,19 +120,26 @@ def _generate_batch(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, g
                 next_token = logits.argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, tokenizer.pad_token_id), next_token)
             tokens.append(next_token)
-            finished |= torch.isin(next_token, stop_ids)
+            done_now = ~finished & torch.isin(next_token, stop_ids)
+            if stop_strings:  # the decoded reply is checked only for rows still running
+                so_far = torch.stack(tokens, dim=1)
+                for i in (~finished & ~done_now).nonzero()[:, 0].tolist():
+                    done_now[i] = cut_at_stop_strings(tokenizer.decode(so_far[i], skip_special_tokens=True),
+                                                      stop_strings)[1]
+            lengths = torch.where(done_now, torch.full_like(lengths, step + 1), lengths)
+            finished |= done_now
             if bool(finished.all()):
                 break
             step_input, step_positions = next_token[:, None], step_positions + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     generated = torch.stack(tokens, dim=1).tolist()
-    texts, counts = [], []
     stop = set(stop_ids.tolist())
-    for row in generated:
-        cut = next((i for i, t in enumerate(row) if t in stop), None)
-        kept = row if cut is None else row[:cut]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-        counts.append(len(row) if cut is None else cut + 1)
+    texts, counts = [], lengths.tolist()
+    for row, length in zip(generated, counts):
+        kept = row[:length]
+        if kept and kept[-1] in stop:
+            kept = kept[:-1]
+        texts.append(cut_at_stop_strings(tokenizer.decode(kept, skip_special_tokens=True), stop_strings)[0])
     return texts, counts, vectors
 
 
@@ -128,15 +153,18 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     progress: str | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> GenerationResult:
     """Generate one continuation per prompt (greedy unless ``temperature > 0``).
 
-    ``progress`` names a progress bar (hidden when None). Latency is measured per batch.
+    A reply ends at end of sequence, at a newline in the toy format (:mod:`pilot.prompts`), at
+    the first of ``stop_strings`` (cut off), or after ``max_new_tokens``. ``progress`` names a
+    progress bar (hidden when None). Latency is measured per batch.
     """
     was_training = lm.model.training
     lm.model.eval()
     generator = torch.Generator(device=lm.device).manual_seed(seed) if seed is not None else None
-    result = GenerationResult(texts=[], new_tokens=[])
+    result = GenerationResult(texts=[], new_tokens=[], line_answers=prompt_format(lm.tokenizer).line_answers)
     vectors_out = []
     bar = tqdm(total=len(prompts), desc=progress, unit="q", disable=progress is None, leave=False)
     for start in range(0, len(prompts), batch_size):
@@ -145,7 +173,8 @@ def generate(
         if guidance is not None and guidance.vectors is not None:
             vectors = guidance.vectors[start:start + batch_size].to(lm.device)
         began = time.perf_counter()
-        texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator)
+        texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator,
+                                              tuple(stop_strings))
         result.batch_seconds.append(time.perf_counter() - began)
         result.batch_sizes.append(len(batch))
         result.texts.extend(texts)

@@ -25,7 +25,7 @@ from pilot.baselines.lora import LoraAdapter
 from pilot.generation import Guidance, generate
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM
-from pilot.prompts import answer_prompt
+from pilot.prompts import prompt_format
 
 # A method answers one question (with its plan, if it uses one); returns seconds paid outside
 # the student (the teacher writing the plan), 0.0 otherwise.
@@ -34,16 +34,20 @@ Answerer = Callable[[int], float]
 
 def answerer(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *,
              guidance: Callable[[], AbstractContextManager[Guidance | None]] | None = None,
-             plans: Sequence[str] | None = None, extra_seconds: Sequence[float] | None = None) -> Answerer:
+             plans: Sequence[str] | None = None, extra_seconds: Sequence[float] | None = None,
+             stop_strings: Sequence[str] = ()) -> Answerer:
     """Answer question ``i`` alone through the shared generation path (:func:`pilot.generation.generate`).
 
     ``guidance`` opens the method's guidance for the call (attached and removed each time, so
     methods sharing an injection site never stack); ``extra_seconds[i]`` is added to the time.
     """
+    fmt = prompt_format(student.tokenizer)
+
     def answer(i: int) -> float:
-        prompt = answer_prompt(questions[i], plans[i] if plans is not None else None)
+        prompt = fmt.answer_prompt(questions[i], plans[i] if plans is not None else None)
         with (guidance() if guidance is not None else nullcontext()) as attached:
-            generate(student, [prompt], max_new_tokens=max_new_tokens, batch_size=1, guidance=attached)
+            generate(student, [prompt], max_new_tokens=max_new_tokens, batch_size=1, guidance=attached,
+                     stop_strings=stop_strings)
         return float(extra_seconds[i]) if extra_seconds is not None else 0.0
 
     return answer
@@ -52,7 +56,7 @@ def answerer(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *
 def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *,
                      plans: Sequence[str], teacher_seconds: Sequence[float], lora_adapter: LoraAdapter,
                      steering_vector: dict[str, torch.Tensor], caa_scale: float, inject_layer: int,
-                     hypernets: Mapping[str, HyperNetwork]) -> dict[str, Answerer]:
+                     hypernets: Mapping[str, HyperNetwork], stop_strings: Sequence[str] = ()) -> dict[str, Answerer]:
     """The evaluated methods as answerers: zero-shot, plan-in-context (plus the teacher's recorded
     plan-writing time), LoRA, CAA and each PILOT hyper-network in ``hypernets`` (by method name)."""
     lora = lora_adapter.attach(student)
@@ -65,14 +69,15 @@ def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens
                 yield attached.guidance()
         return guided
 
+    ask = functools.partial(answerer, questions=questions, max_new_tokens=max_new_tokens, stop_strings=stop_strings)
     answerers = {
-        "zero_shot": answerer(student, questions, max_new_tokens),
-        "plan_in_context": answerer(student, questions, max_new_tokens, plans=plans, extra_seconds=teacher_seconds),
-        "lora": answerer(lora, questions, max_new_tokens),
-        "caa": answerer(student, questions, max_new_tokens, guidance=caa),
+        "zero_shot": ask(student),
+        "plan_in_context": ask(student, plans=plans, extra_seconds=teacher_seconds),
+        "lora": ask(lora),
+        "caa": ask(student, guidance=caa),
     }
     for method, hypernet in hypernets.items():
-        answerers[method] = answerer(student, questions, max_new_tokens, guidance=pilot(hypernet))
+        answerers[method] = ask(student, guidance=pilot(hypernet))
     return answerers
 
 

@@ -36,9 +36,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pilot.config import GuidanceParams, LatentsParams
+from pilot.tasks import reply_targets
 from pilot.guidance import capture_layers
 from pilot.models import CausalLM, lm_fingerprint
-from pilot.prompts import answer_prompt, continuation
+from pilot.prompts import prompt_format
 from pilot.sequences import encode_pairs, lengths_to_mask
 
 logger = logging.getLogger(__name__)
@@ -138,9 +139,11 @@ class LatentCacheBuild:
         query, targets, free_inject, plan_inject, free_rms, answer_lengths = [], [], [], [], [], []
         for start in range(0, len(rows), s.batch_size):
             chunk = rows[start:start + s.batch_size]
-            answers = [continuation(self.answers[i]) for i in chunk]
-            free = encode_pairs(tokenizer, [answer_prompt(self.questions[i]) for i in chunk], answers)
-            planned = encode_pairs(tokenizer, [answer_prompt(self.questions[i], self.plans[i]) for i in chunk], answers)
+            fmt = prompt_format(tokenizer)
+            answers = [fmt.answer_target(self.answers[i]) for i in chunk]
+            free = encode_pairs(tokenizer, [fmt.answer_prompt(self.questions[i]) for i in chunk], answers)
+            planned = encode_pairs(tokenizer, [fmt.answer_prompt(self.questions[i], self.plans[i]) for i in chunk],
+                                   answers)
             with capture_layers(model, [s.read_layer, s.inject_layer]) as free_states:
                 model(input_ids=free.input_ids.to(self.student.device), attention_mask=free.attention_mask.to(self.student.device))
             with capture_layers(model, [s.inject_layer, *s.align_layers]) as plan_states:
@@ -442,9 +445,16 @@ def select_examples(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, splits: Se
     kept = teacher_plans[teacher_plans["kept"] & teacher_plans["split"].isin(list(splits))][["id", "plan"]]
     examples = tasks.merge(kept, on="id", how="inner").sort_values("id").reset_index(drop=True)
     if examples.empty:
+        chosen = teacher_plans[teacher_plans["split"].isin(list(splits))]
+        verified = int(chosen["verified"].sum()) if "verified" in chosen else 0
+        teachers = ", ".join(sorted(set(chosen["teacher"]))) if "teacher" in chosen else "?"
         raise ValueError(
-            f"No kept plans in splits {list(splits)}: the student never verified a teacher plan. "
-            "Train the base models longer or use `--params plans.teacher=oracle`."
+            f"No kept plans in splits {list(splits)}: with plans.keep=verified a plan is kept only when the "
+            f"student answers right with it in context, and it did for {verified} of "
+            f"{len(chosen)} plans (teacher '{teachers}'; see "
+            "data/08_reporting/plan_report.csv). Make the student able to use a plan (train the embedded "
+            "student longer, or adapt a pretrained one: base.student.adapt), or keep every plan with "
+            "`--params plans.keep=all` (an ablation: stage 1 then imitates unverified plans)."
         )
     return examples
 
@@ -466,9 +476,9 @@ def plan_cache_build(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, student: 
         batch_size=config.batch_size,
         dtype=config.dtype,
     )
-    data = examples_fingerprint(examples["id"], examples["question"], examples["plan"], examples["answer"])
+    data = examples_fingerprint(examples["id"], examples["question"], examples["plan"], reply_targets(examples))
     return LatentCacheBuild(
         student=student, ids=examples["id"].tolist(), questions=examples["question"].tolist(),
-        plans=examples["plan"].tolist(), answers=examples["answer"].tolist(), settings=settings,
+        plans=examples["plan"].tolist(), answers=reply_targets(examples), settings=settings,
         fingerprint=cache_fingerprint(lm_fingerprint(student), data, settings),
     )

@@ -17,7 +17,7 @@ import pandas as pd
 from pilot.evaluation import answer_and_score
 from pilot.generation import generate
 from pilot.models import CausalLM
-from pilot.prompts import first_line, plan_prompt
+from pilot.prompts import prompt_format
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +39,21 @@ class TeacherBackend(Protocol):
 
 @dataclass
 class HFTeacher:
-    """A causal LM that writes the ``P:`` line after ``Q: <question>``."""
+    """A causal LM asked for a plan in its own format (:mod:`pilot.prompts`): the ``P:`` line after
+    ``Q: <question>`` for the embedded teacher, a user turn asking for the strategy (never the
+    answer) for a chat model."""
 
     lm: CausalLM
     max_new_tokens: int = 64
     batch_size: int = 64
+    stop_strings: tuple[str, ...] = ()
     name: str = "hf"
 
     def plans(self, questions: list[str], oracle_plans: list[str]) -> PlanBatch:
-        result = generate(self.lm, [plan_prompt(q) for q in questions], max_new_tokens=self.max_new_tokens,
-                          batch_size=self.batch_size, progress="teacher plans")
-        return PlanBatch([first_line(t) for t in result.texts], result.seconds_per_query)
+        fmt = prompt_format(self.lm.tokenizer)
+        result = generate(self.lm, [fmt.plan_prompt(q) for q in questions], max_new_tokens=self.max_new_tokens,
+                          batch_size=self.batch_size, progress="teacher plans", stop_strings=self.stop_strings)
+        return PlanBatch([fmt.read_plan(t) for t in result.texts], result.seconds_per_query)
 
 
 @dataclass
@@ -59,11 +63,17 @@ class OracleTeacher:
     name: str = "oracle"
 
     def plans(self, questions: list[str], oracle_plans: list[str]) -> PlanBatch:
+        missing = sum(not plan for plan in oracle_plans)
+        if missing:
+            raise ValueError(f"{missing} of {len(oracle_plans)} questions have no oracle plan (their task has no plan "
+                             "derivation in pilot.tasks.RENDERERS, or their local file no plan column); use "
+                             "plans.teacher: hf so the teacher writes them.")
         return PlanBatch(list(oracle_plans), [0.0] * len(oracle_plans))
 
 
 def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: CausalLM,
-                         max_new_tokens: int, batch_size: int, keep: str = "verified") -> pd.DataFrame:
+                         max_new_tokens: int, batch_size: int, keep: str = "verified",
+                         stop_strings: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
     """Plans for every row of ``tasks``, each verified by the student answering with it.
 
     ``keep="verified"`` keeps a plan only when the student reached a verified-correct answer
@@ -72,7 +82,7 @@ def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: 
     """
     batch = teacher.plans(tasks["question"].tolist(), tasks["oracle_plan"].tolist())
     scored = answer_and_score(student, tasks, plans=batch.plans, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, progress="verify plans")
+                              batch_size=batch_size, progress="verify plans", stop_strings=stop_strings)
     verified = scored["correct"].tolist()
     frame = pd.DataFrame({
         "id": tasks["id"].to_numpy(),

@@ -32,7 +32,7 @@ from mlflow.types import ColSpec, Schema
 from pilot.generation import generate
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM, load_causal_lm
-from pilot.prompts import answer_prompt
+from pilot.prompts import prompt_format
 
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
 
@@ -75,7 +75,8 @@ class PilotModel(mlflow.pyfunc.PythonModel):
         questions = questions_of(model_input)
         if not questions:
             return []
-        result = generate(self.student, [answer_prompt(q) for q in questions], max_new_tokens=self.max_new_tokens,
+        fmt = prompt_format(self.student.tokenizer)
+        result = generate(self.student, [fmt.answer_prompt(q) for q in questions], max_new_tokens=self.max_new_tokens,
                           batch_size=self.batch_size, guidance=self.guided.guidance())
         return result.answers
 

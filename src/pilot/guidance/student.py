@@ -7,7 +7,7 @@ import torch
 from pilot.guidance.hypernet import HyperNetwork
 from pilot.guidance.injection import Guidance, GuidanceInjector, capture_layers
 from pilot.models import CausalLM, freeze
-from pilot.prompts import answer_prompt, continuation
+from pilot.prompts import prompt_format
 from pilot.sequences import TokenBatch, encode_pairs, lengths_to_mask
 
 
@@ -21,6 +21,7 @@ class GuidedStudent:
         self.student = student
         freeze(student.model)
         self.hypernet = hypernet
+        self.format = prompt_format(student.tokenizer)
         self.injector = GuidanceInjector(student.model, hypernet.config.inject_layer, hypernet.config.guidance_scale)
 
     def __enter__(self) -> GuidedStudent:
@@ -43,7 +44,7 @@ class GuidedStudent:
         states, lengths = [], []
         for start in range(0, len(questions), batch_size):
             chunk = questions[start:start + batch_size]
-            batch = encode_pairs(self.student.tokenizer, [answer_prompt(q) for q in chunk], [""] * len(chunk))
+            batch = encode_pairs(self.student.tokenizer, [self.format.answer_prompt(q) for q in chunk], [""] * len(chunk))
             with capture_layers(self.student.model, [layer]) as captured:
                 self.student.model(input_ids=batch.input_ids.to(self.student.device),
                                    attention_mask=batch.attention_mask.to(self.student.device))
@@ -66,8 +67,8 @@ class GuidedStudent:
     def teacher_forced(self, questions: list[str], answers: list[str], vectors: torch.Tensor,
                        layers: list[int]) -> tuple[TokenBatch, torch.Tensor, dict[int, torch.Tensor]]:
         """Guided forward on question + answer; returns (batch, logits, {layer: states})."""
-        batch = encode_pairs(self.student.tokenizer, [answer_prompt(q) for q in questions],
-                             [continuation(a) for a in answers]).to(self.student.device)
+        batch = encode_pairs(self.student.tokenizer, [self.format.answer_prompt(q) for q in questions],
+                             [self.format.answer_target(a) for a in answers]).to(self.student.device)
         with self.injector.guide(vectors, batch.answer_position_mask()), \
                 capture_layers(self.student.model, layers) as captured:
             logits = self.student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -48,7 +48,8 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         actions, log_prob = hypernet.sample(means, k, generator=step_generator(config.seed, step))
         repeated = batch_rows.loc[batch_rows.index.repeat(k)]
         scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(actions),
-                                  max_new_tokens=generation.max_new_tokens, batch_size=len(repeated))
+                                  max_new_tokens=generation.max_new_tokens, batch_size=len(repeated),
+                                  stop_strings=generation.stop)
         rewards = torch.tensor(scored["correct"].to_numpy(dtype=float), device=device,
                                dtype=torch.float32).view(len(index), k)
         terms = {"policy": reinforce_loss(group_advantages(rewards), log_prob)}
@@ -57,7 +58,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         if bool(correct.any()):
             owner = torch.arange(len(index), device=device).repeat_interleave(k)[correct]
             questions = batch_rows["question"].iloc[owner.tolist()].tolist()
-            answers = scored["prediction"][correct.cpu().numpy()].tolist()
+            answers = scored["reply"][correct.cpu().numpy()].tolist()  # the whole reply, reasoning included
             batch, logits, _ = guided.teacher_forced(questions, answers, means[owner], [])
             terms["self_supervision"] = shift_labels_loss(logits, batch.labels)
         else:
@@ -93,7 +94,7 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
     with GuidedStudent(student, hypernet) as guided:
         def validate() -> float:
             return accuracy(student, val_rows, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
-                            batch_size=generation.batch_size)
+                            batch_size=generation.batch_size, stop_strings=generation.stop)
 
         objective = stage2_objective(guided, reference, rows, config, generation)
         result = train(hypernet, objective, loop, name="stage2", validate=validate, checkpoints=checkpoints,

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 def _answer(student: CausalLM, tasks_test: pd.DataFrame, generation: GenerationParams, method: str,
             **kwargs) -> pd.DataFrame:
     predictions = answer_and_score(student, tasks_test, max_new_tokens=generation.max_new_tokens,
-                                   batch_size=generation.batch_size, method=method, progress=method, **kwargs)
+                                   batch_size=generation.batch_size, stop_strings=generation.stop, method=method,
+                                   progress=method, **kwargs)
     logger.info("%s: test accuracy %.3f", method, predictions["correct"].mean())
     return predictions
 
@@ -111,7 +112,7 @@ def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_
         student, timed["question"].tolist(), generation.max_new_tokens, plans=plans["plan"].tolist(),
         teacher_seconds=plans["teacher_seconds"].tolist(), lora_adapter=lora_adapter,
         steering_vector=steering_vector, caa_scale=caa_config["scale"], inject_layer=guidance.inject_layer,
-        hypernets={"pilot_stage1": hypernet_stage1, "pilot_stage2": hypernet_stage2})
+        hypernets={"pilot_stage1": hypernet_stage1, "pilot_stage2": hypernet_stage2}, stop_strings=generation.stop)
     timings = measure_latency(answerers, len(timed), settings.passes, settings.warmup_questions, progress=True)
     table = latency_table(timings, timed["task"].tolist())
     overall = table[table["task"] == "overall"].set_index("method")["median_ms_per_query"]
