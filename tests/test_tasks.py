@@ -14,7 +14,8 @@ from pilot.tasks import (
 
 
 def test_every_row_has_the_schema_and_a_plan(task_table):
-    assert list(task_table.columns) == ["id", "task", "split", "question", "answer", "metadata", "oracle_plan"]
+    assert list(task_table.columns) == ["id", "task", "split", "question", "answer", "metadata", "oracle_plan", "extract", "solution"]
+    assert set(task_table["extract"]) == {"first_line"}  # the compact tasks are read by their first line
     assert set(task_table["task"]) == {"chain_sum", "basic_arithmetic"}
     assert task_table.groupby("task").size().tolist() == [120, 120]
     for metadata in task_table["metadata"]:

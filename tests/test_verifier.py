@@ -370,5 +370,6 @@ def test_a_task_without_a_grammar_is_refused_by_data_validation():
         Verifier().score(["sudoku"], ["1"], ["1"], [{}])
     # A task with a grammar passes this check; it may still lack a renderer for the data pipeline.
     check_scorable("countdown")
-    with pytest.raises(ValueError, match="can render with an oracle plan"):
+    with pytest.raises(ValueError, match="can render compactly with an oracle plan(.|\n)*prompt: original"):
         check_task_name("countdown")
+    check_task_name("countdown", prompt="original")  # its original question text needs no renderer

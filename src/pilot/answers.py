@@ -309,3 +309,95 @@ def parse_answer(task: str, answer: object) -> str | None:
     check_scorable(task)
     text = _plain(answer)
     return None if text is None else ANSWER_GRAMMARS[task].parse(text)
+
+
+# ------------------------------------------------------------------- reading the answer out
+# A model's reply is read by one rule per task before any grammar sees it. The toy format's
+# answer is the first line; a chain-of-thought reply is read by its last number, its last
+# \boxed{...}, or what follows a marker ("after:Answer:").
+_NUMBER_IN_TEXT = re.compile(r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?:\s*/\s*[0-9]+)?")
+
+
+def check_extraction_rule(rule: str) -> str:
+    """``rule`` when it is first_line, last_number, boxed or after:<marker>; else a one-sentence ValueError."""
+    if rule in ("first_line", "last_number", "boxed") or (rule.startswith("after:") and rule[6:].strip()):
+        return rule
+    raise ValueError(f"unknown answer extraction rule {rule!r}; use one of first_line, last_number, boxed, "
+                     "or after:<marker> (e.g. 'after:Answer:')")
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last ``\boxed{...}`` in ``text`` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[brace + 1:i].strip()
+    return None
+
+
+def extract_answer(text: str, rule: str) -> str:
+    """The answer in a generated reply under ``rule`` ('' when the rule finds none)."""
+    if rule == "first_line":
+        return text.split("\n", 1)[0].strip()
+    if rule == "last_number":
+        numbers = _NUMBER_IN_TEXT.findall(text)
+        return re.sub(r"[,\s]", "", numbers[-1]) if numbers else ""
+    if rule == "boxed":
+        return last_boxed(text) or ""
+    if rule.startswith("after:"):
+        marker = rule[len("after:"):].strip()
+        at = text.rfind(marker)
+        return "" if at < 0 else text[at + len(marker):].strip().split("\n", 1)[0].strip().rstrip(".")
+    raise ValueError(check_extraction_rule(rule))
+
+
+# ------------------------------------------------------------------- local datasets
+def gold_answer(raw: object) -> str:
+    r"""A local dataset's gold answer as plain text: GSM8K's ``... #### 72`` gives ``72``, MATH's
+    solution with ``\boxed{...}`` gives the boxed content, anything else is stripped as it is."""
+    text = str(raw).strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    boxed = last_boxed(text)
+    return boxed if boxed is not None else text
+
+
+def _exact_number(text: str):
+    """``text`` as an exact rational when it is one (integer, decimal, fraction, \\frac), else None."""
+    from fractions import Fraction
+
+    text = text.strip().strip("$").strip().rstrip(".").strip()
+    text = re.sub(r"\\[!,;: ]", "", text).replace("\\left", "").replace("\\right", "")
+    if _DECIMAL.fullmatch(text):
+        return Fraction(text.replace(",", ""))
+    match = _FRACTION.fullmatch(text)
+    if match is None:
+        return None
+    num, den = (match["num"], match["den"]) if match["num"] is not None else (match["tex_num"], match["tex_den"])
+    return None if int(den) == 0 else Fraction(int(num), int(den))
+
+
+def _normalised(text: str) -> str:
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\\[!,;: ]|\\left|\\right|\$|\s", "", text)
+    return text.rstrip(".").replace("dfrac", "frac").replace("tfrac", "frac")
+
+
+def equivalent(answer: object, gold: str) -> bool:
+    """Whether a local dataset's answer matches its gold answer: as exact numbers (``0.5``, ``1/2``,
+    ``\\frac{1}{2}`` and ``1,000`` vs ``1000``) when both are numbers, else as LaTeX-normalised text
+    (spaces, ``$``, ``\\left``/``\\right``, ``\\text{}`` and ``dfrac`` ignored). Nothing is evaluated."""
+    text = _plain(answer)
+    if text is None:
+        return False
+    a, b = _exact_number(text), _exact_number(gold)
+    if a is not None and b is not None:
+        return a == b
+    return _normalised(text) == _normalised(gold) != ""

@@ -31,7 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pilot.tasks import GeneratorSettingError, check_generator_kwargs, check_task_name
+from pilot.answers import check_extraction_rule
+from pilot.tasks import GeneratorSettingError, check_generator_kwargs, check_local_dataset, check_task_name
 
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -89,27 +90,55 @@ def with_run_seed(config: Seeded, run_seed: int, offset: int = 0) -> Seeded:
 
 # ---------------------------------------------------------------------------------- data
 class TaskParams(Params):
+    """One task: a reasoning-gym generator by ``name``, or a local dataset ``file``.
+
+    ``prompt``: ``compact`` (the renderer's short question, for the embedded models) or
+    ``original`` (reasoning-gym's own question text; any task with an answer grammar).
+    ``extract``: how the answer is read out of a reply (first_line, last_number, boxed, after:<marker>).
+    ``file``: a JSONL or parquet file with ``question`` and ``answer`` columns (GSM8K's ``#### n``
+    and MATH's ``\\boxed{}`` answers understood), scored by numeric equivalence; ``name`` labels it.
+    """
+
+    # Declared before ``name`` so that the checks of name and kwargs can see them.
+    prompt: Literal["compact", "original"] = "compact"
+    extract: str = "first_line"
+    file: str | None = None
     name: str
     size: PositiveInt
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("extract")
+    @classmethod
+    def _known_rule(cls, rule: str) -> str:
+        return check_extraction_rule(rule)
+
     @field_validator("name")
     @classmethod
-    def _known_task(cls, name: str) -> str:
-        check_task_name(name)
+    def _known_task(cls, name: str, info: ValidationInfo) -> str:
+        if info.data.get("file") is None and "file" in info.data:  # a local file names its own task
+            check_task_name(name, info.data.get("prompt", "compact"))
         return name
 
     @field_validator("kwargs")
     @classmethod
     def _generator_accepts(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """reasoning-gym's generator and the task's renderer must accept the settings (a dry run)."""
-        if "name" in info.data:  # an unknown name is reported on its own
+        if kwargs and info.data.get("file"):
+            raise ValueError("a local dataset file has no generator settings; remove kwargs")
+        if "name" in info.data and "file" in info.data and info.data["file"] is None:  # a bad name or file: reported on its own
             try:
-                check_generator_kwargs(info.data["name"], kwargs)
+                check_generator_kwargs(info.data["name"], kwargs, info.data.get("prompt", "compact"))
             except GeneratorSettingError as error:
                 raise PydanticCustomError("generator_setting", "{message}",
                                           {"message": str(error), "key": error.key, "value": error.value}) from None
         return kwargs
+
+    @field_validator("file")
+    @classmethod
+    def _readable_file(cls, file: str | None) -> str | None:
+        if file is not None:
+            check_local_dataset(file)
+        return file
 
 
 class DataParams(Params):
@@ -132,8 +161,25 @@ class LMTrainConfig(Params):
     seed: int = 0
 
 
+class AdaptParams(LMTrainConfig):
+    """Warm-starting a pretrained student on the task format (questions with and without plans)."""
+
+    steps: PositiveInt = 150
+    batch_size: PositiveInt = 16
+    learning_rate: Positive = 5e-5
+    warmup_steps: NonNegativeInt = 10
+    train_layers: PositiveInt | None = 8   # only the top N decoder blocks learn (null: all); the rest stay as pretrained
+
+
 class ModelParams(Params):
+    """One base model: trained here from scratch (the embedded default), a local folder used as it is
+    (``pretrained: true``), or imported from ``source`` (a Hugging Face folder or a GGUF file) into
+    ``path``, optionally adapted to the task format (``adapt``)."""
+
     pretrained: bool = False
+    source: str | None = None
+    path: str | None = None
+    adapt: AdaptParams | None = None
     family: Literal["llama", "qwen2", "gpt2"] = "llama"
     hidden_size: PositiveInt = 128
     num_layers: PositiveInt = 2
@@ -147,7 +193,17 @@ class ModelParams(Params):
     def _heads_divide(self) -> ModelParams:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if self.source and self.pretrained:
+            raise ValueError("a model is either imported from `source` into `path` or used in place (`pretrained: "
+                             "true`), not both; drop one of them in globals.yml")
+        if self.adapt is not None and not self.source:
+            raise ValueError("`adapt` warm-starts a model imported from `source`; set models.<role>.source")
         return self
+
+    @property
+    def trained_here(self) -> bool:
+        """Trained from scratch by the base pipeline (needs the project's own tokenizer)."""
+        return not (self.pretrained or self.source)
 
 
 class TokenizerParams(Params):
@@ -202,8 +258,13 @@ class GuidanceParams(Params):
 
 
 class GenerationParams(Params):
+    """One decoding setting for every method, the teacher and validation. A reply ends at end of
+    sequence, at a newline in the embedded models' one-line format, at the first of ``stop``, or
+    after ``max_new_tokens``."""
+
     max_new_tokens: PositiveInt = 16
     batch_size: PositiveInt = 128
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------- plans
@@ -398,7 +459,7 @@ PARAMETER_MODELS: dict[str, type[Params]] = {
 
 
 # Top-level keys that are not a block above. `seed` is the run's base seed (conf/base/parameters.yml).
-OTHER_TOP_LEVEL_KEYS = ("seed",)
+OTHER_TOP_LEVEL_KEYS = ("seed", "threads")
 
 
 def check_top_level(params: Mapping[str, Any]) -> None:
@@ -413,6 +474,10 @@ def check_top_level(params: Mapping[str, Any]) -> None:
     seed = params.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ParameterError(f"Parameter 'seed' = {seed!r} is invalid: it must be an integer.")
+    threads = params.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ParameterError(f"Parameter 'threads' = {threads!r} is invalid: it must be a positive integer, or null "
+                             "for the CPU cores this process may use.")
 
 
 # ---------------------------------------------------------------------------------- output folders

@@ -1,8 +1,13 @@
-"""Verifiable reasoning tasks from reasoning-gym, rendered compactly, with oracle plans.
+"""Verifiable reasoning tasks from reasoning-gym, with oracle plans where one can be derived.
 
-Every row of a task table holds: ``id``, ``task``, ``split``, ``question`` (a compact prompt
-rendered for small models), ``answer`` (the gold answer string reasoning-gym's verifier
-expects), ``metadata`` (reasoning-gym's metadata as JSON) and ``oracle_plan``.
+Every row of a task table holds: ``id``, ``task``, ``split``, ``question`` (reasoning-gym's
+original question text, or a compact rendering for the small embedded models), ``answer`` (the
+gold answer string reasoning-gym's verifier expects), ``metadata`` (reasoning-gym's metadata as
+JSON), ``oracle_plan`` (empty for a task with no plan derivation: a teacher writes its plans),
+``extract`` (how an answer is read out of a reply, :func:`pilot.answers.extract_answer`) and
+``solution`` (the reply a model is trained and teacher-forced on: the bare answer, or for a
+pretrained model reading the original question, the answer worked out from the plan's last step,
+e.g. ``-19 + 6 = -13``; see :func:`reply_targets`).
 
 An oracle plan is derived from the metadata and states strategy -- which steps, in which order,
 which branch -- never the final answer string. Rows whose plan would contain the answer as a
@@ -31,13 +36,22 @@ from pilot.answers import check_scorable
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-TASK_COLUMNS = ("id", "task", "split", "question", "answer", "metadata", "oracle_plan")
+TASK_COLUMNS = ("id", "task", "split", "question", "answer", "metadata", "oracle_plan", "extract", "solution")
+Prompt = str  # "compact": the renderer's short question (embedded models) | "original": reasoning-gym's text
 
 
 @dataclass(frozen=True)
 class Rendered:
     question: str
     plan: str
+    solution: str | None = None   # the last step worked out, ending in the answer (None: the bare answer)
+
+
+def reply_targets(rows: Any) -> list[str]:
+    """What a model is trained and teacher-forced to reply to each row: its ``solution`` (the bare
+    answer for the embedded models), or the answer itself for a table without that column."""
+    column = "solution" if "solution" in rows else "answer"
+    return [str(v) for v in (rows[column].tolist() if hasattr(rows[column], "tolist") else rows[column])]
 
 
 def _render_path_star(entry: dict[str, Any]) -> Rendered:
@@ -61,7 +75,8 @@ def _render_chain_sum(entry: dict[str, Any]) -> Rendered:
         steps.append(f"{total} {op} {operand} = {new_total}")
         total = new_total
     order = " , ".join(steps + [f"then {total} {terms[-2]} {terms[-1]}"])
-    return Rendered(f"{entry['metadata']['expression']} =", f"left to right: {order}")
+    return Rendered(f"{entry['metadata']['expression']} =", f"left to right: {order}",
+                    f"{total} {terms[-2]} {terms[-1]} = {entry['answer']}")
 
 
 class UnrenderableRow(ValueError):
@@ -106,9 +121,9 @@ def _render_basic_arithmetic(entry: dict[str, Any]) -> Rendered:
         )
 
     walk(ast.parse(expression, mode="eval").body)
-    *done, (left, symbol, right, _) = steps
+    *done, (left, symbol, right, value) = steps
     order = " , ".join([f"{a} {s} {b} = {v}" for a, s, b, v in done] + [f"then {left} {symbol} {right}"])
-    return Rendered(f"{expression} =", f"order: {order}")
+    return Rendered(f"{expression} =", f"order: {order}", f"{left} {symbol} {right} = {value}")
 
 
 def _render_leg_counting(entry: dict[str, Any]) -> Rendered:
@@ -118,7 +133,9 @@ def _render_leg_counting(entry: dict[str, Any]) -> Rendered:
     question = "legs: " + " , ".join(f"{n} {name}" for name, n in animals.items()) + " ="
     each = " , ".join(f"{name} {ANIMALS[name]}" for name in animals)
     products = " , ".join(f"{n} x {ANIMALS[name]} = {n * ANIMALS[name]}" for name, n in animals.items())
-    return Rendered(question, f"legs each: {each} ; {products} ; then add the products")
+    total = " + ".join(str(n * ANIMALS[name]) for name, n in animals.items())
+    return Rendered(question, f"legs each: {each} ; {products} ; then add the products",
+                    f"{total} = {entry['answer']}")
 
 
 def _render_count_bits(entry: dict[str, Any]) -> Rendered:
@@ -187,14 +204,14 @@ def _type_problem(value: Any, default: Any) -> str | None:
     return None if ok else f"it must be {wanted} (the generator's default is {default!r})"
 
 
-def check_generator_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+def check_generator_kwargs(name: str, kwargs: dict[str, Any], prompt: Prompt = "compact") -> None:
     """Check a task's generator settings before any row is generated; raise :class:`GeneratorSettingError`.
 
     Every key must be a field of the reasoning-gym generator's config dataclass (``seed`` and
     ``size`` are the project's), of the default's type; the generator's own ``validate`` must
     accept the combination and draw a few rows; and the renderer's preconditions must hold.
     """
-    check_task_name(name)
+    check_task_name(name, prompt)
     config_cls = reasoning_gym.factory.DATASETS[name][1]
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     accepted = sorted(k for k in fields if k not in _RESERVED_KWARGS)
@@ -221,7 +238,8 @@ def check_generator_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         dataset = reasoning_gym.create_dataset(name, seed=0, size=8, **kwargs)
         for index in range(len(dataset)):
             try:
-                RENDERERS[name](dataset[index])
+                if name in RENDERERS:
+                    RENDERERS[name](dataset[index])
             except UnrenderableRow:
                 pass  # skipped and counted at generation time
     except (AssertionError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as error:
@@ -235,13 +253,15 @@ def supported_tasks() -> list[str]:
     return sorted(RENDERERS)
 
 
-def check_task_name(name: str) -> None:
+def check_task_name(name: str, prompt: Prompt = "compact") -> None:
+    """A task the project can generate: scorable, and renderable when its prompt is compact."""
     check_scorable(name)  # answers of a task with no grammar must never reach its scorer
-    if name not in RENDERERS:
+    if prompt == "compact" and name not in RENDERERS:
         known = "a reasoning-gym task" if name in reasoning_gym.factory.DATASETS else "not a reasoning-gym task"
         raise ValueError(
-            f"Task '{name}' is {known} this project can render with an oracle plan; "
-            f"use one of {supported_tasks()}."
+            f"Task '{name}' is {known} this project can render compactly with an oracle plan; use one of "
+            f"{supported_tasks()}, or set its prompt: original (reasoning-gym's own question text; a teacher "
+            "writes the plans where no oracle plan exists)."
         )
 
 
@@ -264,6 +284,8 @@ def generate_task_rows(
     generator_kwargs: dict[str, Any],
     seed: int,
     exclude_questions: set[str],
+    prompt: Prompt = "compact",
+    extract: str = "first_line",
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Draw ``size`` unique rows of one task from reasoning-gym's offline generator.
 
@@ -271,8 +293,8 @@ def generate_task_rows(
     whose plan would reveal the answer and rows the renderer cannot state truthfully (an inexact
     division) are skipped; the returned counts say how many.
     """
-    check_task_name(name)
-    render = RENDERERS[name]
+    check_task_name(name, prompt)
+    render = RENDERERS.get(name)
     pool = size * 4 + 100
     dataset = reasoning_gym.create_dataset(name, size=pool, seed=seed, **generator_kwargs)
     rows: list[dict[str, Any]] = []
@@ -281,14 +303,16 @@ def generate_task_rows(
     for index in range(pool):
         entry = dataset[index]
         try:
-            rendered = render(entry)
+            rendered = render(entry) if render is not None else Rendered(entry["question"], "")
         except UnrenderableRow as skipped:
             counts[skipped.reason] = counts.get(skipped.reason, 0) + 1
             continue
+        if prompt == "original":
+            rendered = dataclasses.replace(rendered, question=entry["question"])
         if rendered.question in seen:
             counts["duplicates"] += 1
             continue
-        if plan_reveals_answer(rendered.plan, entry["answer"]):
+        if rendered.plan and plan_reveals_answer(rendered.plan, entry["answer"]):
             counts["plan_reveals_answer"] += 1
             continue
         seen.add(rendered.question)
@@ -299,6 +323,9 @@ def generate_task_rows(
                 "answer": str(entry["answer"]),
                 "metadata": json.dumps(entry["metadata"], sort_keys=True, default=str),
                 "oracle_plan": rendered.plan,
+                "extract": extract,
+                # The embedded models reply with the bare answer; a pretrained one works out the last step.
+                "solution": rendered.solution if prompt == "original" and rendered.solution else str(entry["answer"]),
             }
         )
         if len(rows) == size:
@@ -307,6 +334,62 @@ def generate_task_rows(
         f"Task '{name}' with generator kwargs {generator_kwargs} yielded only {len(rows)} usable "
         f"unique questions of the {size} asked for ({counts}); lower its size or widen its kwargs."
     )
+
+
+LOCAL_SUFFIXES = (".jsonl", ".parquet")
+
+
+def _read_local(path: str) -> pd.DataFrame:
+    if path.endswith(".jsonl"):
+        return pd.read_json(path, lines=True)
+    return pd.read_parquet(path)
+
+
+def check_local_dataset(path: str) -> None:
+    """A local dataset file must exist, be JSONL or parquet, and have ``question`` and ``answer`` columns."""
+    from pathlib import Path
+
+    if not path.endswith(LOCAL_SUFFIXES):
+        raise ValueError(f"'{path}' is not a .jsonl or .parquet file; convert the dataset to one of those")
+    if not Path(path).is_file():
+        raise ValueError(f"'{path}' does not exist; give the path of a local JSONL or parquet file "
+                         "(relative to the project folder)")
+    try:
+        columns = set(_read_local(path).columns)
+    except ValueError as error:
+        raise ValueError(f"'{path}' cannot be read ({error})") from None
+    missing = sorted({"question", "answer"} - columns)
+    if missing:
+        raise ValueError(f"'{path}' has no {' or '.join(missing)} column (it has {sorted(columns)}); rename the "
+                         "columns to question and answer")
+
+
+def local_task_rows(name: str, path: str, size: int, extract: str,
+                    exclude_questions: set[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The first ``size`` unique rows of a local dataset, with their gold answers read out
+    (:func:`pilot.answers.gold_answer`); a ``plan`` column, when present, is the oracle plan."""
+    from pilot.answers import gold_answer
+
+    check_local_dataset(path)
+    table = _read_local(path)
+    rows, counts, seen = [], {"duplicates": 0, "plan_reveals_answer": 0}, set(exclude_questions)
+    for index, record in enumerate(table.to_dict("records")):
+        question, answer = str(record["question"]).strip(), gold_answer(record["answer"])
+        plan = str(record.get("plan") or "")
+        if question in seen:
+            counts["duplicates"] += 1
+            continue
+        if plan and plan_reveals_answer(plan, answer):
+            counts["plan_reveals_answer"] += 1
+            continue
+        seen.add(question)
+        rows.append({"task": name, "question": question, "answer": answer, "oracle_plan": plan, "extract": extract,
+                     "solution": str(record.get("solution") or answer),
+                     "metadata": json.dumps({"source": "file", "file": path, "row": index}, sort_keys=True)})
+        if len(rows) == size:
+            return rows, counts
+    raise ValueError(f"Local dataset '{path}' has only {len(rows)} unique questions of the {size} asked for "
+                     f"({counts}); lower data.tasks size for '{name}'.")
 
 
 def build_task_table(
@@ -319,9 +402,14 @@ def build_task_table(
     frames = []
     seen: set[str] = set()
     for offset, spec in enumerate(tasks):
-        rows, counts = generate_task_rows(
-            spec["name"], spec["size"], dict(spec.get("kwargs") or {}), seed + 1000 * offset, seen
-        )
+        if spec.get("file"):
+            rows, counts = local_task_rows(spec["name"], spec["file"], spec["size"], spec.get("extract", "first_line"),
+                                           seen)
+        else:
+            rows, counts = generate_task_rows(
+                spec["name"], spec["size"], dict(spec.get("kwargs") or {}), seed + 1000 * offset, seen,
+                spec.get("prompt", "compact"), spec.get("extract", "first_line"),
+            )
         seen.update(row["question"] for row in rows)
         if val_per_task + test_per_task >= len(rows):
             raise ValueError(
@@ -352,7 +440,7 @@ def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"Task table is missing columns {missing}; rerun `kedro run --pipelines data`.")
     for column in TASK_COLUMNS:
-        if not all(isinstance(v, str) and v for v in table[column]):
+        if not all(isinstance(v, str) and (v or column == "oracle_plan") for v in table[column]):
             raise ValueError(f"Task table column '{column}' must hold non-empty strings.")
     if table["id"].duplicated().any():
         raise ValueError("Task table ids are not unique.")

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pilot.answers import check_scorable, parse_answer, scorable_tasks
+from pilot.answers import check_scorable, equivalent, parse_answer, scorable_tasks
 
 MAX_REPLY_BYTES = 65536
 WORKER_CPU_BUDGET_S = 300  # CPU seconds a worker may use over its life before it is replaced
@@ -299,22 +299,25 @@ class Verifier:
         questions = list(questions) if questions is not None else [""] * len(tasks)
         if not (len(tasks) == len(answers) == len(golds) == len(metadatas) == len(questions)):
             raise ValueError("score() needs tasks, answers, golds, metadatas (and questions) of the same length.")
-        for task in set(tasks):
+        metadatas = [json.loads(m) if isinstance(m, str) else m for m in metadatas]
+        local = [isinstance(m, dict) and m.get("source") == "file" for m in metadatas]
+        for task in {t for t, is_local in zip(tasks, local) if not is_local}:
             check_scorable(task)
         rewards = [0.0] * len(tasks)
         with self._lock:
             to_score: list[int] = []
             parsed: list[str] = []
             for i, (task, answer) in enumerate(zip(tasks, answers)):
+                if local[i]:  # a local dataset's row: an exact numeric / normalised-text match, in process
+                    rewards[i] = 1.0 if equivalent(answer, golds[i]) else 0.0
+                    continue
                 canonical = parse_answer(task, answer)
                 if canonical is None:  # scores 0 and is never shown to a scorer
                     self.stats.rejected_by_grammar += 1
                 else:
                     to_score.append(i)
                     parsed.append(canonical)
-            entries = [{"question": questions[i], "answer": golds[i],
-                        "metadata": json.loads(metadatas[i]) if isinstance(metadatas[i], str) else metadatas[i]}
-                       for i in to_score]
+            entries = [{"question": questions[i], "answer": golds[i], "metadata": metadatas[i]} for i in to_score]
             scores = self._run_scorers([tasks[i] for i in to_score], parsed, entries)
         for i, score in zip(to_score, scores):
             rewards[i] = 1.0 if score == 1.0 else 0.0

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from pilot.artifacts import atomic_folder, verify_folder
 from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
-from pilot.prompts import answer_prompt, continuation
+from pilot.prompts import prompt_format
+from pilot.tasks import reply_targets
 from pilot.training.base_lm import train_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("LoRA rank %d on %s: %d trainable parameters (hyper-network: %d)", rank, present, trainable, budget)
     lm = CausalLM(model=model, tokenizer=student.tokenizer)
-    examples = [(answer_prompt(q), continuation(a)) for q, a in zip(rows["question"], rows["answer"])]
+    fmt = prompt_format(student.tokenizer)
+    examples = [(fmt.answer_prompt(q), fmt.answer_target(a)) for q, a in zip(rows["question"], reply_targets(rows))]
     history = train_causal_lm(lm, examples, config, "lora")
     config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
     return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(model)), history

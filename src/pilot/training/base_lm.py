@@ -12,12 +12,12 @@ import torch
 
 from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
-from pilot.prompts import answer_prompt, continuation, plan_prompt
+from pilot.prompts import TOY, PromptFormat
 from pilot.sequences import encode_pairs, shift_labels_loss
 from pilot.training.engine import LoopSettings, Objective, sample_batch, train
 
 
-def student_examples(rows: Sequence[dict], plan_loss: bool = True) -> list[tuple[str, str]]:
+def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFormat = TOY) -> list[tuple[str, str]]:
     """Each question twice: answered without its plan, and answered with the plan in context.
 
     With ``plan_loss`` the plan-conditioned copy is trained on the whole transcript (plan line
@@ -26,20 +26,19 @@ def student_examples(rows: Sequence[dict], plan_loss: bool = True) -> list[tuple
     """
     examples = []
     for row in rows:
-        examples.append((answer_prompt(row["question"]), continuation(row["answer"])))
+        target = fmt.answer_target(row.get("solution") or row["answer"])
+        examples.append((fmt.answer_prompt(row["question"]), target))
         if plan_loss:
-            examples.append(teacher_examples([row])[0])
+            examples.append(teacher_examples([row], fmt)[0])
         else:
-            examples.append((answer_prompt(row["question"], row["oracle_plan"]), continuation(row["answer"])))
+            examples.append((fmt.answer_prompt(row["question"], row["oracle_plan"]), target))
     return examples
 
 
-def teacher_examples(rows: Sequence[dict]) -> list[tuple[str, str]]:
-    """Question -> plan, then the answer on the next line."""
-    return [
-        (plan_prompt(row["question"]), continuation(f"{row['oracle_plan']}\nA: {row['answer']}"))
-        for row in rows
-    ]
+def teacher_examples(rows: Sequence[dict], fmt: PromptFormat = TOY) -> list[tuple[str, str]]:
+    """Question -> plan (then, in the toy format, the answer on the next line)."""
+    return [(fmt.plan_prompt(row["question"]), fmt.plan_transcript(row["oracle_plan"], row["answer"]))
+            for row in rows]
 
 
 def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig,

@@ -29,6 +29,7 @@ from pilot.guidance import GuidedStudent, make_hypernet
 from pilot.latents import CachedLatents, LatentBatch, LatentCache, plan_cache_build, select_examples
 from pilot.models import CausalLM
 from pilot.sequences import shift_labels_loss
+from pilot.tasks import reply_targets
 from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, train
 from pilot.training.losses import (
     alignment_loss,
@@ -65,11 +66,12 @@ def latent_rl_terms(guided: GuidedStudent, means: torch.Tensor, rows: pd.DataFra
     actions, log_prob = guided.hypernet.sample(means, k, generator=step_generator(config.seed, step))
     repeated = rows.loc[rows.index.repeat(k)]
     scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(actions),
-                              max_new_tokens=generation.max_new_tokens, batch_size=len(repeated))
+                              max_new_tokens=generation.max_new_tokens, batch_size=len(repeated),
+                              stop_strings=generation.stop)
     success = torch.tensor(scored["correct"].to_numpy(dtype=float), device=guided.student.device,
                            dtype=torch.float32).view(len(rows), k)
     with torch.no_grad():
-        batch, _, states = guided.teacher_forced(repeated["question"].tolist(), repeated["answer"].tolist(),
+        batch, _, states = guided.teacher_forced(repeated["question"].tolist(), reply_targets(repeated),
                                                  actions, [layer])
         sampled = gather_answer_states(states[layer], batch.prompt_lengths - 1, targets.shape[1]).float()
         mask = target_mask.repeat_interleave(k, dim=0)
@@ -83,7 +85,7 @@ def stage1_objective(guided: GuidedStudent, latents: CachedLatents, examples: pd
                      align_layers: list[int], config: Stage1Config, generation: GenerationParams) -> Objective:
     """Stage 1's terms for one step: a batch of cached trajectories, imitation, and (every
     ``rl_every`` steps) latent RL on the first ``rl_batch`` queries."""
-    questions, answers = examples["question"].tolist(), examples["answer"].tolist()
+    questions, answers = examples["question"].tolist(), reply_targets(examples)
     last = len(align_layers) - 1
     device = guided.student.device
 
@@ -134,7 +136,7 @@ def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFram
     with GuidedStudent(student, hypernet) as guided:
         def validate() -> float:
             return accuracy(student, val_rows, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
-                            batch_size=generation.batch_size)
+                            batch_size=generation.batch_size, stop_strings=generation.stop)
 
         objective = stage1_objective(guided, cached, examples, list(build.settings.align_layers), config, generation)
         result = train(hypernet, objective, loop_settings(config), name="stage1", validate=validate,
