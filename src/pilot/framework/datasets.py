@@ -17,7 +17,7 @@ from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
 from pilot import tracking
-from pilot.artifacts import verify_file, write_file
+from pilot.artifacts import atomic_folder, verify_file, write_file
 from pilot.guidance import HyperNetwork
 from pilot.baselines.lora import LoraAdapter
 from pilot.latents import CacheManifest, LatentCache, LatentShard, save_chunk, shard_fingerprints
@@ -206,13 +206,22 @@ class OptionalJSONDataset(AbstractDataset):
 class TokenizerDataset(_FolderDataset):
     """A transformers tokenizer folder (``save_pretrained``)."""
 
+    NOT_TRAINED = "not_trained.json"  # written instead when every model is pretrained
+
     def _load(self):
         from transformers import AutoTokenizer
 
+        if (self._path / self.NOT_TRAINED).is_file():
+            return None
         return AutoTokenizer.from_pretrained(self._path, local_files_only=True)
 
     def _save(self, data) -> None:
+        if isinstance(data, PretrainedModelRef):
+            with atomic_folder(self._path) as folder:
+                (folder / self.NOT_TRAINED).write_text(json.dumps({"reason": "every model is pretrained"}))
+            return
+        (self._path / self.NOT_TRAINED).unlink(missing_ok=True)
         data.save_pretrained(self._path)
 
     def _exists(self) -> bool:
-        return (self._path / "tokenizer_config.json").is_file()
+        return (self._path / "tokenizer_config.json").is_file() or (self._path / self.NOT_TRAINED).is_file()

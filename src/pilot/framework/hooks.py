@@ -45,6 +45,8 @@ from pilot.config import (
 )
 from pilot.guidance import HyperNetConfig
 from pilot import tracking
+from pilot.models import source_num_layers
+from pilot.runtime import configure_threads
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 from pilot.tuning import check_storage
 
@@ -68,7 +70,8 @@ def _student_num_layers(catalog, params: dict[str, Any]) -> int | None:
             if key in config:
                 return int(config[key])
     if "base" in params:
-        return validate(BaseParams, params["base"], "base").student.num_layers
+        student = validate(BaseParams, params["base"], "base").student
+        return source_num_layers(student.source) if student.source else student.num_layers
     return None
 
 
@@ -136,6 +139,7 @@ class PreflightHooks:
         raw = context.config_loader["parameters"]
         check_top_level(raw)  # a misspelt top-level block (`--params stage_1.x=5`) is an error, not a no-op
         validated = validate_parameters(raw)
+        configure_threads(raw.get("threads"))
         uri = _tracking_uri(context)
         if uri is None:
             return

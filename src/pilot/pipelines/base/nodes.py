@@ -1,29 +1,50 @@
-"""Nodes of the ``base`` pipeline: the embedded default tokenizer, student and teacher.
+"""Nodes of the ``base`` pipeline: the student and teacher, trained, imported or used in place.
 
-With ``models.<role>.pretrained: true`` in globals.yml (a local Hugging Face model in place of
-the embedded default) nothing is trained: the node returns a :class:`PretrainedModelRef` and the
-catalog leaves that model folder untouched.
+* The embedded default: a BPE tokenizer and both models trained from scratch.
+* ``models.<role>.pretrained: true`` (a local Hugging Face model used in place): nothing is
+  trained; the node returns a :class:`PretrainedModelRef` and the catalog leaves the folder alone.
+* ``models.<role>.source`` (a Hugging Face folder or a GGUF file): imported once into the role's
+  folder, stamped with the source's sha256 (and the adaptation settings and data, when adapted);
+  an unchanged stamp keeps the folder as it is. With ``base.<role>.adapt`` the imported student
+  is first warm-started on the task format (questions with and without plans).
+
+No tokenizer is trained unless a model is trained from scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from pilot.config import BaseParams, GenerationParams, with_run_seed
+from pilot.config import BaseParams, GenerationParams, ModelParams, with_run_seed
 from pilot.evaluation import answer_and_score, summarize
-from pilot.models import CausalLM, PretrainedModelRef, build_causal_lm, describe, train_tokenizer
-from pilot.prompts import answer_prompt, continuation
+from pilot.models import (
+    CausalLM,
+    PretrainedModelRef,
+    build_causal_lm,
+    decoder_layers,
+    describe,
+    import_causal_lm,
+    read_stamp,
+    source_fingerprint,
+    train_tokenizer,
+)
+from pilot.prompts import TOY, answer_prompt, continuation, prompt_format
 from pilot.tracking import metric_records
 from pilot.training.base_lm import student_examples, teacher_examples, train_causal_lm
 
 logger = logging.getLogger(__name__)
 
 
-def fit_tokenizer(tasks_train: pd.DataFrame, params: BaseParams) -> PreTrainedTokenizerBase:
-    """A byte-level BPE tokenizer trained on the training transcripts (question, plan, answer)."""
+def fit_tokenizer(tasks_train: pd.DataFrame, params: BaseParams) -> PreTrainedTokenizerBase | PretrainedModelRef:
+    """A byte-level BPE tokenizer trained on the training transcripts (question, plan, answer);
+    none (a :class:`PretrainedModelRef`) when no model is trained from scratch."""
+    if not (params.student.trained_here or params.teacher.trained_here):
+        logger.info("Both models are pretrained: no tokenizer to train.")
+        return PretrainedModelRef("tokenizer")
     texts = [answer_prompt(q, p) + continuation(a)
              for q, p, a in zip(tasks_train["question"], tasks_train["oracle_plan"], tasks_train["answer"])]
     return train_tokenizer(texts, params.tokenizer.vocab_size)
@@ -33,14 +54,67 @@ def fit_tokenizer(tasks_train: pd.DataFrame, params: BaseParams) -> PreTrainedTo
 SEED_OFFSET = {"student": 0, "teacher": 1}
 
 
-def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: BaseParams,
+def _table_fingerprint(rows: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]
+
+
+def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
+            seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
+    """The role's model imported from ``spec.source`` (and adapted, with its loss history), or a ref
+    when its folder is current."""
+    stamp = {"source": spec.source, "source_sha256": source_fingerprint(spec.source)}
+    if spec.adapt is not None:
+        stamp["adapt"] = with_run_seed(spec.adapt, seed, SEED_OFFSET[role]).model_dump()
+        stamp["adapt_data"] = _table_fingerprint(tasks_train[["question", "oracle_plan", "solution"]])
+    if spec.path and read_stamp(spec.path) == stamp:
+        logger.info("The %s at %s is already imported from %s (same sha256%s): kept.", role, spec.path,
+                    spec.source, " and adaptation" if spec.adapt else "")
+        return PretrainedModelRef(role), pd.DataFrame({"step": [], "loss": []})
+    lm = import_causal_lm(spec.source)
+    history = []
+    if spec.adapt is not None:
+        history = adapt(lm, tasks_train, with_run_seed(spec.adapt, seed, SEED_OFFSET[role]), role)
+    lm.stamp = stamp
+    return lm, pd.DataFrame(history) if history else pd.DataFrame({"step": [], "loss": []})
+
+
+def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config, role: str) -> list[dict]:
+    """Warm-start a pretrained model on the task format: each training question answered without its
+    plan and with it in context, in the model's own prompt format; only the top ``train_layers``
+    decoder blocks (and the final norm) learn, the embeddings and lower blocks stay as pretrained."""
+    rows = tasks_train[tasks_train["oracle_plan"] != ""].to_dict("records")
+    if not rows:
+        raise ValueError("Adapting a pretrained student needs training rows with oracle plans; its tasks have none.")
+    layers = decoder_layers(lm.model)
+    trainable = layers if config.train_layers is None else layers[-config.train_layers:]
+    for parameter in lm.model.parameters():
+        parameter.requires_grad_(False)
+    for module in [*trainable, getattr(getattr(lm.model, "model", lm.model), "norm", None)]:
+        if module is not None:
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+    logger.info("Adapting the %s: top %s of %d blocks learn, %d steps", role, config.train_layers or "all",
+                len(layers), config.steps)
+    history = train_causal_lm(lm, student_examples(rows, plan_loss=False, fmt=prompt_format(lm.tokenizer)),
+                              config, f"adapt {role}")
+    for parameter in lm.model.parameters():
+        parameter.requires_grad_(True)
+    lm.model.eval()
+    return history
+
+
+def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase | None, params: BaseParams,
            seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
     spec = getattr(params, role)
     if spec.pretrained:
         logger.info("The %s is pretrained (globals.yml): nothing to train.", role)
         return PretrainedModelRef(role), pd.DataFrame({"step": [], "loss": []})
+    if spec.source:
+        return _import(role, spec, tasks_train, seed)
+    if tokenizer is None or isinstance(tokenizer, PretrainedModelRef):
+        raise ValueError(f"The {role} is trained from scratch but no tokenizer was trained; rerun the base pipeline.")
     rows = tasks_train.to_dict("records")
-    examples = student_examples(rows, spec.plan_loss) if role == "student" else teacher_examples(rows)
+    examples = student_examples(rows, spec.plan_loss, TOY) if role == "student" else teacher_examples(rows, TOY)
     lm = build_causal_lm(tokenizer, family=spec.family, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
                          num_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
                          max_positions=spec.max_positions, seed=seed + SEED_OFFSET[role])
@@ -76,9 +150,10 @@ def measure_plan_gap(student: CausalLM, tasks_test: pd.DataFrame,
     Returns:
         The per-task table (accuracy, 95 % interval) and MLflow metrics including ``plan_gap``.
     """
+    tasks_test = tasks_test[tasks_test["oracle_plan"] != ""]  # a teacher writes the others' plans later
     runs = [
         answer_and_score(student, tasks_test, plans=plans, max_new_tokens=generation.max_new_tokens,
-                         batch_size=generation.batch_size, method=method, progress=method)
+                         batch_size=generation.batch_size, stop_strings=generation.stop, method=method, progress=method)
         for method, plans in (("student_no_plan", None), ("student_oracle_plan", tasks_test["oracle_plan"].tolist()))
     ]
     table = summarize(pd.concat(runs), zero_shot="student_no_plan", plan_in_context="student_oracle_plan")
