@@ -11,7 +11,7 @@ from torch import nn
 from pilot.checkpoint import CheckpointManager
 from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork, interventions
 from pilot.models import decoder_layers
-from pilot.sequences import shift_labels_loss
+from pilot.sequences import next_token_loss
 from pilot.training.engine import (
     LoopSettings,
     NonFiniteLossError,
@@ -260,7 +260,7 @@ def test_the_injector_comes_off_however_training_ends(tiny_lm, task_table, endin
                     raise _Stop("a bug in a stage")
                 vectors = hypernet(states, mask)
                 batch, logits, _ = guided.teacher_forced(questions, answers, vectors, [])
-                loss = shift_labels_loss(logits, batch.labels)
+                loss = next_token_loss(logits, batch)
                 yield {"lm": loss * (float("nan") if ending == "nan" and step == 1 else 1.0)}
 
             result = train(hypernet, Objective(step_terms, {"lm": 1.0}),

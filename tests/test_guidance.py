@@ -172,9 +172,10 @@ def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny
     torch.nn.init.normal_(hypernet.mlp[-1].weight, std=0.5)
     questions = task_table["question"].tolist()[:5]
     prompts = [answer_prompt(q) for q in questions]
-    decode_steps = []  # lm_head outputs of one-token decode steps (the prefill has many tokens)
-    handle = tiny_lm.model.lm_head.register_forward_hook(
-        lambda module, args, output: decode_steps.append(output[:, -1].detach()) if output.shape[1] == 1 else None)
+    decode_steps = []  # logits of one-token decode steps (the prefill reads many tokens)
+    handle = tiny_lm.model.register_forward_hook(
+        lambda module, args, kwargs, output: decode_steps.append(output.logits[:, -1].detach())
+        if (args[0] if args else kwargs["input_ids"]).shape[1] == 1 else None, with_kwargs=True)
     try:
         with GuidedStudent(tiny_lm, hypernet.eval()) as guided:
             vectors = guided.guidance_vectors(questions)
@@ -186,7 +187,7 @@ def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny
         plain_first = torch.cat(decode_steps)
     finally:
         handle.remove()
-    forced_first = logits[torch.arange(len(questions)), batch.prompt_lengths - 1]
+    forced_first = logits[torch.cumsum(batch.target_lengths, 0) - batch.target_lengths]  # each row's first
     torch.testing.assert_close(generated.guidance_vectors, vectors, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(generated_first, forced_first, atol=1e-4, rtol=1e-4)
     assert (generated_first - plain_first).abs().max() > 1e-2  # the guidance did change the logits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -60,6 +62,10 @@ def test_mlflow_holds_the_run_its_parameters_metrics_and_method_runs(finished_ru
     assert all("accuracy" in r.data.metrics and "median_ms_per_query" in r.data.metrics for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "results.md", "accuracy.png", "training_curves.png"} <= artifacts
+    # Peak memory: the run's, and the nodes that raised it, in the order they ran.
+    by_node = json.load(open(client.download_artifacts(parent.info.run_id, "peak_memory_by_node.json")))
+    assert list(by_node.values()) == sorted(by_node.values()) and len(by_node) >= 2
+    assert parent.data.metrics["peak_memory_gib"] >= max(by_node.values()) > 0.1
 
 
 def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(finished_run):

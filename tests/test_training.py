@@ -129,8 +129,24 @@ def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_p
     assert not any(layer._forward_hooks for layer in tiny_lm.model.model.layers)  # both injectors removed
 
 
+def test_logits_only_at_the_answer_positions_give_the_full_pass_loss(tiny_lm, task_table):
+    from pilot.sequences import IGNORE_INDEX, encode_pairs, labelled_logits, next_token_loss
+    from pilot.training.base_lm import student_examples
+
+    prompts, targets = zip(*student_examples(task_table.head(6).to_dict("records")))
+    batch = encode_pairs(tiny_lm.tokenizer, prompts, targets)
+    full = tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    kept = labelled_logits(tiny_lm.model, batch)
+    assert kept.shape == (batch.num_targets(), full.shape[-1])
+    assert kept.shape[0] < full.shape[0] * full.shape[1] / 2  # most positions never reach the vocabulary
+    torch.testing.assert_close(kept, full[batch.predicting_positions()], atol=1e-5, rtol=1e-4)
+    reference = torch.nn.functional.cross_entropy(full[:, :-1].transpose(1, 2), batch.labels[:, 1:],
+                                                  ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(next_token_loss(kept, batch), reference, atol=1e-5, rtol=1e-4)
+
+
 def test_length_buckets_give_the_gradient_of_one_padded_pass(tiny_lm, task_table):
-    from pilot.sequences import encode_pairs, shift_labels_loss
+    from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
     from pilot.training.base_lm import student_examples
 
     # Short answers mixed with long plan transcripts: the case the buckets are for.
@@ -144,7 +160,6 @@ def test_length_buckets_give_the_gradient_of_one_padded_pass(tiny_lm, task_table
     assert len(parts) == 4 and sum(len(p.input_ids) for p in parts) == len(batch.input_ids)
     assert sum(p.input_ids.numel() for p in parts) < batch.input_ids.numel()  # padding was cut
     for part in parts:
-        logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
-        (shift_labels_loss(logits, part.labels, reduction="sum") / batch.num_targets()).backward()
+        (next_token_loss(labelled_logits(model, part), part, reduction="sum") / batch.num_targets()).backward()
     for expected, got in zip(reference, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)

@@ -100,7 +100,7 @@ def _generate_batch(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, g
     read_layer = guidance.hypernet.config.resolved_read_layer() if guidance and guidance.hypernet else None
     with capture_layers(model, [read_layer]) if read_layer is not None else nullcontext() as captured:
         model(input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache, use_cache=True)
+              past_key_values=cache, use_cache=True, logits_to_keep=1)  # only the cache is read
     if guidance is not None and vectors is None:
         vectors = guidance.hypernet(captured[read_layer], mask[:, :-1])
     stop_ids = stop_token_ids(tokenizer, line_answers, model).to(device)

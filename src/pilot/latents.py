@@ -144,10 +144,12 @@ class LatentCacheBuild:
             free = encode_pairs(tokenizer, [fmt.answer_prompt(self.questions[i]) for i in chunk], answers)
             planned = encode_pairs(tokenizer, [fmt.answer_prompt(self.questions[i], self.plans[i]) for i in chunk],
                                    answers)
+            device = self.student.device  # only the captured states are read: one logits row each
             with capture_layers(model, [s.read_layer, s.inject_layer]) as free_states:
-                model(input_ids=free.input_ids.to(self.student.device), attention_mask=free.attention_mask.to(self.student.device))
+                model(input_ids=free.input_ids.to(device), attention_mask=free.attention_mask.to(device), logits_to_keep=1)
             with capture_layers(model, [s.inject_layer, *s.align_layers]) as plan_states:
-                model(input_ids=planned.input_ids.to(self.student.device), attention_mask=planned.attention_mask.to(self.student.device))
+                model(input_ids=planned.input_ids.to(device), attention_mask=planned.attention_mask.to(device),
+                      logits_to_keep=1)
             free_answer, plan_answer = free.answer_position_mask(), planned.answer_position_mask()
             query_mask = free.query_mask()
             for j in range(len(chunk)):

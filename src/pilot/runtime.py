@@ -1,4 +1,4 @@
-"""Process-wide settings of the compute: torch's CPU thread count.
+"""Process-wide settings of the compute (torch's CPU thread count) and its peak memory.
 
 On a small machine the thread count matters a lot: measured on this project's 2-core machine,
 SmolLM2-135M answered 32 questions in 8.4 s with 2 threads and 11.6 s with 1 when idle, but a
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import sys
 
 import torch
 
@@ -33,3 +35,9 @@ def configure_threads(requested: int | None = None) -> int:
     logger.info("torch uses %d CPU thread(s) (%s).", count,
                 "parameter 'threads'" if requested else "OMP_NUM_THREADS" if from_env else "cores available")
     return count
+
+
+def peak_memory_gib() -> float:
+    """The largest resident set this process has had so far, in GiB (0.0 where the OS does not say)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux

@@ -44,6 +44,17 @@ class TokenBatch:
         """Label tokens that carry loss, over the whole batch."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
+    def predicting_positions(self) -> torch.Tensor:
+        """(B, T) mask of the positions whose next token is a label: the logits the loss reads."""
+        mask = torch.zeros_like(self.labels, dtype=torch.bool)
+        mask[:, :-1] = self.labels[:, 1:] != IGNORE_INDEX
+        return mask
+
+    def next_tokens(self) -> torch.Tensor:
+        """(N,) the label tokens those positions predict, row by row."""
+        shifted = self.labels[:, 1:]
+        return shifted[shifted != IGNORE_INDEX]
+
     def length_buckets(self, buckets: int) -> list[TokenBatch]:
         """Split into ``buckets`` sub-batches of similar length, each cut to its own longest row.
 
@@ -98,18 +109,24 @@ def encode_pairs(
                       torch.tensor(prompt_lengths), torch.tensor(target_lengths))
 
 
-def shift_labels_loss(logits: torch.Tensor, labels: torch.Tensor,
-                      reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the labelled positions: their mean, or their sum."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(labels.shape)
-    mask = labels != IGNORE_INDEX
-    if reduction == "sum":
-        return (loss * mask).sum()
-    return (loss * mask).sum() / mask.sum().clamp_min(1)
+def labelled_logits(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """(N, vocabulary) logits at ``batch.predicting_positions()``, row by row.
+
+    Only those positions are projected onto the vocabulary (transformers' ``logits_to_keep``): the
+    full (batch, length, vocabulary) logits of SmolLM2's 49k-token vocabulary, with their softmax and
+    gradient, took GiBs of training memory to score a few dozen answer tokens per row.
+    """
+    keep = batch.predicting_positions()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    return logits if logits.dim() == 2 else logits[keep]  # a model that projects every position anyway
+
+
+def next_token_loss(logits: torch.Tensor, batch: TokenBatch,
+                    reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Cross-entropy of :func:`labelled_logits` against the batch's label tokens: their mean, or their sum."""
+    targets = batch.next_tokens()
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss if reduction == "sum" else loss / max(len(targets), 1)
 
 
 def lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -3,14 +3,14 @@
 import os
 import warnings
 
-from pilot.framework.hooks import PreflightHooks, RunRecordHooks
+from pilot.framework.hooks import MemoryHooks, PreflightHooks, RunRecordHooks
 
 # Deprecation noise from Kedro's and kedro-mlflow's use of OmegaConf, not actionable here.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 
 # kedro-mlflow registers its own hook through its entry point; ours run before any node:
 # parameter validation and the tracking-store check (see pilot.framework.hooks).
-HOOKS = (PreflightHooks(), RunRecordHooks())
+HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -11,6 +11,9 @@
   (``tune.storage``) must accept a connection too.
 - Each tracked run records its fully resolved parameters as one YAML artifact
   (``resolved_parameters.yml``), enough to re-create the run.
+- The process's peak memory is logged after each node that raised it, so a run says which step
+  needs the memory; a tracked run records it as the ``peak_memory_gib`` metric and
+  ``peak_memory_by_node.json``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from pilot.config import (
 from pilot.guidance import HyperNetConfig
 from pilot import tracking
 from pilot.models import source_num_layers
-from pilot.runtime import configure_threads
+from pilot.runtime import configure_threads, peak_memory_gib
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 from pilot.tuning import check_storage
 
@@ -239,3 +242,30 @@ class RunRecordHooks:
         document = {"run": header, "parameters": as_plain(catalog.load("parameters"))}
         mlflow.log_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
                         "resolved_parameters.yml")
+
+
+class MemoryHooks:
+    """Logs the process's peak memory after each node that raised it by more than ``step`` GiB."""
+
+    def __init__(self, step: float = 0.05) -> None:
+        self.step = step
+        self.raised_by: dict[str, float] = {}
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        self.raised_by = {"(before the first node)": round(peak_memory_gib(), 3)}
+
+    @hook_impl
+    def after_node_run(self, node) -> None:
+        peak = peak_memory_gib()
+        if peak > max(self.raised_by.values(), default=0.0) + self.step:
+            self.raised_by[node.name] = round(peak, 3)
+            logger.info("Peak memory %.2f GiB, reached in node '%s'.", peak, node.name)
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow closes the run
+    def after_pipeline_run(self) -> None:
+        peak = peak_memory_gib()
+        logger.info("Peak memory of the run: %.2f GiB.", peak)
+        if mlflow.active_run() is not None:
+            mlflow.log_metric("peak_memory_gib", round(peak, 3))
+            mlflow.log_dict(self.raised_by, "peak_memory_by_node.json")

@@ -8,7 +8,7 @@ from pilot.guidance.hypernet import HyperNetwork
 from pilot.guidance.injection import Guidance, GuidanceInjector, capture_layers
 from pilot.models import CausalLM, freeze
 from pilot.prompts import prompt_format
-from pilot.sequences import TokenBatch, encode_pairs, lengths_to_mask
+from pilot.sequences import TokenBatch, encode_pairs, labelled_logits, lengths_to_mask
 
 
 class GuidedStudent:
@@ -47,7 +47,7 @@ class GuidedStudent:
             batch = encode_pairs(self.student.tokenizer, [self.format.answer_prompt(q) for q in chunk], [""] * len(chunk))
             with capture_layers(self.student.model, [layer]) as captured:
                 self.student.model(input_ids=batch.input_ids.to(self.student.device),
-                                   attention_mask=batch.attention_mask.to(self.student.device))
+                                   attention_mask=batch.attention_mask.to(self.student.device), logits_to_keep=1)
             mask = batch.query_mask().to(self.student.device)
             states.extend(captured[layer][i][mask[i]].cpu() for i in range(len(mask)))
             lengths.extend(int(m.sum()) for m in mask)
@@ -66,10 +66,11 @@ class GuidedStudent:
 
     def teacher_forced(self, questions: list[str], answers: list[str], vectors: torch.Tensor,
                        layers: list[int]) -> tuple[TokenBatch, torch.Tensor, dict[int, torch.Tensor]]:
-        """Guided forward on question + answer; returns (batch, logits, {layer: states})."""
+        """Guided forward on question + answer; returns (batch, logits, {layer: states}), the logits
+        only at the answer positions, row by row (:func:`pilot.sequences.labelled_logits`)."""
         batch = encode_pairs(self.student.tokenizer, [self.format.answer_prompt(q) for q in questions],
                              [self.format.answer_target(a) for a in answers]).to(self.student.device)
         with self.injector.guide(vectors, batch.answer_position_mask()), \
                 capture_layers(self.student.model, layers) as captured:
-            logits = self.student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = labelled_logits(self.student.model, batch)
         return batch, logits, dict(captured)

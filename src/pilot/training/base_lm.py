@@ -13,7 +13,7 @@ import torch
 from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
 from pilot.prompts import TOY, PromptFormat
-from pilot.sequences import encode_pairs, shift_labels_loss
+from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
 from pilot.training.engine import LoopSettings, Objective, sample_batch, train
 
 
@@ -60,8 +60,7 @@ def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTra
         num_targets = batch.num_targets()
         for part in batch.length_buckets(config.length_buckets):
             part = part.to(lm.device)
-            logits = lm.model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
-            yield {"lm": shift_labels_loss(logits, part.labels, reduction="sum") / num_targets}
+            yield {"lm": next_token_loss(labelled_logits(lm.model, part), part, reduction="sum") / num_targets}
 
     loop = LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
                         weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98))

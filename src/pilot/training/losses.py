@@ -2,7 +2,7 @@
 
 Stage 1 (:mod:`pilot.training.stage1`): ``alignment``, ``contrastive``, ``lm``, ``latent_rl``.
 Stage 2 (:mod:`pilot.training.stage2`): ``policy``, ``self_supervision``, ``anchor``.
-The language-modelling terms are :func:`pilot.sequences.shift_labels_loss`.
+The language-modelling terms are :func:`pilot.sequences.next_token_loss`.
 """
 
 from __future__ import annotations

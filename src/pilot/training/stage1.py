@@ -28,7 +28,7 @@ from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, make_hypernet
 from pilot.latents import CachedLatents, LatentBatch, LatentCache, plan_cache_build, select_examples
 from pilot.models import CausalLM
-from pilot.sequences import shift_labels_loss
+from pilot.sequences import next_token_loss
 from pilot.tasks import reply_targets
 from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, train
 from pilot.training.losses import (
@@ -54,7 +54,7 @@ def imitation_terms(guided: GuidedStudent, batch: LatentBatch, vectors: torch.Te
                                     batch.target_mask[..., None].expand(-1, -1, len(align_layers))),
         "contrastive": info_nce(masked_mean(guided_states[:, :, last], batch.target_mask),
                                 masked_mean(batch.targets[:, :, last], batch.target_mask), temperature),
-        "lm": shift_labels_loss(logits, tokens.labels),
+        "lm": next_token_loss(logits, tokens),
     }
 
 

@@ -25,7 +25,7 @@ from pilot.config import GenerationParams, Stage2Config
 from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM, lm_fingerprint
-from pilot.sequences import lengths_to_mask, shift_labels_loss
+from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, train
 from pilot.training.losses import group_advantages, reinforce_loss
 
@@ -60,7 +60,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
             questions = batch_rows["question"].iloc[owner.tolist()].tolist()
             answers = scored["reply"][correct.cpu().numpy()].tolist()  # the whole reply, reasoning included
             batch, logits, _ = guided.teacher_forced(questions, answers, means[owner], [])
-            terms["self_supervision"] = shift_labels_loss(logits, batch.labels)
+            terms["self_supervision"] = next_token_loss(logits, batch)
         else:
             terms["self_supervision"] = torch.zeros((), device=device)
         terms["anchor"] = (means - anchor_means).pow(2).mean()
