@@ -172,6 +172,37 @@ def test_weights_scale_the_gradient():
         torch.testing.assert_close(grads[name][0], 3.0 * parameter.grad)
 
 
+def test_each_terms_gradient_norm_is_logged_on_its_steps_and_leaves_the_update_unchanged():
+    x, y = _data()
+
+    def objective(model):
+        def step_terms(step):
+            yield {"fit": F.mse_loss(model(x), y), "shrink": model.weight.pow(2).sum(),
+                   "constant": torch.zeros(()), "reward": torch.ones(())}
+        return Objective(step_terms, {"fit": 1.0, "shrink": 0.5, "constant": 1.0})
+
+    measured, plain = _model(), _model()
+    reference = copy.deepcopy(measured)
+    result = train(measured, objective(measured), LoopSettings(steps=4, learning_rate=0.1, grad_norm_every=2),
+                   name="measured")
+    train(plain, objective(plain), LoopSettings(steps=4, learning_rate=0.1), name="plain")
+    assert _equal(_state(measured), _state(plain))  # measuring reads the gradients, never changes them
+
+    def norm_of(loss):
+        grads = torch.autograd.grad(loss, list(reference.parameters()), allow_unused=True)
+        return float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
+
+    first = result.history[0]
+    assert first["grad_norm/fit"] == pytest.approx(norm_of(F.mse_loss(reference(x), y)), rel=1e-5)
+    assert first["grad_norm/shrink"] == pytest.approx(norm_of(0.5 * reference.weight.pow(2).sum()), rel=1e-5)
+    assert first["grad_norm/constant"] == 0.0  # weighted, but reaches no parameter
+    assert first["grad_norm"] == pytest.approx(
+        norm_of(F.mse_loss(reference(x), y) + 0.5 * reference.weight.pow(2).sum()), rel=1e-5)
+    assert "grad_norm/reward" not in first   # logged-only terms train nothing
+    assert [("grad_norm/fit" in row) for row in result.history] == [True, False, True, False]
+    assert all("grad_norm" in row for row in result.history)
+
+
 def test_micro_batches_give_the_step_of_one_batch_with_the_summed_loss():
     x, y = _data()
 

@@ -16,6 +16,7 @@ from pilot.training.losses import (
     masked_mean,
     mean_baseline_advantages,
     reinforce_loss,
+    zero_variance_fraction,
 )
 from pilot.training.stage1 import imitation_terms, stage1_objective
 
@@ -165,6 +166,12 @@ def test_group_advantages_hand_example():
     advantages = group_advantages(rewards)
     torch.testing.assert_close(advantages[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
     assert torch.equal(advantages[1:], torch.zeros(2, 4))
+
+
+def test_zero_variance_fraction_counts_groups_whose_rewards_are_all_equal():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert float(zero_variance_fraction(rewards)) == 0.5
+    assert float(zero_variance_fraction(rewards[:1])) == 0.0
 
 
 def test_mean_baseline_advantages_hand_example():

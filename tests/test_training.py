@@ -112,10 +112,14 @@ def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_p
     plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     val = task_table[task_table["split"] == "val"]
     first = run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents,
-                       Stage1Config(steps=6, batch_size=8, rl_every=2, rl_batch=2, rl_samples=2, eval_every=3), GEN)
+                       Stage1Config(steps=6, batch_size=8, rl_every=2, rl_batch=2, rl_samples=2, eval_every=3,
+                                    grad_norm_every=2), GEN)
     history = pd.DataFrame(first.history)
-    assert {"alignment", "contrastive", "lm", "latent_rl", "total"} <= set(history.columns)
+    assert {"alignment", "contrastive", "lm", "latent_rl", "total", "grad_norm"} <= set(history.columns)
     assert history["alignment"].notna().all() and history["latent_rl"].notna().sum() == 3
+    for term in ("alignment", "contrastive", "lm", "latent_rl"):  # every term reaches the hyper-network
+        norms = history[f"grad_norm/{term}"]
+        assert norms.notna().tolist() == [True, False] * 3 and (norms.dropna() > 0).all(), term
     assert [v["step"] for v in first.validation] == [0, 3, 6]
     train = task_table[task_table["split"] == "train"]
     assert first.best_val_accuracy == max(v["val_accuracy"] for v in first.validation)
@@ -123,7 +127,9 @@ def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_p
     second = run_stage2(tiny_lm, first.model, train, val, Stage2Config(steps=4, batch_size=4, group_size=2,
                                                                            eval_every=2), GEN)
     history2 = pd.DataFrame(second.history)
-    assert {"policy", "self_supervision", "anchor", "reward"} <= set(history2.columns)
+    assert {"policy", "self_supervision", "anchor", "reward", "zero_variance_groups",
+            "grad_norm/policy", "grad_norm/anchor"} <= set(history2.columns)
+    assert history2["zero_variance_groups"].between(0, 1).all()
     assert [v["step"] for v in second.validation] == [0, 2, 4]
     assert second.best_val_accuracy == max(v["val_accuracy"] for v in second.validation)
     assert not any(layer._forward_hooks for layer in tiny_lm.model.model.layers)  # both injectors removed

@@ -310,6 +310,7 @@ class Stage1Config(Params):
     rl_samples: Annotated[int, Field(ge=2)] = 4
     latent_reward_weight: NonNegative = 0.5
     eval_every: PositiveInt = 50
+    grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
     checkpoint_every: NonNegativeInt = 50
     seed: int = 0
 
@@ -333,6 +334,7 @@ class Stage2Config(Params):
     self_supervision_weight: NonNegative = 0.5
     anchor_weight: NonNegative = 0.1
     eval_every: PositiveInt = 50
+    grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
     checkpoint_every: NonNegativeInt = 50
     seed: int = 0
 

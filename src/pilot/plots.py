@@ -55,8 +55,9 @@ def latency_by_method(results: pd.DataFrame) -> plt.Figure:
 
 def training_curves(stage1_history: pd.DataFrame, stage1_validation: pd.DataFrame,
                     stage2_history: pd.DataFrame, stage2_validation: pd.DataFrame) -> plt.Figure:
-    """Stage-1 loss terms, stage-2 reward, and validation accuracy of both stages."""
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    """Stage-1 loss terms, stage-2 reward and zero-variance groups, each term's gradient norm on the
+    hyper-network (stage 2 continues stage 1's steps), and validation accuracy of both stages."""
+    figure, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for name in ("alignment", "contrastive", "lm", "latent_rl"):
         if name in stage1_history:
             series = stage1_history[["step", name]].dropna()
@@ -64,20 +65,33 @@ def training_curves(stage1_history: pd.DataFrame, stage1_validation: pd.DataFram
     axes[0].set_title("Stage 1 losses (rolling mean)")
     axes[0].set_xlabel("step")
     axes[0].legend(fontsize=8)
-    if "reward" in stage2_history:
-        axes[1].plot(stage2_history["step"], stage2_history["reward"].rolling(10, min_periods=1).mean(),
-                     color="tab:green", label="sampled reward")
-    axes[1].set_title("Stage 2 reward (rolling mean)")
+    for name, color in (("reward", "tab:green"), ("zero_variance_groups", "tab:red")):
+        if name in stage2_history:
+            label = {"reward": "sampled reward", "zero_variance_groups": "groups with one reward"}[name]
+            axes[1].plot(stage2_history["step"], stage2_history[name].rolling(10, min_periods=1).mean(),
+                         color=color, label=label)
+    axes[1].set_title("Stage 2 rollouts (rolling mean)")
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
     axes[1].legend(fontsize=8)
     offset = int(stage1_validation["step"].max()) if len(stage1_validation) else 0
-    axes[2].plot(stage1_validation["step"], stage1_validation["val_accuracy"], marker="o", label="stage 1")
-    axes[2].plot(stage2_validation["step"] + offset, stage2_validation["val_accuracy"], marker="o", label="stage 2")
-    axes[2].set_title("Validation accuracy")
-    axes[2].set_xlabel("step (stage 2 continues stage 1)")
-    axes[2].set_ylim(0, 1)
-    axes[2].legend(fontsize=8)
+    for history, shift, style in ((stage1_history, 0, "-"), (stage2_history, offset, "--")):
+        for column in (c for c in history.columns if c.startswith("grad_norm/")):
+            series = history[["step", column]].dropna()
+            series = series[series[column] > 0]  # a term that reached no parameter that step
+            if len(series):
+                axes[2].plot(series["step"] + shift, series[column], style, label=column.removeprefix("grad_norm/"))
+    axes[2].set_yscale("log")
+    axes[2].set_title("Gradient norm of each weighted term")
+    axes[2].set_xlabel("step (stage 2 dashed, after stage 1)")
+    if axes[2].lines:
+        axes[2].legend(fontsize=7, ncol=2)
+    axes[3].plot(stage1_validation["step"], stage1_validation["val_accuracy"], marker="o", label="stage 1")
+    axes[3].plot(stage2_validation["step"] + offset, stage2_validation["val_accuracy"], marker="o", label="stage 2")
+    axes[3].set_title("Validation accuracy")
+    axes[3].set_xlabel("step (stage 2 continues stage 1)")
+    axes[3].set_ylim(0, 1)
+    axes[3].legend(fontsize=8)
     figure.tight_layout()
     return figure
 

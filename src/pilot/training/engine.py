@@ -4,7 +4,12 @@ A stage supplies only its loss terms for a step (:class:`Objective`); the engine
 in this order every step: learning-rate schedule, the terms (one dict per micro-batch, each
 backpropagated as it comes, so length-bucketed batches never hold two graphs), the finite-loss
 guard, gradient clipping, the optimizer step, the history row and progress bar, validation
-with best-checkpoint selection, and resumable checkpoints. Randomness derives from
+with best-checkpoint selection, and resumable checkpoints.
+
+The history shows what trains: ``grad_norm`` (the summed gradient's norm before clipping) every
+step and, every ``grad_norm_every`` steps, ``grad_norm/<term>``: each weighted term's own
+gradient norm on the trained parameters, so a term that swamps or never reaches the others is
+visible. Measuring it reads the gradients only; the update is the same with or without it. Randomness derives from
 ``(seed, step)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run
 would have.
 
@@ -122,6 +127,7 @@ class LoopSettings:
     weight_decay: float = 0.0
     seed: int = 0
     eval_every: int = 0                      # 0: validate only before the first and after the last step
+    grad_norm_every: int = 0                 # per-term gradient norms every N steps (0: never)
     betas: tuple[float, float] = (0.9, 0.999)
     clip_norm: float = 1.0
 
@@ -167,6 +173,28 @@ def _accumulate(total: dict[str, torch.Tensor | float], terms: Mapping[str, torc
     for name, value in terms.items():
         value = value.detach() if torch.is_tensor(value) else value
         total[name] = total[name] + value if name in total else value
+
+
+def term_gradients(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                   parameters: list[nn.Parameter]) -> dict[str, list[torch.Tensor]]:
+    """Each weighted term's own gradient (``weight * term``) on ``parameters``; the graph is kept
+    for the backward of the total and no ``.grad`` is touched. A term that reaches no trained
+    parameter (say, a zero placeholder) has a zero gradient."""
+    gradients = {}
+    for name, weight in weights.items():
+        if name not in terms or weight == 0:
+            continue
+        term = terms[name]
+        if torch.is_tensor(term) and term.requires_grad:
+            found = torch.autograd.grad(weight * term, parameters, retain_graph=True, allow_unused=True)
+        else:
+            found = [None] * len(parameters)
+        gradients[name] = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, found)]
+    return gradients
+
+
+def gradient_norm(gradients: Iterable[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in gradients)))
 
 
 def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: str,
@@ -218,14 +246,20 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
             for group in optimizer.param_groups:
                 group["lr"] = rate
             logged: dict[str, torch.Tensor | float] = {}
+            per_term: dict[str, list[torch.Tensor]] = {}
+            measure_terms = bool(loop.grad_norm_every) and step % loop.grad_norm_every == 0
             for terms in objective.step_terms(step):
                 total = weighted_total(terms, objective.weights)
                 terms = {**terms, "total": total}
                 check_finite(terms, step)
+                if measure_terms:  # summed over micro-batches, like the total's gradient
+                    for name, grads in term_gradients(terms, objective.weights, parameters).items():
+                        per_term[name] = [a + b for a, b in zip(per_term[name], grads)] if name in per_term else grads
                 total.backward()
                 _accumulate(logged, terms)
             check_finite(logged, step)
-            torch.nn.utils.clip_grad_norm_(parameters, loop.clip_norm)
+            logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, loop.clip_norm)
+            logged.update({f"grad_norm/{name}": gradient_norm(grads) for name, grads in per_term.items()})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1

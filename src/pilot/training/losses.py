@@ -55,3 +55,8 @@ def mean_baseline_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO: each sample's reward relative to its group (a row), scaled by the group's spread."""
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
+
+
+def zero_variance_fraction(rewards: torch.Tensor) -> torch.Tensor:
+    """The fraction of groups (rows) whose rewards are all equal: their advantages are all zero."""
+    return (rewards == rewards[:, :1]).all(dim=1).float().mean()

@@ -109,7 +109,8 @@ def stage1_objective(guided: GuidedStudent, latents: CachedLatents, examples: pd
 
 def loop_settings(config: Stage1Config) -> LoopSettings:
     return LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=config.weight_decay, seed=config.seed, eval_every=config.eval_every)
+                        weight_decay=config.weight_decay, seed=config.seed, eval_every=config.eval_every,
+                        grad_norm_every=config.grad_norm_every)
 
 
 def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,

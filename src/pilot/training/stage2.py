@@ -2,7 +2,9 @@
 
 No plans and no teacher. For each query the hyper-network's guidance g is the mean of a
 Gaussian policy; a group of vectors is sampled, each decoded and scored by the safe verifier.
-Three terms (:mod:`pilot.training.losses`), each logged under its name, plus ``reward``:
+Three terms (:mod:`pilot.training.losses`), each logged under its name, plus ``reward`` (mean
+verifier reward of the sampled answers) and ``zero_variance_groups`` (the fraction of groups whose
+answers all scored the same: they give the policy term no signal):
 
 - ``policy``: GRPO-style policy gradient with group-relative advantages
   (reward - group mean) / (group std + eps);
@@ -27,7 +29,7 @@ from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, train
-from pilot.training.losses import group_advantages, reinforce_loss
+from pilot.training.losses import group_advantages, reinforce_loss, zero_variance_fraction
 
 
 def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.DataFrame, config: Stage2Config,
@@ -65,6 +67,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
             terms["self_supervision"] = torch.zeros((), device=device)
         terms["anchor"] = (means - anchor_means).pow(2).mean()
         terms["reward"] = rewards.mean()
+        terms["zero_variance_groups"] = zero_variance_fraction(rewards)
         yield terms
 
     return Objective(step_terms, weights={"policy": config.policy_weight,
@@ -90,7 +93,8 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
     if not resume:
         checkpoints.clear()
     loop = LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=0.0, seed=config.seed, eval_every=config.eval_every)
+                        weight_decay=0.0, seed=config.seed, eval_every=config.eval_every,
+                        grad_norm_every=config.grad_norm_every)
     with GuidedStudent(student, hypernet) as guided:
         def validate() -> float:
             return accuracy(student, val_rows, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
