@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config
 from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork, make_hypernet
@@ -60,13 +61,32 @@ def test_alignment_averages_over_the_valid_positions_only():
 
 
 # ------------------------------------------------------------------------------ contrastive
+def _one_hot_info_nce(n, temperature, wrong_rows=0):
+    """InfoNCE of centred one-hot rows: cosine 1 with one's own row, -1/(n-1) with the others;
+    ``wrong_rows`` rows have their positive at -1/(n-1) and one negative at 1."""
+    match, other = math.exp(1 / temperature), math.exp(-1 / ((n - 1) * temperature))
+    right = -math.log(match / (match + (n - 1) * other))
+    wrong = -math.log(other / (match + (n - 1) * other))
+    return ((n - wrong_rows) * right + wrong_rows * wrong) / n
+
+
 def test_info_nce_on_orthogonal_one_hot_rows():
     n, temperature = 4, 0.5
     eye = torch.eye(n)
-    expected = -math.log(math.exp(1 / temperature) / (math.exp(1 / temperature) + (n - 1)))
-    assert float(info_nce(eye, eye, temperature)) == pytest.approx(expected, abs=1e-6)
+    assert float(info_nce(eye, eye, temperature)) == pytest.approx(_one_hot_info_nce(n, temperature), abs=1e-6)
     # scaling rows changes nothing (cosine similarities)
-    assert float(info_nce(3 * eye, 0.1 * eye, temperature)) == pytest.approx(expected, abs=1e-6)
+    assert float(info_nce(3 * eye, 0.1 * eye, temperature)) == pytest.approx(_one_hot_info_nce(n, temperature),
+                                                                             abs=1e-6)
+
+
+def test_info_nce_ignores_a_component_every_row_shares():
+    """Residual-stream means share a large common part; centring keeps it from hiding the rows' differences."""
+    n, temperature = 4, 0.1
+    eye, shared = torch.eye(n), 100 * torch.ones(n)
+    assert float(info_nce(eye + shared, eye - shared, temperature)) == pytest.approx(float(info_nce(eye, eye, temperature)),
+                                                                                  abs=1e-4)
+    uncentred = F.normalize(eye + shared, dim=-1) @ F.normalize(eye + shared, dim=-1).T / temperature
+    assert float(F.cross_entropy(uncentred, torch.arange(n))) > 0.9 * math.log(n)  # what it was before: chance
 
 
 def test_info_nce_rises_when_keys_are_swapped():
@@ -75,9 +95,7 @@ def test_info_nce_rises_when_keys_are_swapped():
     swapped = eye[[1, 0, 2, 3]]
     matched = float(info_nce(eye, eye, temperature))
     mismatched = float(info_nce(eye, swapped, temperature))
-    # rows 0 and 1 now have their positive at similarity 0 and a negative at 1
-    wrong = -math.log(1 / (math.exp(1 / temperature) + (n - 1)))
-    assert mismatched == pytest.approx((2 * matched + 2 * wrong) / n, abs=1e-6)
+    assert mismatched == pytest.approx(_one_hot_info_nce(n, temperature, wrong_rows=2), abs=1e-6)
     assert mismatched > matched + 1.0
 
 
@@ -92,8 +110,9 @@ def test_reinforce_moves_the_mean_toward_good_actions_and_away_from_bad(advantag
     loss.backward()
     optimizer.step()
     std = math.exp(-1.0)
-    # d(-A log p)/dm = -A (a - m) / s^2, so one SGD step is m += lr * A * (a - m) / s^2
-    torch.testing.assert_close(mean.detach(), 0.01 * advantage * actions / std**2)
+    # log p is averaged over the d = 4 dimensions: d(-A log p)/dm = -A (a - m) / (d s^2),
+    # so one SGD step is m += lr * A * (a - m) / (d s^2)
+    torch.testing.assert_close(mean.detach(), 0.01 * advantage * actions / (4 * std**2))
     before, after = actions.norm(), (actions - mean.detach()).norm()
     if advantage > 0:
         assert after < before
@@ -132,7 +151,7 @@ def test_sample_log_prob_is_the_gaussian_closed_form():
     assert (actions[:k].abs() < 3).all() and (actions[k:] - expanded[k:]).abs().max() < 3
     s = 0.5
     closed = (-0.5 * ((actions - expanded) / s).pow(2).sum(-1) - d * math.log(s) - d / 2 * math.log(2 * math.pi))
-    torch.testing.assert_close(log_prob.detach(), closed)
+    torch.testing.assert_close(log_prob.detach(), closed / d)  # averaged over the dimensions
 
 
 def test_samples_are_seeded_by_the_generator_and_detached():
@@ -154,9 +173,10 @@ def test_sample_log_prob_carries_gradients_to_the_mean_and_log_std():
     log_prob.sum().backward()
     s = math.exp(-0.5)
     z = (actions - mean.detach()) / s
-    # d log p / d m = (a - m) / s^2 ; d log p / d log s = sum(z^2) - d  (summed over the k samples)
-    torch.testing.assert_close(mean.grad, (z / s).sum(0, keepdim=True))
-    torch.testing.assert_close(policy.log_std.grad, (z.pow(2).sum(-1) - d).sum())
+    # log p averaged over the d dimensions: d log p / d m = (a - m) / (d s^2) ;
+    # d log p / d log s = (sum(z^2) - d) / d  (summed over the k samples)
+    torch.testing.assert_close(mean.grad, (z / s).sum(0, keepdim=True) / d)
+    torch.testing.assert_close(policy.log_std.grad, ((z.pow(2).sum(-1) - d) / d).sum())
     assert float(policy.log_std.grad) != 0.0
 
 

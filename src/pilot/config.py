@@ -328,6 +328,7 @@ class Stage2Config(Params):
     steps: PositiveInt = 150
     batch_size: PositiveInt = 16
     group_size: Annotated[int, Field(ge=2)] = 4
+    rollout_temperature: NonNegative = 0.7   # sampled replies, so a group can disagree (0: greedy)
     learning_rate: Positive = 3e-4
     warmup_steps: NonNegativeInt = 10
     policy_weight: NonNegative = 1.0

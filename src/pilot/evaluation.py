@@ -32,6 +32,8 @@ def answer_and_score(
     progress: str | None = None,
     extra_seconds: Sequence[float] | None = None,
     stop_strings: Sequence[str] = (),
+    temperature: float = 0.0,
+    seed: int | None = None,
 ) -> pd.DataFrame:
     """Answer every row (optionally with plans in context or guidance) and verify the answers.
 
@@ -39,12 +41,14 @@ def answer_and_score(
     read by its row's ``extract`` rule (:func:`pilot.answers.extract_answer`; ``first_line`` when
     the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
     cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
+    Replies are greedy unless ``temperature > 0`` (sampled from ``seed``).
     """
     questions = rows["question"].tolist()
     fmt = prompt_format(student.tokenizer)
     prompts = [fmt.answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
     result = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      guidance=guidance, progress=progress, stop_strings=stop_strings)
+                      guidance=guidance, progress=progress, stop_strings=stop_strings, temperature=temperature,
+                      seed=seed)
     rules = rows["extract"].tolist() if "extract" in rows else ["first_line"] * len(rows)
     answers = [extract_answer(text, rule) for text, rule in zip(result.answers, rules)]
     rewards = score_answers(rows["task"].tolist(), answers, rows["answer"].tolist(),

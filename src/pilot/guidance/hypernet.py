@@ -139,14 +139,16 @@ class HyperNetwork(nn.Module):
         """Draw guidance vectors from N(mean, std^2 I); returns (samples, log-probabilities).
 
         Samples are detached actions; the log-probabilities carry gradients to ``mean`` and
-        ``log_std`` for REINFORCE / GRPO.
+        ``log_std`` for REINFORCE / GRPO. They are averaged over the dimensions, not summed, so the
+        policy gradient (of size ~ noise / std per dimension) does not grow with the hidden size
+        and swamp the supervised terms it shares a clipped step with.
         """
         std = self.log_std.exp()
         expanded = mean.repeat_interleave(num_samples, dim=0)
         # Drawn on the CPU from a seeded generator (the same numbers on any device), then moved.
         noise = torch.randn(expanded.shape, generator=generator, dtype=expanded.dtype).to(expanded.device)
         actions = (expanded + std * noise).detach()
-        log_prob = torch.distributions.Normal(expanded, std).log_prob(actions).sum(-1)
+        log_prob = torch.distributions.Normal(expanded, std).log_prob(actions).mean(-1)
         return actions, log_prob
 
     def fingerprint(self) -> str:

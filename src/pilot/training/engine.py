@@ -53,9 +53,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of one step's draws from one stream (guidance noise 0, sampled replies 1, ...)."""
+    return seed * 1_000_003 + step + stream * 2_147_483_647
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A torch generator for one step, derived from (seed, step) so a resumed run draws the same."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 
 def sample_batch(population: int, batch_size: int, seed: int, step: int) -> list[int]:

@@ -34,7 +34,11 @@ def alignment_loss(guided: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``contrastive`` (InfoNCE): row i of ``queries`` should match row i of ``keys`` among all rows."""
+    """``contrastive`` (InfoNCE): row i of ``queries`` should match row i of ``keys`` among all rows.
+
+    Each side is centred on its batch mean before the cosine: residual-stream states share a large
+    common component that would otherwise make every pair look alike."""
+    queries, keys = queries - queries.mean(0, keepdim=True), keys - keys.mean(0, keepdim=True)
     logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
     return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
 

@@ -1,7 +1,8 @@
 """Stage 2: teacher-free refinement from verifier feedback and self-supervision.
 
 No plans and no teacher. For each query the hyper-network's guidance g is the mean of a
-Gaussian policy; a group of vectors is sampled, each decoded and scored by the safe verifier.
+Gaussian policy; a group of vectors is sampled, each decoded (sampled at ``rollout_temperature``,
+so a group's replies can differ) and scored by the safe verifier.
 Three terms (:mod:`pilot.training.losses`), each logged under its name, plus ``reward`` (mean
 verifier reward of the sampled answers) and ``zero_variance_groups`` (the fraction of groups whose
 answers all scored the same: they give the policy term no signal):
@@ -28,7 +29,7 @@ from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
-from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, train
+from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, step_seed, train
 from pilot.training.losses import group_advantages, reinforce_loss, zero_variance_fraction
 
 
@@ -51,7 +52,8 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         repeated = batch_rows.loc[batch_rows.index.repeat(k)]
         scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(actions),
                                   max_new_tokens=generation.max_new_tokens, batch_size=len(repeated),
-                                  stop_strings=generation.stop)
+                                  stop_strings=generation.stop, temperature=config.rollout_temperature,
+                                  seed=step_seed(config.seed, step, stream=1))
         rewards = torch.tensor(scored["correct"].to_numpy(dtype=float), device=device,
                                dtype=torch.float32).view(len(index), k)
         terms = {"policy": reinforce_loss(group_advantages(rewards), log_prob)}
