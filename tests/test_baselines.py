@@ -64,6 +64,23 @@ def _logits(lm, questions):
         return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
+def test_lora_is_selected_by_pilots_rule_and_an_untrained_pick_says_so(tiny_lm, task_table, caplog):
+    """The random tiny student answers nothing right at any step, so the first best is step 0: the
+    saved adapter must be the untrained one (B = 0, the plain student), with a warning saying so."""
+    rows = task_table[task_table["split"] == "train"].head(16)
+    val = task_table[task_table["split"] == "val"].head(12)
+    config = LMTrainConfig(steps=4, batch_size=8, learning_rate=5e-2, warmup_steps=0, length_buckets=1, seed=0)
+    adapter, result = train_lora(tiny_lm, rows, 2 * _per_rank_by_hand(tiny_lm), ALL, 0.1, 2.0, config,
+                                 val_rows=val, eval_every=2)
+    assert [v["step"] for v in result.validation] == [0, 2, 4]
+    assert [v["val_accuracy"] for v in result.validation] == [0.0, 0.0, 0.0]
+    assert result.best_step == 0 and result.best_val_accuracy == 0.0
+    assert all(v.abs().sum() == 0 for k, v in adapter.state.items() if "lora_B" in k)
+    assert "the selected weights are the untrained start" in caplog.text
+    _, last = train_lora(tiny_lm, rows, 2 * _per_rank_by_hand(tiny_lm), ALL, 0.1, 2.0, config)
+    assert any(v.abs().sum() > 0 for k, v in last.model.state_dict().items() if "lora_B" in k)  # it did train
+
+
 def test_train_lora_matches_the_budget_leaves_the_student_alone_and_round_trips(tiny_lm, task_table, tmp_path):
     rows = task_table[task_table["split"] == "train"].head(16)
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
@@ -72,9 +89,9 @@ def test_train_lora_matches_the_budget_leaves_the_student_alone_and_round_trips(
     budget = 2 * _per_rank_by_hand(tiny_lm)
     config = LMTrainConfig(steps=4, batch_size=8, learning_rate=1e-2, warmup_steps=0, length_buckets=1, seed=0)
 
-    adapter, history = train_lora(tiny_lm, rows, budget, ALL, 0.1, 2.0, config)
+    adapter, result = train_lora(tiny_lm, rows, budget, ALL, 0.1, 2.0, config)
 
-    assert len(history) == 4 and all("lm" in row for row in history)
+    assert len(result.history) == 4 and all("lm" in row for row in result.history)
     assert adapter.num_parameters == lora_rank_for_budget(tiny_lm.model, ALL, budget, 0.1)[1] == budget
     assert adapter.config["r"] == 2 and adapter.config["lora_alpha"] == 4.0
     assert sorted(adapter.config["target_modules"]) == sorted(ALL)

@@ -1,7 +1,9 @@
 """LoRA at a trainable-parameter budget matched to the hyper-network's (peft).
 
 Trained by the shared engine (:func:`pilot.training.base_lm.train_causal_lm`) on question ->
-answer, saved in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``).
+answer and, given validation rows, selected by the rule PILOT's stages follow (the best
+validation step, step 0 included); saved in peft's own format (``adapter_config.json`` +
+``adapter_model.safetensors``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from pilot.artifacts import atomic_folder, verify_folder
-from pilot.config import LMTrainConfig
+from pilot.config import GenerationParams, LMTrainConfig
+from pilot.evaluation import accuracy
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
 from pilot.tasks import reply_targets
 from pilot.training.base_lm import train_causal_lm
+from pilot.training.engine import TrainingResult
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +93,13 @@ class LoraAdapter:
 
 
 def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_modules: Sequence[str],
-               tolerance: float, alpha_ratio: float, config: LMTrainConfig) -> tuple[LoraAdapter, list[dict]]:
-    """Fine-tune LoRA adapters on question -> answer with a trainable budget matched to ``budget``."""
+               tolerance: float, alpha_ratio: float, config: LMTrainConfig, val_rows: pd.DataFrame | None = None,
+               generation: GenerationParams | None = None, eval_every: int = 0) -> tuple[LoraAdapter, TrainingResult]:
+    """Fine-tune LoRA adapters on question -> answer with a trainable budget matched to ``budget``.
+
+    With ``val_rows`` the adapter of the best validation step (every ``eval_every`` steps; step 0
+    is the untrained adapter, i.e. the plain student) is kept; otherwise the last.
+    """
     rank, count = lora_rank_for_budget(student.model, target_modules, budget, tolerance)
     present = sorted({name.rsplit(".", 1)[-1] for name in lora_targets(student.model, target_modules)})
     lora_config = LoraConfig(r=rank, lora_alpha=alpha_ratio * rank, lora_dropout=0.0, bias="none",
@@ -102,6 +111,14 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
     lm = CausalLM(model=model, tokenizer=student.tokenizer)
     fmt = prompt_format(student.tokenizer)
     examples = [(fmt.answer_prompt(q), fmt.answer_target(a)) for q, a in zip(rows["question"], reply_targets(rows))]
-    history = train_causal_lm(lm, examples, config, "lora")
+    validate = None
+    if val_rows is not None:
+        generation = generation or GenerationParams()
+
+        def validate() -> float:
+            return accuracy(lm, val_rows, max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                            stop_strings=generation.stop)
+
+    result = train_causal_lm(lm, examples, config, "lora", validate=validate, eval_every=eval_every)
     config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
-    return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(model)), history
+    return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(result.model)), result

@@ -6,7 +6,7 @@ question + plan -> answer: the capability a plan unlocks, which PILOT later inte
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
 from pilot.prompts import TOY, PromptFormat
 from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
-from pilot.training.engine import LoopSettings, Objective, sample_batch, train
+from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, train
 
 
 def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFormat = TOY) -> list[tuple[str, str]]:
@@ -41,12 +41,13 @@ def teacher_examples(rows: Sequence[dict], fmt: PromptFormat = TOY) -> list[tupl
             for row in rows]
 
 
-def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig,
-                    name: str) -> list[dict[str, float]]:
-    """Next-token training (``lm``) on the targets of ``examples``; returns the per-step history.
+def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig, name: str,
+                    validate: Callable[[], float] | None = None, eval_every: int = 0) -> TrainingResult:
+    """Next-token training (``lm``) on the targets of ``examples``.
 
     Trains every parameter of ``lm.model`` that requires gradients: the whole model for the
-    embedded base models, only the adapter for LoRA.
+    embedded base models, only the adapter for LoRA. With ``validate`` the weights of the best
+    validation step (every ``eval_every`` steps, step 0 included) are selected, as for PILOT.
     """
     max_length = getattr(lm.model.config, "max_position_embeddings", None)
 
@@ -63,5 +64,5 @@ def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTra
             yield {"lm": next_token_loss(labelled_logits(lm.model, part), part, reduction="sum") / num_targets}
 
     loop = LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98))
-    return train(lm.model, Objective(step_terms, weights={"lm": 1.0}), loop, name=f"train {name}").history
+                        weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98), eval_every=eval_every)
+    return train(lm.model, Objective(step_terms, weights={"lm": 1.0}), loop, name=f"train {name}", validate=validate)

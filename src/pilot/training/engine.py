@@ -279,5 +279,9 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
     model.eval()
     if best is None:
         return TrainingResult(model, log.history, seconds=seconds)
+    if best_state["step"] == 0 and loop.steps > 0:
+        logger.warning("%s: no validation step beat step 0, so the selected weights are the untrained start "
+                       "(validation accuracy %.3f); its test results are those of the start.", name,
+                       best_state["accuracy"])
     best.eval()
     return TrainingResult(best, log.history, validation, best_state["step"], best_state["accuracy"], seconds)

@@ -96,7 +96,7 @@ def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config, role: str) -> list[di
     logger.info("Adapting the %s: top %s of %d blocks learn, %d steps", role, config.train_layers or "all",
                 len(layers), config.steps)
     history = train_causal_lm(lm, student_examples(rows, plan_loss=False, fmt=prompt_format(lm.tokenizer)),
-                              config, f"adapt {role}")
+                              config, f"adapt {role}").history
     for parameter in lm.model.parameters():
         parameter.requires_grad_(True)
     lm.model.eval()
@@ -119,7 +119,7 @@ def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerB
                          num_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
                          max_positions=spec.max_positions, seed=seed + SEED_OFFSET[role])
     logger.info("Training the %s: %s", role, describe(lm))
-    history = train_causal_lm(lm, examples, with_run_seed(spec.training, seed, SEED_OFFSET[role]), role)
+    history = train_causal_lm(lm, examples, with_run_seed(spec.training, seed, SEED_OFFSET[role]), role).history
     return lm, pd.DataFrame(history)
 
 

@@ -14,14 +14,15 @@ from pilot.models import CausalLM, count_parameters
 from pilot.tracking import metric_records
 
 
-def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, guidance: GuidanceParams,
-                        params: BaselinesParams, stage1: Stage1Params,
-                        seed: int) -> tuple[LoraAdapter, pd.DataFrame, dict]:
-    """LoRA on question -> answer: trainable parameters matched to the hyper-network's, and (by
-    default) the same number of optimizer steps and batch size as PILOT's stage 1.
+def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
+                        guidance: GuidanceParams, params: BaselinesParams, stage1: Stage1Params,
+                        generation: GenerationParams, seed: int) -> tuple[LoraAdapter, pd.DataFrame, dict]:
+    """LoRA on question -> answer: trainable parameters matched to the hyper-network's, (by
+    default) the same number of optimizer steps and batch size as PILOT's stage 1, and selected
+    by the same rule: the best validation step, validated as often as stage 1.
 
     Returns:
-        ``lora_adapter``, its loss history and the two parameter counts for MLflow.
+        ``lora_adapter``, its loss history, and the parameter counts and selected step for MLflow.
     """
     config, pilot = params.lora, stage1.training
     budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, seed))
@@ -29,10 +30,12 @@ def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, guidance: 
     training = LMTrainConfig(steps=loop.steps or pilot.steps, batch_size=loop.batch_size or pilot.batch_size,
                              learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps,
                              weight_decay=loop.weight_decay, length_buckets=loop.length_buckets, seed=loop.seed)
-    adapter, history = train_lora(student, tasks_train, budget, config.target_modules, config.match_tolerance,
-                                  config.lora_alpha_ratio, training)
-    metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters}
-    return adapter, pd.DataFrame(history), metric_records(metrics)
+    adapter, result = train_lora(student, tasks_train, budget, config.target_modules, config.match_tolerance,
+                                 config.lora_alpha_ratio, training, val_rows=tasks_val, generation=generation,
+                                 eval_every=pilot.eval_every)
+    metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters,
+               "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy}
+    return adapter, pd.DataFrame(result.history), metric_records(metrics)
 
 
 def compute_steering_vector(latent_cache: LatentCache) -> dict[str, torch.Tensor]:
