@@ -111,6 +111,11 @@ def test_guidance_layers_are_checked_against_the_student():
     with pytest.raises(ParameterError, match="must be at or after inject_layer=1"):
         GuidanceParams(inject_layer=1, align_layers=[0]).check_against(2)
     GuidanceParams(inject_layer=1, align_layers=[-1]).check_against(2)
+    with pytest.raises(ParameterError, match=r"'guidance.extra_inject_layers' = \[2\] must name layers 0..1 other than"):
+        GuidanceParams(extra_inject_layers=[2]).check_against(2)
+    with pytest.raises(ParameterError, match="other than inject_layer=0"):
+        GuidanceParams(extra_inject_layers=[0]).check_against(2)
+    GuidanceParams(extra_inject_layers=[1], modulation="film", prior=True).check_against(2)
 
 
 def test_a_misspelt_top_level_block_names_the_closest_known_one():

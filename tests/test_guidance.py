@@ -129,8 +129,12 @@ def test_hypernet_round_trip_and_shape_checks(tiny_lm, tmp_path):
 
 
 def test_config_rejects_layers_outside_the_student():
-    with pytest.raises(ValueError, match="inject_layer=5 is outside"):
+    with pytest.raises(ValueError, match="injection layer 5 is outside"):
         HyperNetConfig(hidden_size=32, num_layers=2, inject_layer=5).validate()
+    with pytest.raises(ValueError, match="injection layer 3 is outside"):
+        HyperNetConfig(hidden_size=32, num_layers=2, extra_inject_layers=[3]).validate()
+    with pytest.raises(ValueError, match="repeat a layer"):
+        HyperNetConfig(hidden_size=32, num_layers=2, inject_layer=1, extra_inject_layers=[1]).validate()
 
 
 def test_models_round_trip_through_save_pretrained(tiny_lm, tmp_path):
@@ -191,3 +195,70 @@ def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny
     torch.testing.assert_close(generated.guidance_vectors, vectors, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(generated_first, forced_first, atol=1e-4, rtol=1e-4)
     assert (generated_first - plain_first).abs().max() > 1e-2  # the guidance did change the logits
+
+
+# ------------------------------------------------------------------------------ the paper's components
+OPTIONS = {"film": {"modulation": "film"}, "prior": {"prior": True}, "two layers": {"extra_inject_layers": [1]}}
+
+
+def _guided_logits(lm, hypernet, questions, answers):
+    with GuidedStudent(lm, hypernet) as guided:
+        return guided.teacher_forced(questions, answers, guided.guidance_vectors(questions), [])[1]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_each_component_is_the_plain_student_at_zero_output_and_changes_the_logits_once_trained(tiny_lm, task_table,
+                                                                                               option):
+    from pilot.sequences import lengths_to_mask, next_token_loss
+
+    rows = task_table[task_table["split"] == "train"].head(8)
+    questions, answers = rows["question"].tolist(), rows["answer"].tolist()
+    hypernet = HyperNetwork(HyperNetConfig(hidden_size=tiny_lm.hidden_size, num_layers=tiny_lm.num_layers,
+                                           inject_layer=0, mlp_hidden=16, **OPTIONS[option]))
+    assert hypernet.config.guidance_size == tiny_lm.hidden_size * (1 if option == "prior" else 2)
+    with GuidedStudent(tiny_lm, hypernet) as guided:
+        plain = guided.teacher_forced(questions, answers, None, [])[1]
+        untrained = guided.teacher_forced(questions, answers, guided.guidance_vectors(questions), [])[1]
+        assert torch.equal(untrained, plain)  # zero output: the plain student
+        optimizer = torch.optim.Adam(hypernet.parameters(), lr=0.05)
+        states, lengths = guided.query_states(questions)
+        for _ in range(3):  # a few steps of the stage-1 language-modelling term
+            vectors = hypernet(states, lengths_to_mask(lengths, states.shape[1]))
+            batch, logits, _ = guided.teacher_forced(questions, answers, vectors, [])
+            next_token_loss(logits, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    trained = _guided_logits(tiny_lm, hypernet, questions, answers)
+    assert (trained - plain).abs().max() > 1e-3
+
+
+def test_film_scales_and_shifts_the_hidden_state_at_each_site(tiny_lm, task_table):
+    """g holds, per site, a scale then a shift: h <- h (1 + s gamma) + s rms(h) beta, at that site only."""
+    batch = encode_pairs(tiny_lm.tokenizer, [answer_prompt(q) for q in task_table["question"][:2]], [" 1", " 2"])
+    d = tiny_lm.hidden_size
+    gamma, beta = torch.randn(2, d), torch.randn(2, d)
+    film = GuidanceInjector(tiny_lm.model, 0, 0.5, extra_layers=[1], modulation="film")
+    vectors = torch.cat([torch.zeros(2, 2 * d), gamma, beta], dim=1)  # site 0 (layer 0) zero, site 1 (layer 1) set
+    with torch.no_grad(), capture_layers(tiny_lm.model, [0, 1]) as plain:
+        tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    plain = {k: v.clone() for k, v in plain.items()}
+    with torch.no_grad(), film.guide(vectors), capture_layers(tiny_lm.model, [0, 1]) as guided:
+        tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    film.remove()
+    assert torch.equal(guided[0], plain[0])  # layer 0's slice is zero
+    h = plain[1]
+    rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(guided[1], h * (1 + 0.5 * gamma[:, None]) + 0.5 * rms * beta[:, None])
+    with pytest.raises(InterventionError, match="need 128"):
+        with GuidanceInjector(tiny_lm.model, 0, 1.0, extra_layers=[1], modulation="film") as wrong, \
+                wrong.guide(torch.zeros(2, d)):
+            tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+
+def test_the_prior_is_the_same_guidance_for_every_query(tiny_lm, task_table):
+    hypernet = HyperNetwork(HyperNetConfig(hidden_size=tiny_lm.hidden_size, num_layers=tiny_lm.num_layers,
+                                           mlp_hidden=16, prior=True))
+    torch.nn.init.normal_(hypernet.prior)
+    with GuidedStudent(tiny_lm, hypernet) as guided:
+        vectors = guided.guidance_vectors(task_table["question"][:4].tolist())
+    assert torch.equal(vectors, hypernet.prior.detach().expand(4, -1))  # the query part is still zero

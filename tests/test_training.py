@@ -12,7 +12,7 @@ import torch
 from pilot.checkpoint import CheckpointManager, CorruptCheckpointError, find_checkpoints
 from pilot.config import GenerationParams, Stage1Config, Stage2Config
 from pilot.guidance import HyperNetwork
-from pilot.latents import LatentCache
+from pilot.latents import LatentCache, plan_cache_build, write_cache
 from pilot.training.engine import NonFiniteLossError
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2
@@ -169,3 +169,22 @@ def test_length_buckets_give_the_gradient_of_one_padded_pass(tiny_lm, task_table
         (next_token_loss(labelled_logits(model, part), part, reduction="sum") / batch.num_targets()).backward()
     for expected, got in zip(reference, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_both_stages_train_every_component_switched_on_together(tiny_lm, task_table, tmp_path):
+    """FiLM at two sites with a learned prior: a guidance vector of 2 sites x (scale, shift) x d,
+    through the cache, both stages' terms (latent RL, sampled rollouts) and saving."""
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
+    site = site.model_copy(update={"modulation": "film", "prior": True, "extra_inject_layers": [1]})
+    write_cache(plan_cache_build(plans, task_table, tiny_lm, site, latents), tmp_path / "cache")
+    val = task_table[task_table["split"] == "val"].head(8)
+    first = run_stage1(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, val, site, latents,
+                       Stage1Config(steps=2, batch_size=8, rl_every=1, rl_batch=2, rl_samples=2, eval_every=2), GEN)
+    assert first.model.config.guidance_size == 4 * tiny_lm.hidden_size
+    assert pd.DataFrame(first.history)["latent_rl"].notna().all()
+    train = task_table[task_table["split"] == "train"]
+    second = run_stage2(tiny_lm, first.model, train, val, Stage2Config(steps=2, batch_size=4, group_size=2,
+                                                                           eval_every=2), GEN)
+    second.model.save(tmp_path / "hypernet")
+    loaded = HyperNetwork.load(tmp_path / "hypernet", tiny_lm.hidden_size, tiny_lm.num_layers)
+    assert loaded.config == second.model.config and torch.equal(loaded.prior, second.model.prior)

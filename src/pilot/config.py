@@ -228,6 +228,11 @@ class GuidanceParams(Params):
     attention_heads: PositiveInt = 4
     guidance_scale: Positive = 1.0
     init_log_std: float = -1.0
+    # The paper's components, each a switch (pilot.guidance.hypernet): further injection sites,
+    # FiLM (a per-dimension scale and shift, not only an added vector), a learned query-independent prior.
+    extra_inject_layers: list[NonNegativeInt] = Field(default_factory=list)
+    modulation: Literal["add", "film"] = "add"
+    prior: bool = False
 
     def resolved_align_layers(self, num_layers: int) -> list[int]:
         return sorted({layer % num_layers for layer in self.align_layers})
@@ -243,6 +248,15 @@ class GuidanceParams(Params):
                 f"Parameter 'guidance.inject_layer' = {self.inject_layer} is outside the student's "
                 f"layers: allowed 0..{num_layers - 1}."
             )
+        for layer in self.extra_inject_layers:
+            if not 0 <= layer < num_layers or layer == self.inject_layer:
+                raise ParameterError(
+                    f"Parameter 'guidance.extra_inject_layers' = {self.extra_inject_layers} must name layers "
+                    f"0..{num_layers - 1} other than inject_layer={self.inject_layer}."
+                )
+        if len(set(self.extra_inject_layers)) != len(self.extra_inject_layers):
+            raise ParameterError(f"Parameter 'guidance.extra_inject_layers' = {self.extra_inject_layers} "
+                                 "repeats a layer; list each once.")
         allowed = f"0..{num_layers - 1}, or -{num_layers}..-1 counting from the end"
         for key, layers in (("read_layer", [self.read_layer]), ("align_layers", self.align_layers)):
             for layer in layers:

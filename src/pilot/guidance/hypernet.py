@@ -2,15 +2,25 @@
 
 What trains in PILOT, saved on its own (safetensors + JSON config). It reads layer
 ``read_layer`` of an unguided pass over the query; :mod:`pilot.guidance.injection` adds g to
-layer ``inject_layer``. Layer numbering: "layer i" is the output of decoder block i (0-based),
-the residual stream after block i.
+layer ``inject_layer`` (and to ``extra_inject_layers``, each its own slice of g). Layer
+numbering: "layer i" is the output of decoder block i (0-based), the residual stream after block i.
+
+The paper's components, each a switch (all off: an added vector at one layer):
+
+- ``modulation: film``: per site, g holds a per-dimension scale and shift of the hidden state
+  (FiLM), not only an added vector;
+- ``prior: true``: a learned, query-independent "proto-thought" p that the query-conditioned
+  part modulates: g = p * (1 + m(q)) + a(q);
+- ``extra_inject_layers``: further injection sites.
+
+Every output starts at zero, so an untrained hyper-network leaves the student unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +33,7 @@ from pilot.config import GuidanceParams
 
 
 Reader = Literal["mean", "attention"]
+Modulation = Literal["add", "film"]
 
 
 @dataclass
@@ -38,6 +49,19 @@ class HyperNetConfig:
     attention_heads: int = 4
     guidance_scale: float = 1.0
     init_log_std: float = -1.0
+    extra_inject_layers: list[int] = field(default_factory=list)
+    modulation: Modulation = "add"
+    prior: bool = False
+
+    @property
+    def inject_layers(self) -> list[int]:
+        """Every injection site, ``inject_layer`` first."""
+        return [self.inject_layer, *self.extra_inject_layers]
+
+    @property
+    def guidance_size(self) -> int:
+        """Length of one guidance vector g: per site, one hidden-size block (two with FiLM)."""
+        return len(self.inject_layers) * self.hidden_size * (2 if self.modulation == "film" else 1)
 
     def check_fits(self, hidden_size: int | None, num_layers: int | None, where: str = "") -> None:
         """Raise if this hyper-network was built for a student of another shape."""
@@ -61,11 +85,15 @@ class HyperNetConfig:
                 f"read_layer={self.read_layer} is outside the student's layers "
                 f"(allowed {-self.num_layers}..{self.num_layers - 1})."
             )
-        if not 0 <= self.inject_layer < self.num_layers:
-            raise ValueError(
-                f"inject_layer={self.inject_layer} is outside the student's layers "
-                f"(allowed 0..{self.num_layers - 1})."
-            )
+        for layer in self.inject_layers:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(
+                    f"injection layer {layer} is outside the student's layers (allowed 0..{self.num_layers - 1})."
+                )
+        if len(set(self.inject_layers)) != len(self.inject_layers):
+            raise ValueError(f"Injection layers {self.inject_layers} repeat a layer; list each once.")
+        if self.modulation not in ("add", "film"):
+            raise ValueError(f"modulation='{self.modulation}' is unknown; use 'add' or 'film'.")
         if self.reader not in ("mean", "attention"):
             raise ValueError(f"reader='{self.reader}' is unknown; use 'mean' or 'attention'.")
         if self.reader == "attention" and self.hidden_size % self.attention_heads:
@@ -86,9 +114,10 @@ class HyperNetwork(nn.Module):
     """Maps the student's plan-free reading of a query to a latent guidance vector g.
 
     ``mean`` pools the query's token states and applies an MLP (as in the paper);
-    ``attention`` lets the last query token attend over all query tokens first. The output
-    layer starts at zero, so an untrained hyper-network leaves the student unchanged.
-    ``log_std`` is the spread of the Gaussian policy used by the latent-RL terms.
+    ``attention`` lets the last query token attend over all query tokens first. The output is
+    ``config.guidance_size`` long (see the module's switches); the output layer (and the prior)
+    start at zero, so an untrained hyper-network leaves the student unchanged. ``log_std`` is
+    the spread of the Gaussian policy used by the latent-RL terms.
     """
 
     def __init__(self, config: HyperNetConfig) -> None:
@@ -99,9 +128,12 @@ class HyperNetwork(nn.Module):
         self.norm = nn.LayerNorm(d)
         if config.reader == "attention":
             self.attention = nn.MultiheadAttention(d, config.attention_heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, d))
+        out = config.guidance_size * (2 if config.prior else 1)   # with a prior: (m, a) per dimension
+        self.mlp = nn.Sequential(nn.Linear(d, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, out))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        if config.prior:
+            self.prior = nn.Parameter(torch.zeros(config.guidance_size))
         self.log_std = nn.Parameter(torch.tensor(float(config.init_log_std)))
 
     def forward(self, query_states: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +144,11 @@ class HyperNetwork(nn.Module):
         else:
             query = last_token_states(states, query_mask)
             pooled = self._attention_pool(query, states, query_mask.bool()) + query
-        return self.mlp(pooled)
+        out = self.mlp(pooled)
+        if not self.config.prior:
+            return out
+        modulation, added = out.chunk(2, dim=-1)
+        return self.prior * (1 + modulation) + added
 
     def _attention_pool(self, query: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``self.attention(query, states, states)`` for one query per row, without projecting every token.
@@ -194,4 +230,5 @@ def make_hypernet(site: GuidanceParams, hidden_size: int, num_layers: int, seed:
         hidden_size=hidden_size, num_layers=num_layers, read_layer=site.read_layer % num_layers,
         inject_layer=site.inject_layer, reader=site.reader, mlp_hidden=site.mlp_hidden,
         attention_heads=site.attention_heads, guidance_scale=site.guidance_scale, init_log_std=site.init_log_std,
+        extra_inject_layers=list(site.extra_inject_layers), modulation=site.modulation, prior=site.prior,
     ))

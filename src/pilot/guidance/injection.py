@@ -1,7 +1,7 @@
 """Injecting guidance into the frozen student: an intervention, as in pyvene / pyreft.
 
-A :class:`GuidanceInjector` has a name and a site (one decoder layer). It is registered on the
-model under its name, refuses to share its site with another injector unless asked, adds
+A :class:`GuidanceInjector` has a name and its sites (decoder layers). It is registered on the
+model under its name, refuses to share a site with another injector unless asked, adds
 nothing unless a :meth:`~GuidanceInjector.guide` block hands it vectors, can be switched off,
 and is removed on leaving its ``with`` block -- on success, pruning, a NaN stop or an error.
 The backbone's weights are never touched.
@@ -35,37 +35,61 @@ class GuidanceInjector:
 
     Energy-aligned: the vector is scaled by the RMS norm of the hidden state it is added to,
     so ``||delta|| / ||h|| = guidance_scale * ||g|| / sqrt(d)`` whatever the layer's scale.
+    With ``extra_layers`` each further site takes the next hidden-size slice of g. With
+    ``modulation="film"`` each site's slice is a (scale, shift) pair:
+    ``h <- h * (1 + guidance_scale * gamma) + guidance_scale * rms(h) * beta``.
     Attached on construction; use it as a context manager (or call :meth:`remove`) to detach.
     """
 
     def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float, *,
-                 name: str = "pilot_guidance", allow_shared_site: bool = False) -> None:
+                 name: str = "pilot_guidance", allow_shared_site: bool = False,
+                 extra_layers: list[int] | tuple[int, ...] = (), modulation: str = "add") -> None:
         attached = interventions(model)
         if name in attached:
             raise InterventionError(f"An intervention named '{name}' is already attached to this model; "
                                     "remove it first (leave its `with` block) or choose another name.")
-        sharing = [other.name for other in attached.values() if other.inject_layer == inject_layer]
-        if sharing and not allow_shared_site:
+        layers = [inject_layer, *extra_layers]
+        shared = sorted({layer for other in attached.values() for layer in other.layers} & set(layers))
+        if shared and not allow_shared_site:
+            sharing = [other.name for other in attached.values() if set(other.layers) & set(shared)]
             raise InterventionError(
-                f"Decoder layer {inject_layer} already carries the intervention(s) {sharing}; stacking "
-                f"'{name}' on it would add both. Remove the other first, or pass allow_shared_site=True."
+                f"Decoder layer {', '.join(map(str, shared))} already carries the intervention(s) {sharing}; "
+                f"stacking '{name}' on it would add both. Remove the other first, or pass allow_shared_site=True."
             )
         self.name = name
         self.inject_layer = inject_layer
+        self.layers = layers
+        self.modulation = modulation
         self.guidance_scale = guidance_scale
         self.enabled = True
         self._model = model
         self._vectors: torch.Tensor | None = None
         self._position_mask: torch.Tensor | None = None
-        self._handle = decoder_layers(model)[inject_layer].register_forward_hook(self._hook)
+        blocks = decoder_layers(model)
+        self._handles = [blocks[layer].register_forward_hook(lambda module, args, output, site=site:
+                                                             self._hook(site, output))
+                         for site, layer in enumerate(layers)]
         attached[name] = self
 
-    def _hook(self, module, args, output):
+    def _site_vectors(self, site: int, hidden_size: int) -> torch.Tensor:
+        """This site's part of g: (B, 1, d) to add, or (B, 2, d) scale and shift with FiLM."""
+        parts = 2 if self.modulation == "film" else 1
+        expected = len(self.layers) * parts * hidden_size
+        if self._vectors.shape[-1] != expected:
+            raise InterventionError(
+                f"Guidance vectors of length {self._vectors.shape[-1]} do not fit '{self.name}': its "
+                f"{len(self.layers)} site(s) with modulation '{self.modulation}' need {expected}.")
+        return self._vectors.view(len(self._vectors), len(self.layers), parts, hidden_size)[:, site]
+
+    def _hook(self, site: int, output):
         if self._vectors is None or not self.enabled:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
+        vectors = self._site_vectors(site, hidden.shape[-1]).to(hidden.dtype)
         rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
-        delta = self.guidance_scale * rms * self._vectors[:, None, :].to(hidden.dtype)
+        delta = self.guidance_scale * rms * vectors[:, None, -1, :]
+        if self.modulation == "film":
+            delta = delta + self.guidance_scale * hidden * vectors[:, None, 0, :]
         if self._position_mask is not None:
             delta = delta * self._position_mask[..., None].to(device=hidden.device, dtype=hidden.dtype)
         hidden = hidden + delta
@@ -73,7 +97,7 @@ class GuidanceInjector:
 
     @property
     def attached(self) -> bool:
-        return self._handle is not None
+        return bool(self._handles)
 
     @contextmanager
     def guide(self, vectors: torch.Tensor | None, position_mask: torch.Tensor | None = None):
@@ -90,9 +114,10 @@ class GuidanceInjector:
 
     def remove(self) -> None:
         """Detach from the model (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
             interventions(self._model).pop(self.name, None)
 
     def __enter__(self) -> GuidanceInjector:

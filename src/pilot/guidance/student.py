@@ -22,7 +22,9 @@ class GuidedStudent:
         freeze(student.model)
         self.hypernet = hypernet
         self.format = prompt_format(student.tokenizer)
-        self.injector = GuidanceInjector(student.model, hypernet.config.inject_layer, hypernet.config.guidance_scale)
+        config = hypernet.config
+        self.injector = GuidanceInjector(student.model, config.inject_layer, config.guidance_scale,
+                                         extra_layers=config.extra_inject_layers, modulation=config.modulation)
 
     def __enter__(self) -> GuidedStudent:
         return self
