@@ -193,3 +193,30 @@ def test_a_worker_that_ends_first_reports_the_whole_study(tmp_path):
     assert len(reader.trials) == 2 and best_weights(reader) == fast_best
     with pytest.raises(RuntimeError, match="Study 'typo' does not exist .* only reads a study"):
         tune(fast, config.model_copy(update={"study_name": "typo", "n_trials": 0}))
+
+
+def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, task_table, tmp_path):
+    from pilot.config import GenerationParams, ParameterError, Stage1Config, Stage2Config, TuneParams
+    from pilot.latents import LatentCache
+    from pilot.tuning import apply_tuned, make_objective
+    from tests.conftest import stage1_inputs
+
+    plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
+    config = TuneParams(storage=f"sqlite:///{tmp_path / 'study.db'}", trial_steps=2, eval_every=2,
+                        inject_layers=[0, 1], cache_dir=str(tmp_path / "tune_latents"))
+    train, val = task_table[task_table["split"] == "train"], task_table[task_table["split"] == "val"].head(8)
+    stage1 = Stage1Config(batch_size=8, rl_batch=2, rl_samples=2)
+    objective = make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, train, val, site, latents,
+                               stage1, Stage2Config(), GenerationParams(max_new_tokens=8), config)
+    point = {"contrastive_weight": 0.1, "rl_weight": 0.1}
+    assert 0.0 <= objective(optuna.trial.FixedTrial({**point, "inject_layer": 0})) <= 1.0
+    assert not (tmp_path / "tune_latents").exists()            # the configured layer uses the pipeline's cache
+    assert 0.0 <= objective(optuna.trial.FixedTrial({**point, "inject_layer": 1})) <= 1.0
+    built = LatentCache(tmp_path / "tune_latents" / "inject_layer_1")
+    assert json.loads((built.directory / "manifest.json").read_text())["settings"]["inject_layer"] == 1
+
+    with pytest.raises(ParameterError, match=r"'tune.inject_layers' = \[0, 5\]: layer 5 does not fit"):
+        make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, train, val, site, latents, stage1,
+                       Stage2Config(), GenerationParams(), config.model_copy(update={"inject_layers": [0, 5]}))
+    with pytest.raises(ParameterError, match="--params guidance.inject_layer=1"):
+        apply_tuned({**point, "inject_layer": 1}, stage1, site)

@@ -430,6 +430,8 @@ class TuneParams(Params):
     contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     guidance_scale: SearchRange | None = None
+    inject_layers: list[NonNegativeInt] | None = None   # e.g. [0, 1]: search the injection layer too
+    cache_dir: str = "data/05_model_input/tune_latents"  # a latent cache per searched injection layer
 
     @model_validator(mode="after")
     def _grace_outlasts_heartbeat(self) -> TuneParams:

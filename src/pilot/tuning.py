@@ -37,15 +37,23 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from pilot import tracking
-from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config, Stage2Config, TuneParams
-from pilot.latents import LatentCache
+from pilot.config import (
+    GenerationParams,
+    GuidanceParams,
+    LatentsParams,
+    ParameterError,
+    Stage1Config,
+    Stage2Config,
+    TuneParams,
+)
+from pilot.latents import LatentCache, plan_cache_build, write_cache
 from pilot.models import CausalLM
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2
 
 logger = logging.getLogger(__name__)
 
-TUNED_KEYS = ("contrastive_weight", "rl_weight", "guidance_scale")
+TUNED_KEYS = ("contrastive_weight", "rl_weight", "guidance_scale", "inject_layer")
 LOSS_KEYS = ("contrastive_weight", "rl_weight")        # Stage1Config fields
 SITE_KEYS = ("guidance_scale", "inject_layer")         # GuidanceParams fields
 
@@ -55,6 +63,11 @@ def apply_tuned(tuned: dict, training: Stage1Config, site: GuidanceParams) -> tu
     if not tuned:
         raise ValueError("stage1.use_tuned_weights is true but no tuned weights exist; run "
                          "`kedro run --pipelines tune` first or set it to false.")
+    if "inject_layer" in tuned and tuned["inject_layer"] != site.inject_layer:
+        raise ParameterError(
+            f"The tuned injection layer is {tuned['inject_layer']} but guidance.inject_layer is {site.inject_layer}; "
+            "the latent cache and the baselines follow guidance.inject_layer, so set it there "
+            f"(`--params guidance.inject_layer={tuned['inject_layer']}`) and rerun from the latents pipeline.")
     return (training.model_copy(update={k: v for k, v in tuned.items() if k in LOSS_KEYS}),
             site.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
 
@@ -211,7 +224,8 @@ def _recorded(objective: Callable[[optuna.Trial], float], worker: Worker) -> Cal
 
 
 def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
-    """The trial's point in the search space (log-uniform weights, optional guidance scale)."""
+    """The trial's point in the search space (log-uniform weights, optional guidance scale and
+    injection layer)."""
     params = {
         "contrastive_weight": trial.suggest_float("contrastive_weight", config.contrastive_weight.low,
                                                   config.contrastive_weight.high, log=config.contrastive_weight.log),
@@ -221,16 +235,41 @@ def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
     if config.guidance_scale is not None:
         params["guidance_scale"] = trial.suggest_float("guidance_scale", config.guidance_scale.low,
                                                        config.guidance_scale.high, log=config.guidance_scale.log)
+    if config.inject_layers:
+        params["inject_layer"] = trial.suggest_categorical("inject_layer", list(config.inject_layers))
     return params
+
+
+def site_cache(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
+               site: GuidanceParams, configured: GuidanceParams, latents: LatentsParams,
+               cache_dir: str) -> LatentCache:
+    """The latent cache for a trial's site: the pipeline's own for the configured injection layer,
+    otherwise one per layer under ``cache_dir``, built once (shards already current are kept)."""
+    if site.inject_layer == configured.inject_layer:
+        return cache
+    path = Path(cache_dir) / f"inject_layer_{site.inject_layer}"
+    logger.info("Latent cache for injection layer %d: %s", site.inject_layer, path)
+    write_cache(plan_cache_build(teacher_plans, tasks, student, site, latents), path)
+    return LatentCache(path)
 
 
 def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
                    train_rows: pd.DataFrame, val_rows: pd.DataFrame, site: GuidanceParams, latents: LatentsParams,
                    stage1: Stage1Config, stage2: Stage2Config, generation: GenerationParams,
                    config: TuneParams) -> Callable[[optuna.Trial], float]:
+    for layer in config.inject_layers or []:
+        try:
+            site.model_copy(update={"inject_layer": layer}).check_against(student.num_layers)
+        except ParameterError as error:
+            raise ParameterError(f"Parameter 'tune.inject_layers' = {config.inject_layers}: layer {layer} does not "
+                                 f"fit this student and guidance settings ({error})") from error
+
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, config)
-        training, trial_site = apply_tuned(params, stage1, site)
+        training, trial_site = apply_tuned({k: v for k, v in params.items() if k != "inject_layer"}, stage1, site)
+        if "inject_layer" in params:
+            trial_site = trial_site.model_copy(update={"inject_layer": params["inject_layer"]})
+        trial_cache = site_cache(student, cache, teacher_plans, tasks, trial_site, site, latents, config.cache_dir)
         training = training.model_copy(update={"steps": config.trial_steps, "eval_every": config.eval_every,
                                                "checkpoint_every": 0})
 
@@ -239,7 +278,7 @@ def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.Data
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {value:.3f} at step {step}")
 
-        result = run_stage1(student, cache, teacher_plans, tasks, val_rows, trial_site, latents, training,
+        result = run_stage1(student, trial_cache, teacher_plans, tasks, val_rows, trial_site, latents, training,
                             generation, on_validation=report)
         value = result.best_val_accuracy
         if config.stage2_steps:

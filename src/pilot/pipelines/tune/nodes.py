@@ -29,6 +29,8 @@ def tune_loss_balance(latent_cache: LatentCache, teacher_plans: pd.DataFrame, ta
     baseline = {"contrastive_weight": stage1.training.contrastive_weight, "rl_weight": stage1.training.rl_weight}
     if params.guidance_scale is not None:
         baseline["guidance_scale"] = guidance.guidance_scale
+    if params.inject_layers and guidance.inject_layer in params.inject_layers:
+        baseline["inject_layer"] = guidance.inject_layer
     study = tune(objective, params, callbacks=tracking.optuna_callbacks(metric_name="val_accuracy"),
                  baseline=baseline if params.enqueue_baseline else None)
     history, importances = study_plots(study)
