@@ -116,5 +116,20 @@ def test_a_task_where_the_plan_hurts_reports_no_gap_recovered(caplog):
         table = summarize(predictions).set_index(["method", "task"])
     assert table.loc[[("zero_shot", "B"), ("plan_in_context", "B"), ("lora", "B")], "gap_recovered"].isna().all()
     assert table.loc[("lora", "A"), "gap_recovered"] == pytest.approx(0.5)  # other tasks unaffected
-    assert "Task B: plan-in-context does not beat zero-shot (plan gap -1.000)" in caplog.text
+    assert "Task B (test split): plan-in-context does not beat zero-shot (plan gap -1.000)" in caplog.text
     assert "Task A" not in caplog.text
+
+
+def test_each_split_is_summarised_against_its_own_references():
+    """The out-of-distribution rows get their own per-task and overall rows, and gap recovered
+    against that split's zero-shot and plan-in-context, never mixed with the in-distribution ones."""
+    test = _predictions()
+    ood = test.assign(split="test_ood", id=test["id"] + "-ood")
+    ood.loc[ood["method"] == "lora", "correct"] = False  # LoRA fails out of distribution
+    table = summarize(pd.concat([test.assign(split="test"), ood], ignore_index=True))
+    row = table.set_index(["split", "method", "task"])
+    assert len(table) == 2 * 9
+    assert row.loc[("test", "lora", "overall"), "gap_recovered"] == pytest.approx(0.75)  # as without the ood rows
+    assert row.loc[("test_ood", "lora", "overall"), "accuracy"] == 0.0
+    # ood: zero-shot 1/6, plan 5/6, lora 0 -> (0 - 1/6) / (5/6 - 1/6) = -0.25
+    assert row.loc[("test_ood", "lora", "overall"), "gap_recovered"] == pytest.approx(-0.25)

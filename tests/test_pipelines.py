@@ -126,8 +126,15 @@ def test_evaluation_scores_every_method_on_the_same_questions(outputs):
     assert set(predictions["method"]) == set(METHODS)
     ids = predictions.groupby("method")["id"].apply(lambda s: tuple(sorted(s)))
     assert ids.nunique() == 1  # the same test questions for every method
-    overall = table[table["task"] == "overall"].set_index("method")["accuracy"]
-    pd.testing.assert_series_equal(overall.sort_index(), predictions.groupby("method")["correct"].mean().sort_index(),
+    assert set(predictions["split"]) == {"test", "test_ood"}  # every method on both test splits
+    overall = table[table["task"] == "overall"].set_index(["split", "method"])["accuracy"]
+    pd.testing.assert_series_equal(overall.sort_index(),
+                                   predictions.groupby(["split", "method"])["correct"].mean().sort_index(),
                                    check_names=False)
-    header = out["results_markdown"].splitlines()[2]
+    lines = out["results_markdown"].splitlines()
+    assert lines[2] == "## Test split (in distribution)"
+    assert any(line.startswith("## Out-of-distribution test split") for line in lines)
+    header = lines[4]
     assert [cell.strip() for cell in header.strip("|").split("|")][:4] == ["method", "task", "n", "accuracy"]
+    metrics = out["results_metrics"]
+    assert {"pilot_stage1_accuracy", "pilot_stage1_ood_accuracy", "lora_ood_accuracy"} <= set(metrics)

@@ -19,14 +19,15 @@ def test_results_table_has_every_method_and_task_and_matches_the_predictions(fin
     tasks = set(pd.read_parquet(finished_run / "data/03_primary/tasks_test.parquet")["task"])
     assert set(results["method"]) == set(METHODS)
     assert set(results["task"]) == tasks | {"overall"}
+    assert set(results["split"]) == {"test", "test_ood"}
     assert results["accuracy"].between(0, 1).all()
-    recount = predictions.groupby(["method", "task"])["correct"].mean()
+    recount = predictions.groupby(["split", "method", "task"])["correct"].agg(["mean", "size"])
     for row in results[results["task"] != "overall"].itertuples():
-        assert row.accuracy == pytest.approx(recount[(row.method, row.task)])
-        assert row.n == len(predictions[(predictions["method"] == row.method) & (predictions["task"] == row.task)])
-    overall = predictions.groupby("method")["correct"].agg(["sum", "size"])
+        assert row.accuracy == pytest.approx(recount.loc[(row.split, row.method, row.task), "mean"])
+        assert row.n == recount.loc[(row.split, row.method, row.task), "size"]
+    overall = predictions.groupby(["split", "method"])["correct"].agg(["sum", "size"])
     for row in results[results["task"] == "overall"].itertuples():
-        hits, n = overall.loc[row.method]
+        hits, n = overall.loc[(row.split, row.method)]
         assert row.accuracy == pytest.approx(hits / n)
         assert (row.ci_low, row.ci_high) == pytest.approx(wilson_interval(int(hits), int(n)))
 

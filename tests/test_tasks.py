@@ -60,6 +60,22 @@ def test_generation_is_reproducible_from_its_seed():
     assert not first["question"].equals(build_task_table(spec, 5, 5, seed=2)["question"])
 
 
+def test_the_out_of_distribution_split_is_harder_disjoint_and_leaves_the_rest_unchanged():
+    specs = [{"name": "chain_sum", "size": 60, "kwargs": {"min_terms": 3, "max_terms": 4, "max_digits": 1}},
+             {"name": "basic_arithmetic", "size": 60, "kwargs": {"min_terms": 3, "max_terms": 3, "max_digits": 1,
+                                                                 "operators": ["+", "-"], "allow_negation": False}}]
+    plain = build_task_table(specs, 5, 10, seed=1, ood_per_task=12)  # no task asks for one: nothing added
+    assert set(plain["split"]) == {"train", "val", "test"}
+    specs[0]["ood_kwargs"] = {"min_terms": 6, "max_terms": 7}
+    table = validate_task_table(build_task_table(specs, 5, 10, seed=1, ood_per_task=12))
+    pd.testing.assert_frame_equal(table[table["split"] != "test_ood"].reset_index(drop=True), plain)
+    ood = table[table["split"] == "test_ood"]
+    assert len(ood) == 12 and set(ood["task"]) == {"chain_sum"}
+    terms = ood["question"].str.count(r"[+-]") + 1
+    assert terms.between(6, 7).all()  # trained on 3 to 4 terms
+    assert not set(ood["question"]) & set(plain["question"])
+
+
 def test_unknown_task_names_the_supported_ones():
     with pytest.raises(ValueError, match="use one of .*chain_sum"):
         check_task_name("not_a_task")

@@ -97,6 +97,8 @@ class TaskParams(Params):
     ``extract``: how the answer is read out of a reply (first_line, last_number, boxed, after:<marker>).
     ``file``: a JSONL or parquet file with ``question`` and ``answer`` columns (GSM8K's ``#### n``
     and MATH's ``\\boxed{}`` answers understood), scored by numeric equivalence; ``name`` labels it.
+    ``ood_kwargs``: generator settings laid over ``kwargs`` for an out-of-distribution test split
+    (``test_ood``: the same generator, harder, e.g. more terms); none: no such split for this task.
     """
 
     # Declared before ``name`` so that the checks of name and kwargs can see them.
@@ -106,6 +108,7 @@ class TaskParams(Params):
     name: str
     size: PositiveInt
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    ood_kwargs: dict[str, Any] | None = None
 
     @field_validator("extract")
     @classmethod
@@ -133,6 +136,20 @@ class TaskParams(Params):
                                           {"message": str(error), "key": error.key, "value": error.value}) from None
         return kwargs
 
+    @field_validator("ood_kwargs")
+    @classmethod
+    def _ood_generator_accepts(cls, ood: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if ood is None or "kwargs" not in info.data:  # the task's own settings failed: reported on their own
+            return ood
+        if info.data.get("file"):
+            raise ValueError("a local dataset file has no generator for an out-of-distribution split; remove ood_kwargs")
+        try:
+            check_generator_kwargs(info.data["name"], {**info.data["kwargs"], **ood}, info.data.get("prompt", "compact"))
+        except GeneratorSettingError as error:
+            raise PydanticCustomError("generator_setting", "{message}",
+                                      {"message": str(error), "key": error.key, "value": error.value}) from None
+        return ood
+
     @field_validator("file")
     @classmethod
     def _readable_file(cls, file: str | None) -> str | None:
@@ -145,6 +162,7 @@ class DataParams(Params):
     seed: int = 0
     val_per_task: PositiveInt = 100
     test_per_task: PositiveInt = 300
+    ood_per_task: NonNegativeInt = 300   # rows of each task's test_ood split (tasks with ood_kwargs)
     tasks: list[TaskParams] = Field(min_length=1)
 
 

@@ -17,7 +17,8 @@ from pilot.verifier import score_answers
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("method", "id", "task", "prediction", "reply", "correct", "new_tokens", "seconds_per_query")
+PREDICTION_COLUMNS = ("method", "id", "task", "split", "prediction", "reply", "correct", "new_tokens",
+                      "seconds_per_query")
 
 
 def answer_and_score(
@@ -60,6 +61,7 @@ def answer_and_score(
         "method": method,
         "id": rows["id"].to_numpy(),
         "task": rows["task"].to_numpy(),
+        "split": rows["split"].to_numpy() if "split" in rows else "test",
         "prediction": answers,
         "reply": result.answers,
         "correct": np.asarray(rewards) == 1.0,
@@ -111,21 +113,24 @@ def gap_recovered(acc: float, acc_zero_shot: float, acc_plan: float) -> float:
 
 def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
               plan_in_context: str = "plan_in_context", latency: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (method, task) plus an ``overall`` row per method.
+    """One row per (split, method, task) plus an ``overall`` row per (split, method).
 
     Columns: accuracy with its 95 % interval, n, median latency per query (ms), mean generated
-    tokens, and gap recovered against the zero-shot and plan-in-context rows of the same task.
-    With ``latency`` (:func:`pilot.latency.latency_table`), the latency columns come from that
-    interleaved, warmed-up measurement instead of the batched evaluation's wall time.
+    tokens, and gap recovered against the zero-shot and plan-in-context rows of the same split
+    and task. With ``latency`` (:func:`pilot.latency.latency_table`, timed on the in-distribution
+    test split), the ``test`` rows' latency columns come from that interleaved, warmed-up
+    measurement instead of the batched evaluation's wall time.
     """
+    if "split" not in predictions:
+        predictions = predictions.assign(split="test")
     records = []
-    groups = list(predictions.groupby(["method", "task"]))
-    groups += [((method, "overall"), part) for method, part in predictions.groupby("method")]
-    for (method, task), part in groups:
+    groups = list(predictions.groupby(["split", "method", "task"]))
+    groups += [((split, method, "overall"), part) for (split, method), part in predictions.groupby(["split", "method"])]
+    for (split, method, task), part in groups:
         hits, n = int(part["correct"].sum()), len(part)
         low, high = wilson_interval(hits, n)
         records.append({
-            "method": method, "task": task, "n": n, "accuracy": hits / n,
+            "split": split, "method": method, "task": task, "n": n, "accuracy": hits / n,
             "ci_low": low, "ci_high": high,
             "median_ms_per_query": 1000 * float(part["seconds_per_query"].median()),
             "mean_new_tokens": float(part["new_tokens"].mean()),
@@ -133,18 +138,21 @@ def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
     table = pd.DataFrame.from_records(records)
     if latency is not None:
         measured = latency.set_index(["method", "task"])
+        timed = table["split"] == "test"
         keys = list(zip(table["method"], table["task"]))
-        table["median_ms_per_query"] = [measured["median_ms_per_query"].get(k, math.nan) for k in keys]
-        table["timed_queries"] = [int(measured["timed_queries"].get(k, 0)) for k in keys]
-    reference = table.set_index(["method", "task"])["accuracy"]
-    for task in table["task"].unique():
-        gap = reference.get((plan_in_context, task), math.nan) - reference.get((zero_shot, task), math.nan)
+        table["median_ms_per_query"] = [measured["median_ms_per_query"].get(k, math.nan) if t else math.nan
+                                        for k, t in zip(keys, timed)]
+        table["timed_queries"] = [int(measured["timed_queries"].get(k, 0)) if t else 0 for k, t in zip(keys, timed)]
+    reference = table.set_index(["split", "method", "task"])["accuracy"]
+    for split, task in table[["split", "task"]].drop_duplicates().itertuples(index=False):
+        gap = reference.get((split, plan_in_context, task), math.nan) - reference.get((split, zero_shot, task), math.nan)
         if gap <= 1e-12:  # NaN (no rows to compare) stays silent
-            logger.warning("Task %s: plan-in-context does not beat zero-shot (plan gap %+.3f), so gap_recovered "
-                           "is undefined (NaN) there; PILOT has nothing to imitate on it.", task, gap)
+            logger.warning("Task %s (%s split): plan-in-context does not beat zero-shot (plan gap %+.3f), so "
+                           "gap_recovered is undefined (NaN) there; PILOT has nothing to imitate on it.",
+                           task, split, gap)
     table["gap_recovered"] = [
-        gap_recovered(row.accuracy, reference.get((zero_shot, row.task), math.nan),
-                      reference.get((plan_in_context, row.task), math.nan))
+        gap_recovered(row.accuracy, reference.get((row.split, zero_shot, row.task), math.nan),
+                      reference.get((row.split, plan_in_context, row.task), math.nan))
         for row in table.itertuples()
     ]
-    return table.sort_values(["task", "method"]).reset_index(drop=True)
+    return table.sort_values(["split", "task", "method"]).reset_index(drop=True)

@@ -18,8 +18,16 @@ from pilot.evaluation import METHODS  # noqa: E402
 
 
 def accuracy_by_method(results: pd.DataFrame) -> plt.Figure:
-    """Grouped bars: accuracy per task (and overall) for each method, with 95 % intervals."""
-    tasks = sorted(t for t in results["task"].unique() if t != "overall") + ["overall"]
+    """Grouped bars: accuracy per task (and overall) for each method, with 95 % intervals; the
+    out-of-distribution split's groups follow, marked "(ood)"."""
+    if "split" in results:
+        ood = results["split"] == "test_ood"
+        results = results.assign(task=results["task"].where(~ood, results["task"] + " (ood)"))
+        tasks = [t for split in ("test", "test_ood") for t in
+                 sorted(t for t in results.loc[results["split"] == split, "task"].unique() if not t.startswith("overall"))
+                 + [t for t in ("overall", "overall (ood)") if t in set(results.loc[results["split"] == split, "task"])]]
+    else:
+        tasks = sorted(t for t in results["task"].unique() if t != "overall") + ["overall"]
     # The methods in the order of the story (baselines, then PILOT), any others after them.
     present = list(dict.fromkeys(results["method"]))
     methods = [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
@@ -41,7 +49,8 @@ def accuracy_by_method(results: pd.DataFrame) -> plt.Figure:
 
 def latency_by_method(results: pd.DataFrame) -> plt.Figure:
     """Median latency per query of each method (overall rows), log scale."""
-    overall = results[results["task"] == "overall"].sort_values("median_ms_per_query")
+    overall = results[(results["task"] == "overall") & (results.get("split", "test") == "test")]
+    overall = overall.sort_values("median_ms_per_query")
     figure, axis = plt.subplots(figsize=(6.5, 0.6 + 0.45 * len(overall)))
     axis.barh(overall["method"], overall["median_ms_per_query"], color="tab:gray")
     axis.set_xscale("log")

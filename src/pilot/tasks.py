@@ -35,7 +35,8 @@ from pilot.answers import check_scorable
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "test_ood")
+TEST_SPLITS = ("test", "test_ood")  # in-distribution, and the same generators with harder settings
 TASK_COLUMNS = ("id", "task", "split", "question", "answer", "metadata", "oracle_plan", "extract", "solution")
 Prompt = str  # "compact": the renderer's short question (embedded models) | "original": reasoning-gym's text
 
@@ -393,10 +394,12 @@ def local_task_rows(name: str, path: str, size: int, extract: str,
 
 
 def build_task_table(
-    tasks: list[dict[str, Any]], val_per_task: int, test_per_task: int, seed: int
+    tasks: list[dict[str, Any]], val_per_task: int, test_per_task: int, seed: int, ood_per_task: int = 0
 ) -> pd.DataFrame:
     """Generate every configured task and assign disjoint train/val/test splits.
 
+    A task with ``ood_kwargs`` also gets ``ood_per_task`` rows of a ``test_ood`` split: its
+    generator with those settings laid over its own (harder questions, never trained on).
     Questions are unique across the whole table, so no question can appear in two splits.
     """
     frames = []
@@ -429,6 +432,16 @@ def build_task_table(
                     if reason not in ("duplicates", "plan_reveals_answer")),
         )
         frames.append(pd.DataFrame(rows))
+    # Out-of-distribution rows after every in-distribution one: those (and their ids) are the same with or without.
+    for offset, spec in enumerate(tasks):
+        if spec.get("ood_kwargs") and ood_per_task:
+            ood, _ = generate_task_rows(
+                spec["name"], ood_per_task, {**(spec.get("kwargs") or {}), **spec["ood_kwargs"]},
+                seed + 1000 * offset + 500, seen, spec.get("prompt", "compact"), spec.get("extract", "first_line"),
+            )
+            seen.update(row["question"] for row in ood)
+            logger.info("Task %s: %d out-of-distribution test rows (%s)", spec["name"], len(ood), spec["ood_kwargs"])
+            frames.append(pd.DataFrame(ood).assign(split="test_ood"))
     table = pd.concat(frames, ignore_index=True)
     table.insert(0, "id", [f"{task}-{i:06d}" for i, task in enumerate(table["task"])])
     return table[list(TASK_COLUMNS)]

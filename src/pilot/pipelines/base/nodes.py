@@ -145,12 +145,13 @@ def train_teacher(tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase,
 
 def measure_plan_gap(student: CausalLM, tasks_test: pd.DataFrame,
                      generation: GenerationParams) -> tuple[pd.DataFrame, dict]:
-    """Test accuracy of the student without a plan and with the oracle plan in context.
+    """In-distribution test accuracy of the student without a plan and with the oracle plan in context.
 
     Returns:
         The per-task table (accuracy, 95 % interval) and MLflow metrics including ``plan_gap``.
     """
-    tasks_test = tasks_test[tasks_test["oracle_plan"] != ""]  # a teacher writes the others' plans later
+    # In distribution only (the evaluation reports both splits); a teacher writes the plan-less rows' plans later.
+    tasks_test = tasks_test[(tasks_test["split"] == "test") & (tasks_test["oracle_plan"] != "")]
     runs = [
         answer_and_score(student, tasks_test, plans=plans, max_new_tokens=generation.max_new_tokens,
                          batch_size=generation.batch_size, stop_strings=generation.stop, method=method, progress=method)

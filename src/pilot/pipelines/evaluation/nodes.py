@@ -106,7 +106,8 @@ def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_
         ``latency_table``: median ms per query per (method, task) and overall.
     """
     settings = evaluation.latency
-    timed = tasks_test.groupby("task", sort=True).head(settings.questions_per_task).reset_index(drop=True)
+    in_distribution = tasks_test[tasks_test["split"] == "test"] if "split" in tasks_test else tasks_test
+    timed = in_distribution.groupby("task", sort=True).head(settings.questions_per_task).reset_index(drop=True)
     plans = _plans_for(timed, teacher_plans)
     answerers = method_answerers(
         student, timed["question"].tolist(), generation.max_new_tokens, plans=plans["plan"].tolist(),
@@ -136,16 +137,21 @@ def build_report(latency: pd.DataFrame, *method_predictions: pd.DataFrame) -> tu
         shown[column] = shown[column].map(lambda v: f"{v:.3f}")
     shown["median_ms_per_query"] = shown["median_ms_per_query"].map(lambda v: f"{v:.2f}")
     shown["mean_new_tokens"] = shown["mean_new_tokens"].map(lambda v: f"{v:.1f}")
-    markdown = ("# PILOT evaluation (test split)\n\n" + shown.to_markdown(index=False) + "\n\n"
-                "Latency: `median_ms_per_query` is timed apart from accuracy, on the first "
+    sections = {"test": "Test split (in distribution)",
+                "test_ood": "Out-of-distribution test split (the same generators, harder settings: `ood_kwargs`)"}
+    markdown = "# PILOT evaluation\n\n" + "".join(
+        f"## {sections.get(split, split)}\n\n" + part.drop(columns="split").to_markdown(index=False) + "\n\n"
+        for split, part in shown.groupby("split", sort=True))
+    markdown += ("Latency: `median_ms_per_query` is timed apart from accuracy, on the first "
                 "`evaluation.latency.questions_per_task` test questions of each task (`timed_queries` per row): "
                 "each method answers them one at a time (batch of 1) after a shared warm-up, interleaved "
                 "round-robin with the other methods over `evaluation.latency.passes` passes; the median over "
                 "passes, then over questions. `plan_in_context` includes the teacher's recorded plan-writing "
                 "time per query.\n")
-    overall = table[table["task"] == "overall"].set_index("method")
-    metrics = {f"{method}_{name}": row[name] for method, row in overall.iterrows()
-               for name in ("accuracy", "gap_recovered") if pd.notna(row[name])}
+    overall = table[table["task"] == "overall"]
+    prefix = {"test": "", "test_ood": "ood_"}
+    metrics = {f"{row['method']}_{prefix.get(row['split'], row['split'] + '_')}{name}": row[name]
+               for _, row in overall.iterrows() for name in ("accuracy", "gap_recovered") if pd.notna(row[name])}
     return predictions, table, markdown, tracking.metric_records(metrics)
 
 
@@ -215,6 +221,9 @@ def log_method_runs(results_table: pd.DataFrame, method_settings: dict[str, dict
             tracking.log_params(settings)
             metrics = {}
             for row in part.itertuples():
+                if row.split != "test":  # the out-of-distribution split: its own metric names
+                    metrics[f"{row.split}_accuracy_{row.task}"] = row.accuracy
+                    continue
                 metrics[f"accuracy_{row.task}"] = row.accuracy
                 if row.task == "overall":
                     metrics.update(accuracy=row.accuracy, ci_low=row.ci_low, ci_high=row.ci_high,
