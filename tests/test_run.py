@@ -88,3 +88,31 @@ def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(fini
     # every flattened MLflow param agrees with the YAML
     steps = record["parameters"]["stage1"]["training"]["steps"]
     assert int(run.data.params["stage1.training.steps"]) == steps
+
+
+def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finished_run, monkeypatch):
+    """Last in this file: it adds runs to the finished project's MLflow store."""
+    from tests.conftest import run
+
+    run(finished_run, monkeypatch, "ablations")
+    reporting = finished_run / "data/08_reporting"
+    table = pd.read_parquet(reporting / "ablations.parquet").set_index("variant")
+    assert table.index.tolist() == ["zero_shot", "plan_in_context", "reference", "film_prior_two_layers", "no_stage2"]
+    assert table[["accuracy", "ood_accuracy"]].stack().between(0, 1).all()
+    assert table.loc["film_prior_two_layers", "hypernet_parameters"] > table.loc["reference", "hypernet_parameters"]
+    assert table.loc["no_stage2", "stage2_best_step"] == -1 and table.loc["reference", "stage2_best_step"] >= 0
+    # The reference variant is the configured PILOT retrained: the default run's stage-2 numbers, exactly.
+    results = pd.read_parquet(reporting / "results.parquet")
+    main = results[(results["method"] == "pilot_stage2") & (results["task"] == "overall")].set_index("split")
+    assert table.loc["reference", "accuracy"] == main.loc["test", "accuracy"]
+    assert table.loc["reference", "ood_accuracy"] == main.loc["test_ood", "accuracy"]
+    for reference in ("zero_shot", "plan_in_context"):
+        row = results[(results["method"] == reference) & (results["task"] == "overall") & (results["split"] == "test")]
+        assert table.loc[reference, "accuracy"] == row["accuracy"].item()
+    markdown = (reporting / "ablations.md").read_text()
+    assert markdown.startswith("# PILOT ablations") and "| film_prior_two_layers | guidance.modulation=film" in markdown
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pilot").experiment_id], "tags.ablation != ''")
+    assert sorted(r.data.tags["ablation"] for r in runs) == ["film_prior_two_layers", "no_stage2", "reference"]
+    assert all({"accuracy", "ood_accuracy", "train_seconds"} <= set(r.data.metrics) for r in runs)

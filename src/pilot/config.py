@@ -469,6 +469,44 @@ class LatencyParams(Params):
     warmup_questions: NonNegativeInt = 2
 
 
+# ---------------------------------------------------------------------------------- ablations
+class AblationVariant(Params):
+    """One row of the ablation report: settings laid over the configured ones."""
+
+    name: str
+    guidance: dict[str, Any] = Field(default_factory=dict)   # GuidanceParams fields
+    stage1: dict[str, Any] = Field(default_factory=dict)     # Stage1Config fields (the loss weights, ...)
+    stage2: bool = True                                      # false: stage 1's hyper-network is the result
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> AblationVariant:
+        for block, model, overrides in (("guidance", GuidanceParams, self.guidance),
+                                        ("stage1", Stage1Config, self.stage1)):
+            unknown = sorted(set(overrides) - set(model.model_fields))
+            if unknown:
+                raise ValueError(f"{block} has no setting(s) {unknown}; known: {', '.join(model.model_fields)}")
+            model(**{**model().model_dump(), **overrides})  # the values must be valid too
+        return self
+
+
+class AblationsParams(Params):
+    """``kedro run --pipelines ablations``: PILOT retrained once per variant, evaluated on both test splits."""
+
+    stage1_steps: PositiveInt | None = None   # None: stage 1's configured steps
+    stage2_steps: PositiveInt | None = None
+    # A list (an environment's list replaces the base one whole): each variant's name and settings.
+    variants: list[AblationVariant] = Field(default_factory=lambda: [AblationVariant(name="reference")], min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[AblationVariant]) -> list[AblationVariant]:
+        names = [v.name for v in variants]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"variant names must be unique; {repeated} repeat")
+        return variants
+
+
 class EvaluationParams(Params):
     latency: LatencyParams = LatencyParams()
     model_name: str = "pilot"                     # artifact path of the logged pyfunc model in its run
@@ -492,6 +530,7 @@ PARAMETER_MODELS: dict[str, type[Params]] = {
     "baselines": BaselinesParams,
     "tune": TuneParams,
     "evaluation": EvaluationParams,
+    "ablations": AblationsParams,
 }
 
 
