@@ -69,7 +69,10 @@ def test_data_splits_are_disjoint_and_sized_as_configured(outputs, catalog):
     out, config = outputs["data"], catalog.load("params:data")
     train, val, test = out["tasks_train"], out["tasks_val"], out["tasks_test"]
     assert set(train["question"]).isdisjoint(test["question"]) and set(val["question"]).isdisjoint(test["question"])
-    assert (test.groupby("task").size() == config.test_per_task).all()
+    in_distribution, ood = test[test["split"] == "test"], test[test["split"] == "test_ood"]
+    assert (in_distribution.groupby("task").size() == config.test_per_task).all()
+    with_ood = {t.name for t in config.tasks if t.ood_kwargs}
+    assert set(ood["task"]) == with_ood and (ood.groupby("task").size() == config.ood_per_task).all()
     assert (val.groupby("task").size() == config.val_per_task).all()
     assert sum(v["value"] for v in out["task_counts"].values()) == len(train) + len(val) + len(test)
 
