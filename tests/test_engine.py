@@ -172,7 +172,7 @@ def test_weights_scale_the_gradient():
         torch.testing.assert_close(grads[name][0], 3.0 * parameter.grad)
 
 
-def test_each_terms_gradient_norm_is_logged_on_its_steps_and_leaves_the_update_unchanged():
+def test_each_terms_gradient_norm_is_logged_on_its_steps_and_leaves_the_update_unchanged(caplog):
     x, y = _data()
 
     def objective(model):
@@ -184,7 +184,8 @@ def test_each_terms_gradient_norm_is_logged_on_its_steps_and_leaves_the_update_u
     measured, plain = _model(), _model()
     reference = copy.deepcopy(measured)
     result = train(measured, objective(measured), LoopSettings(steps=4, learning_rate=0.1, grad_norm_every=2),
-                   name="measured")
+                   name="measured", validate=lambda: 0.0)
+    assert "measured: no validation step beat step 0" in caplog.text  # the run's name, not a term's
     train(plain, objective(plain), LoopSettings(steps=4, learning_rate=0.1), name="plain")
     assert _equal(_state(measured), _state(plain))  # measuring reads the gradients, never changes them
 

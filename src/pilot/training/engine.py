@@ -258,13 +258,13 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
                 terms = {**terms, "total": total}
                 check_finite(terms, step)
                 if measure_terms:  # summed over micro-batches, like the total's gradient
-                    for name, grads in term_gradients(terms, objective.weights, parameters).items():
-                        per_term[name] = [a + b for a, b in zip(per_term[name], grads)] if name in per_term else grads
+                    for term, grads in term_gradients(terms, objective.weights, parameters).items():
+                        per_term[term] = [a + b for a, b in zip(per_term[term], grads)] if term in per_term else grads
                 total.backward()
                 _accumulate(logged, terms)
             check_finite(logged, step)
             logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, loop.clip_norm)
-            logged.update({f"grad_norm/{name}": gradient_norm(grads) for name, grads in per_term.items()})
+            logged.update({f"grad_norm/{term}": gradient_norm(grads) for term, grads in per_term.items()})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
