@@ -220,3 +220,30 @@ def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, 
                        Stage2Config(), GenerationParams(), config.model_copy(update={"inject_layers": [0, 5]}))
     with pytest.raises(ParameterError, match="--params guidance.inject_layer=1"):
         apply_tuned({**point, "inject_layer": 1}, stage1, site)
+
+
+def test_lora_gets_pilots_tuning_budget_through_the_same_machinery(project, monkeypatch):
+    run(project, monkeypatch, "tune_lora")
+    tuned = json.loads((project / "data/06_models/tuned_lora.json").read_text())
+    assert {"learning_rate", "lora_alpha_ratio", "best_val_accuracy", "baseline_val_accuracy"} <= set(tuned)
+    configured = run_params(project)
+    study = optuna.load_study(study_name="pilot-lora-baseline", storage=_storage(project))
+    assert len(study.trials) == configured["tune"]["n_trials"]  # PILOT's trial count, steps and pruner
+    assert study.trials[0].user_attrs["baseline"] is True
+    assert study.trials[0].params == {"learning_rate": configured["baselines"]["lora"]["training"]["learning_rate"],
+                                      "lora_alpha_ratio": configured["baselines"]["lora"]["lora_alpha_ratio"]}
+    # the baselines pipeline trains LoRA with them when told to
+    run(project, monkeypatch, "baselines", params={"baselines": {"lora": {"use_tuned": True}}})
+    adapter = json.loads((project / "data/06_models/lora_adapter/adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == pytest.approx(tuned["lora_alpha_ratio"] * adapter["r"])
+
+
+def test_lora_settings_refuse_use_tuned_without_a_study():
+    from pilot.baselines.lora import lora_settings
+    from pilot.config import LoraParams, Stage1Config
+
+    with pytest.raises(ValueError, match="run `kedro run --pipelines tune_lora` first"):
+        lora_settings(LoraParams(), Stage1Config(), seed=0, tuned={})
+    config, alpha = lora_settings(LoraParams(), Stage1Config(steps=7, batch_size=5), seed=3,
+                                  tuned={"learning_rate": 0.02, "lora_alpha_ratio": 4.0})
+    assert (config.steps, config.batch_size, config.learning_rate, alpha, config.seed) == (7, 5, 0.02, 4.0, 3)

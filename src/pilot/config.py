@@ -392,6 +392,7 @@ class LoraTrainingParams(Params):
 
 
 class LoraParams(Params):
+    use_tuned: bool = False   # true: learning rate and alpha ratio from `kedro run --pipelines tune_lora`
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
@@ -449,6 +450,11 @@ class TuneParams(Params):
     rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
     guidance_scale: SearchRange | None = None
     inject_layers: list[NonNegativeInt] | None = None   # e.g. [0, 1]: search the injection layer too
+    # `kedro run --pipelines tune_lora`: LoRA's own study with the same trials, steps and pruner
+    # (its rank is pinned by the matched parameter budget; its learning rate and scale are searched).
+    lora_study_name: str = "pilot-lora-baseline"
+    lora_learning_rate: SearchRange = SearchRange(low=1e-4, high=1e-2)
+    lora_alpha_ratio: SearchRange = SearchRange(low=0.5, high=8.0)
     cache_dir: str = "data/05_model_input/tune_latents"  # a latent cache per searched injection layer
 
     @model_validator(mode="after")

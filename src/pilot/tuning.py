@@ -41,11 +41,13 @@ from pilot.config import (
     GenerationParams,
     GuidanceParams,
     LatentsParams,
+    LoraParams,
     ParameterError,
     Stage1Config,
     Stage2Config,
     TuneParams,
 )
+from pilot.baselines.lora import lora_settings, train_lora
 from pilot.latents import LatentCache, plan_cache_build, write_cache
 from pilot.models import CausalLM
 from pilot.training.stage1 import run_stage1
@@ -290,6 +292,33 @@ def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.Data
     return objective
 
 
+def make_lora_objective(student: CausalLM, train_rows: pd.DataFrame, val_rows: pd.DataFrame, budget: int,
+                        lora: LoraParams, stage1: Stage1Config, generation: GenerationParams,
+                        config: TuneParams, seed: int = 0) -> Callable[[optuna.Trial], float]:
+    """LoRA's trials, on PILOT's terms: the same trial steps, validation cadence and pruner as
+    stage 1's study; the rank stays pinned by the matched budget; learning rate and alpha ratio
+    are searched (log-uniform)."""
+    def objective(trial: optuna.Trial) -> float:
+        point = {"learning_rate": trial.suggest_float("learning_rate", config.lora_learning_rate.low,
+                                                      config.lora_learning_rate.high, log=config.lora_learning_rate.log),
+                 "lora_alpha_ratio": trial.suggest_float("lora_alpha_ratio", config.lora_alpha_ratio.low,
+                                                         config.lora_alpha_ratio.high, log=config.lora_alpha_ratio.log)}
+        training, alpha_ratio = lora_settings(lora, stage1, seed, point)
+        training = training.model_copy(update={"steps": config.trial_steps})
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {value:.3f} at step {step}")
+
+        _, result = train_lora(student, train_rows, budget, lora.target_modules, lora.match_tolerance, alpha_ratio,
+                               training, val_rows=val_rows, generation=generation, eval_every=config.eval_every,
+                               on_validation=report)
+        return result.best_val_accuracy
+
+    return objective
+
+
 def tune(objective: Callable[[optuna.Trial], float], config: TuneParams,
          callbacks: list[Callable] | None = None, baseline: dict[str, float] | None = None) -> optuna.Study:
     """Run ``n_trials`` (or until ``timeout_s``) in this process; failed trials do not stop the study.
@@ -336,14 +365,14 @@ def settle(study: optuna.Study, timeout_s: float | None) -> None:
                        "`kedro run --pipelines tune` with tune.n_trials > 0 runs them first", queued)
 
 
-def best_weights(study: optuna.Study) -> dict:
-    """The best trial's weights, for stage 1 (``stage1.use_tuned_weights``)."""
+def best_weights(study: optuna.Study, keys: tuple[str, ...] = TUNED_KEYS) -> dict:
+    """The best trial's values of ``keys``, for stage 1 (``stage1.use_tuned_weights``) or LoRA."""
     try:
         best = study.best_trial
     except ValueError as error:
         raise RuntimeError(f"Study '{study.study_name}' has no completed trial yet; every trial failed or was "
                            "pruned. Look at the trials table and the log.") from error
-    weights = {k: v for k, v in best.params.items() if k in TUNED_KEYS}
+    weights = {k: v for k, v in best.params.items() if k in keys}
     summary = {**weights, "best_val_accuracy": best.value, "trial": best.number, "study": study.study_name}
     baseline = [t for t in study.trials if t.user_attrs.get("baseline") and t.value is not None]
     if baseline:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from pilot.artifacts import atomic_folder, verify_folder
-from pilot.config import GenerationParams, LMTrainConfig
+from pilot.config import GenerationParams, LMTrainConfig, LoraParams, Stage1Config, with_run_seed
 from pilot.evaluation import accuracy
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
@@ -92,9 +92,28 @@ class LoraAdapter:
                    load_file(path / "adapter_model.safetensors"))
 
 
+LORA_TUNED_KEYS = ("learning_rate", "lora_alpha_ratio")   # what `tune_lora` searches
+
+
+def lora_settings(params: LoraParams, stage1: Stage1Config, seed: int,
+                  tuned: dict | None = None) -> tuple[LMTrainConfig, float]:
+    """LoRA's loop (by default stage 1's steps and batch size) and alpha ratio, with the tuned
+    learning rate and alpha ratio in place of the configured ones when ``tuned`` is given."""
+    if tuned is not None and not tuned:
+        raise ValueError("baselines.lora.use_tuned is true but no tuned LoRA settings exist; run "
+                         "`kedro run --pipelines tune_lora` first or set it to false.")
+    loop = with_run_seed(params.training, seed)
+    config = LMTrainConfig(steps=loop.steps or stage1.steps, batch_size=loop.batch_size or stage1.batch_size,
+                           learning_rate=(tuned or {}).get("learning_rate", loop.learning_rate),
+                           warmup_steps=loop.warmup_steps, weight_decay=loop.weight_decay,
+                           length_buckets=loop.length_buckets, seed=loop.seed)
+    return config, (tuned or {}).get("lora_alpha_ratio", params.lora_alpha_ratio)
+
+
 def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_modules: Sequence[str],
                tolerance: float, alpha_ratio: float, config: LMTrainConfig, val_rows: pd.DataFrame | None = None,
-               generation: GenerationParams | None = None, eval_every: int = 0) -> tuple[LoraAdapter, TrainingResult]:
+               generation: GenerationParams | None = None, eval_every: int = 0,
+               on_validation: Callable[[int, float], None] | None = None) -> tuple[LoraAdapter, TrainingResult]:
     """Fine-tune LoRA adapters on question -> answer with a trainable budget matched to ``budget``.
 
     With ``val_rows`` the adapter of the best validation step (every ``eval_every`` steps; step 0
@@ -119,6 +138,7 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
             return accuracy(lm, val_rows, max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
                             stop_strings=generation.stop)
 
-    result = train_causal_lm(lm, examples, config, "lora", validate=validate, eval_every=eval_every)
+    result = train_causal_lm(lm, examples, config, "lora", validate=validate, eval_every=eval_every,
+                             on_validation=on_validation)
     config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
     return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(result.model)), result

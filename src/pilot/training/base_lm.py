@@ -42,7 +42,8 @@ def teacher_examples(rows: Sequence[dict], fmt: PromptFormat = TOY) -> list[tupl
 
 
 def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig, name: str,
-                    validate: Callable[[], float] | None = None, eval_every: int = 0) -> TrainingResult:
+                    validate: Callable[[], float] | None = None, eval_every: int = 0,
+                    on_validation: Callable[[int, float], None] | None = None) -> TrainingResult:
     """Next-token training (``lm``) on the targets of ``examples``.
 
     Trains every parameter of ``lm.model`` that requires gradients: the whole model for the
@@ -65,4 +66,5 @@ def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTra
 
     loop = LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
                         weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98), eval_every=eval_every)
-    return train(lm.model, Objective(step_terms, weights={"lm": 1.0}), loop, name=f"train {name}", validate=validate)
+    return train(lm.model, Objective(step_terms, weights={"lm": 1.0}), loop, name=f"train {name}", validate=validate,
+                 on_validation=on_validation)

@@ -6,32 +6,30 @@ import pandas as pd
 import torch
 
 from pilot.baselines.caa import choose_caa_scale, steering_vector
-from pilot.baselines.lora import LoraAdapter, train_lora
-from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, LMTrainConfig, Stage1Params, with_run_seed
+from pilot.baselines.lora import LoraAdapter, lora_settings, train_lora
+from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, Stage1Params
 from pilot.guidance import make_hypernet
 from pilot.latents import LatentCache
 from pilot.models import CausalLM, count_parameters
 from pilot.tracking import metric_records
 
 
-def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
+def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame, tuned_lora: dict,
                         guidance: GuidanceParams, params: BaselinesParams, stage1: Stage1Params,
                         generation: GenerationParams, seed: int) -> tuple[LoraAdapter, pd.DataFrame, dict]:
     """LoRA on question -> answer: trainable parameters matched to the hyper-network's, (by
     default) the same number of optimizer steps and batch size as PILOT's stage 1, and selected
-    by the same rule: the best validation step, validated as often as stage 1.
+    by the same rule: the best validation step, validated as often as stage 1. With
+    ``baselines.lora.use_tuned`` its learning rate and alpha ratio come from ``tune_lora``.
 
     Returns:
         ``lora_adapter``, its loss history, and the parameter counts and selected step for MLflow.
     """
     config, pilot = params.lora, stage1.training
     budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, seed))
-    loop = with_run_seed(config.training, seed)
-    training = LMTrainConfig(steps=loop.steps or pilot.steps, batch_size=loop.batch_size or pilot.batch_size,
-                             learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps,
-                             weight_decay=loop.weight_decay, length_buckets=loop.length_buckets, seed=loop.seed)
+    training, alpha_ratio = lora_settings(config, pilot, seed, tuned_lora if config.use_tuned else None)
     adapter, result = train_lora(student, tasks_train, budget, config.target_modules, config.match_tolerance,
-                                 config.lora_alpha_ratio, training, val_rows=tasks_val, generation=generation,
+                                 alpha_ratio, training, val_rows=tasks_val, generation=generation,
                                  eval_every=pilot.eval_every)
     metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters,
                "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy}

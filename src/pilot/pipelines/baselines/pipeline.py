@@ -7,7 +7,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(train_lora_baseline,
-                 inputs=["student_model", "tasks_train", "tasks_val", "params:guidance", "params:baselines",
+                 inputs=["student_model", "tasks_train", "tasks_val", "tuned_lora", "params:guidance", "params:baselines",
                          "params:stage1", "params:generation", "params:seed"],
                  outputs=["lora_adapter", "lora_history", "lora_metrics"], name="train_lora_node"),
             Node(compute_steering_vector, inputs="latent_cache", outputs="steering_vector",

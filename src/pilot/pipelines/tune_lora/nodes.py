@@ -1,0 +1,33 @@
+"""Nodes of the ``tune_lora`` pipeline."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pilot import tracking
+from pilot.baselines.lora import LORA_TUNED_KEYS
+from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, Stage1Params, TuneParams
+from pilot.guidance import make_hypernet
+from pilot.models import CausalLM, count_parameters
+from pilot.tuning import best_weights, make_lora_objective, trials_table, tune
+
+
+def tune_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
+                       guidance: GuidanceParams, baselines: BaselinesParams, stage1: Stage1Params,
+                       generation: GenerationParams, params: TuneParams, seed: int) -> tuple[dict, pd.DataFrame]:
+    """LoRA's own Optuna study (``tune.lora_study_name``), with the trials, trial steps, validation
+    cadence, pruner and storage of PILOT's: the same tuning budget for the baseline.
+
+    Returns:
+        ``tuned_lora`` (read by the baselines pipeline with ``baselines.lora.use_tuned: true``) and
+        the trials table.
+    """
+    lora = baselines.lora
+    budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, seed))
+    objective = make_lora_objective(student, tasks_train, tasks_val, budget, lora, stage1.training, generation,
+                                    params, seed)
+    config = params.model_copy(update={"study_name": params.lora_study_name})
+    baseline = {"learning_rate": lora.training.learning_rate, "lora_alpha_ratio": lora.lora_alpha_ratio}
+    study = tune(objective, config, callbacks=tracking.optuna_callbacks(metric_name="val_accuracy"),
+                 baseline=baseline if params.enqueue_baseline else None)
+    return best_weights(study, LORA_TUNED_KEYS), trials_table(study)
