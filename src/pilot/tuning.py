@@ -201,7 +201,7 @@ def open_study(config: TuneParams, baseline: dict[str, float] | None = None) -> 
         return study, Worker(worker_name(config), config.sampler_seed)
     study, created = _create_or_load(config, storage)
     if created and baseline:
-        study.enqueue_trial({k: v for k, v in baseline.items() if k in TUNED_KEYS}, user_attrs={"baseline": True})
+        study.enqueue_trial(dict(baseline), user_attrs={"baseline": True})
     worker = worker_name(config)
     previous = sum(t.user_attrs.get("worker") == worker for t in study.get_trials(deepcopy=False))
     seed = worker_sampler_seed(config.sampler_seed, worker, previous)
