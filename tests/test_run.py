@@ -90,6 +90,24 @@ def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(fini
     assert int(run.data.params["stage1.training.steps"]) == steps
 
 
+def test_pilot_and_lora_train_on_the_same_rows_with_the_same_budget(finished_run):
+    """The protocol: LoRA and PILOT's stage 2 learn from the whole training split, stage 1 from its
+    kept-plan rows (a subset of it), LoRA with stage 1's steps; both selected on validation."""
+    data = finished_run / "data"
+    settings = json.loads((data / "08_reporting/method_settings.json").read_text())
+    train = pd.read_parquet(data / "03_primary/tasks_train.parquet")
+    plans = pd.read_parquet(data / "04_feature/teacher_plans.parquet")
+    kept = plans[plans["kept"] & (plans["split"] == "train")]
+    assert set(kept["id"]) <= set(train["id"])
+    assert settings["lora"]["training_data_rows"] == settings["pilot_stage2"]["training_data_rows"] == str(len(train))
+    assert settings["pilot_stage1"]["training_data_rows"] == str(len(kept))
+    assert settings["lora"]["training_steps"] == settings["pilot_stage1"]["training_steps"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("pilot").experiment_id])
+              if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "__default__"][0]
+    assert "baselines.best_step" in parent.data.metrics and "stage1.best_step" in parent.data.metrics
+
+
 def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finished_run, monkeypatch):
     """Last in this file: it adds runs to the finished project's MLflow store."""
     from tests.conftest import run
