@@ -122,7 +122,7 @@ def test_a_misspelt_top_level_block_names_the_closest_known_one():
     with pytest.raises(ParameterError) as error:
         check_top_level({"seed": 0, "stage1": {}, "stage_1": {"training": {"steps": 5}}})
     assert str(error.value).startswith("Parameter 'stage_1' is not a known parameter block; the closest known "
-                                       "block is 'stage1' (known: base, baselines, data, evaluation, generation, guidance,")
+                                       "block is 'stage1' (known: ablations, base, baselines, data, evaluation, generation,")
     with pytest.raises(ParameterError, match="'learning_rate' is not a known parameter block; remove it"):
         check_top_level({"learning_rate": 0.1})
     with pytest.raises(ParameterError, match="Parameter 'seed' = 1.5 is invalid: it must be an integer"):

@@ -45,6 +45,7 @@ def catalog(tmp_path_factory) -> DataCatalog:
     datasets["latent_cache"] = LatentCacheDataset(str(cache))
     datasets["latent_cache_shards"] = LatentShardsDataset(str(cache))
     datasets["tuned_loss_weights"] = MemoryDataset({})
+    datasets["tuned_lora"] = MemoryDataset({})
     for module in PIPELINES:
         datasets.update({name: KeptDataset() for name in module.create_pipeline().all_outputs() if name not in datasets})
     return DataCatalog(datasets=datasets)

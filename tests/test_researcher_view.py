@@ -123,7 +123,10 @@ def test_plain_student_is_not_reported_slower_than_itself_guided_by_a_zero_vecto
 
 
 def test_the_results_table_shows_the_interleaved_latency(finished_run):
-    results = pd.read_parquet(finished_run / "data/08_reporting/results.parquet")
+    every_split = pd.read_parquet(finished_run / "data/08_reporting/results.parquet")
+    results = every_split[every_split["split"] == "test"]  # latency is timed in distribution
+    ood = every_split[every_split["split"] == "test_ood"]
+    assert len(ood) and ood["median_ms_per_query"].isna().all() and (ood["timed_queries"] == 0).all()
     latency = pd.read_parquet(finished_run / "data/07_model_output/latency.parquet")
     merged = results.merge(latency, on=["method", "task"], suffixes=("", "_measured"))
     assert len(merged) == len(results)  # every (method, task) row was timed
