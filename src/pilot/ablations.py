@@ -68,11 +68,11 @@ def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: L
     variant_site.check_against(student.num_layers)
     training = stage1.model_copy(update={**variant.stage1, "checkpoint_every": 0,
                                          **({"steps": config.stage1_steps} if config.stage1_steps else {})})
-    trial_cache = site_cache(student, cache, teacher_plans, pd.concat([tasks_train, tasks_val]), variant_site, site,
-                             latents, cache_dir)
+    tasks = pd.concat([tasks_train, tasks_val])
+    trial_cache = site_cache(student, cache, teacher_plans, tasks, variant_site, site, latents, cache_dir)
     logger.info("Ablation '%s': %s", name, variant.model_dump())
-    first = run_stage1(student, trial_cache, teacher_plans, pd.concat([tasks_train, tasks_val]), tasks_val,
-                       variant_site, latents, training, generation)
+    first = run_stage1(student, trial_cache, teacher_plans, tasks, tasks_val, variant_site, latents, training,
+                       generation)
     hypernet, stage2_seconds, stage2_best = first.model, 0.0, None
     if variant.stage2:
         refine = stage2.model_copy(update={"checkpoint_every": 0,

@@ -255,6 +255,16 @@ def site_cache(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFram
     return LatentCache(path)
 
 
+def pruning_reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
+    """The ``on_validation`` of a trial's training: report each validation accuracy, stop when pruned."""
+    def report(step: int, value: float) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"validation accuracy {value:.3f} at step {step}")
+
+    return report
+
+
 def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
                    train_rows: pd.DataFrame, val_rows: pd.DataFrame, site: GuidanceParams, latents: LatentsParams,
                    stage1: Stage1Config, stage2: Stage2Config, generation: GenerationParams,
@@ -275,13 +285,9 @@ def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.Data
         training = training.model_copy(update={"steps": config.trial_steps, "eval_every": config.eval_every,
                                                "checkpoint_every": 0})
 
-        def report(step: int, value: float) -> None:
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation accuracy {value:.3f} at step {step}")
 
         result = run_stage1(student, trial_cache, teacher_plans, tasks, val_rows, trial_site, latents, training,
-                            generation, on_validation=report)
+                            generation, on_validation=pruning_reporter(trial))
         value = result.best_val_accuracy
         if config.stage2_steps:
             refine = stage2.model_copy(update={"steps": config.stage2_steps, "checkpoint_every": 0,
@@ -306,14 +312,10 @@ def make_lora_objective(student: CausalLM, train_rows: pd.DataFrame, val_rows: p
         training, alpha_ratio = lora_settings(lora, stage1, seed, point)
         training = training.model_copy(update={"steps": config.trial_steps})
 
-        def report(step: int, value: float) -> None:
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation accuracy {value:.3f} at step {step}")
 
         _, result = train_lora(student, train_rows, budget, lora.target_modules, lora.match_tolerance, alpha_ratio,
                                training, val_rows=val_rows, generation=generation, eval_every=config.eval_every,
-                               on_validation=report)
+                               on_validation=pruning_reporter(trial))
         return result.best_val_accuracy
 
     return objective
