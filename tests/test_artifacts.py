@@ -10,7 +10,14 @@ import torch
 
 from pilot.artifacts import ArtifactChecksumError, atomic_folder
 from pilot.baselines.lora import LoraAdapter
-from pilot.framework.datasets import CausalLMDataset, HyperNetworkDataset, LoraAdapterDataset, TensorsDataset
+from pilot.baselines.soft_prompts import make_soft_prompt
+from pilot.framework.datasets import (
+    CausalLMDataset,
+    HyperNetworkDataset,
+    LoraAdapterDataset,
+    TensorsDataset,
+    TrainedModuleDataset,
+)
 from pilot.guidance import HyperNetConfig, HyperNetwork
 
 
@@ -62,6 +69,16 @@ def test_lora_adapter_and_steering_vector_are_verified_too(tmp_path, tiny_lm, ta
     config = tmp_path / "lora_adapter" / "adapter_config.json"
     config.write_text(config.read_text().replace('"r": 2', '"r": 3'))  # an edit is a mismatch as well
     with pytest.raises(Exception, match=r"adapter_config.json' does not match its checksum"):
+        folder.load()
+
+
+def test_a_trained_baseline_module_is_verified_too(tmp_path, tiny_lm):
+    folder = TrainedModuleDataset(str(tmp_path / "pause_tokens"), producer="baselines")
+    pause = make_soft_prompt("pause_tokens", tiny_lm, 3, budget=1000, seed=0)
+    folder.save(pause)
+    assert torch.equal(folder.load().tokens, pause.tokens)
+    _flip_bytes(tmp_path / "pause_tokens" / "model.safetensors", 100)
+    with pytest.raises(Exception, match=r"model.safetensors' does not match its checksum.*kedro run --pipelines baselines"):
         folder.load()
 
 

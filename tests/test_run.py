@@ -37,6 +37,8 @@ def test_every_artefact_is_written_in_a_safe_format(finished_run):
     for path in ("06_models/student/model.safetensors", "06_models/teacher/model.safetensors",
                  "06_models/hypernet_stage1/hypernet.safetensors", "06_models/hypernet_stage2/hypernet_config.json",
                  "06_models/lora_adapter/adapter_model.safetensors", "06_models/steering_vector.safetensors",
+                 "06_models/reft_interventions/model.safetensors", "06_models/pause_tokens/config.json",
+                 "06_models/soft_thoughts/model.safetensors",
                  "05_model_input/latent_cache/manifest.json", "04_feature/teacher_plans.parquet",
                  "08_reporting/plan_gap.parquet", "08_reporting/results.md", "08_reporting/accuracy.png",
                  "08_reporting/latency.png", "08_reporting/training_curves.png"):
@@ -108,22 +110,36 @@ def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(fini
     assert int(run.data.params["stage1.training.steps"]) == steps
 
 
-def test_pilot_and_lora_train_on_the_same_rows_with_the_same_budget(finished_run):
-    """The protocol: LoRA and PILOT's stage 2 learn from the whole training split, stage 1 from its
-    kept-plan rows (a subset of it), LoRA with stage 1's steps; both selected on validation."""
+def test_pilot_and_every_trained_baseline_train_on_the_same_rows_with_the_same_budget(finished_run):
+    """The protocol: LoRA, ReFT, pause tokens, soft thoughts and PILOT's stage 2 learn from the whole
+    training split, stage 1 from its kept-plan rows (a subset of it), the baselines with stage 1's
+    steps and batch size; all selected on validation, their parameter counts against the budget in MLflow."""
     data = finished_run / "data"
     settings = json.loads((data / "08_reporting/method_settings.json").read_text())
     train = pd.read_parquet(data / "03_primary/tasks_train.parquet")
     plans = pd.read_parquet(data / "04_feature/teacher_plans.parquet")
     kept = plans[plans["kept"] & (plans["split"] == "train")]
     assert set(kept["id"]) <= set(train["id"])
-    assert settings["lora"]["training_data_rows"] == settings["pilot_stage2"]["training_data_rows"] == str(len(train))
+    baselines = ("lora", "reft", "pause_tokens", "soft_thoughts")
+    for method in (*baselines, "pilot_stage2"):
+        assert settings[method]["training_data_rows"] == str(len(train)), method
     assert settings["pilot_stage1"]["training_data_rows"] == str(len(kept))
-    assert settings["lora"]["training_steps"] == settings["pilot_stage1"]["training_steps"]
+    for method in baselines:
+        assert settings[method]["training_steps"] == settings["pilot_stage1"]["training_steps"], method
+        history = pd.read_parquet(data / f"07_model_output/{method}_history.parquet")
+        assert history["step"].tolist() == list(range(1, int(settings["pilot_stage1"]["training_steps"]) + 1))
     client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
     parent = [r for r in client.search_runs([client.get_experiment_by_name("pilot").experiment_id])
               if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "__default__"][0]
-    assert "baselines.best_step" in parent.data.metrics and "stage1.best_step" in parent.data.metrics
+    metrics = parent.data.metrics
+    assert "baselines.best_step" in metrics and "stage1.best_step" in metrics
+    budget = metrics["baselines.hypernet_parameters"]
+    for method in baselines[1:]:
+        assert metrics[f"baselines.{method}.hypernet_parameters"] == budget
+        assert metrics[f"baselines.{method}.parameters"] == int(settings[method]["trainable_parameters"])
+        assert metrics[f"baselines.{method}.budget_ratio"] == pytest.approx(metrics[f"baselines.{method}.parameters"] / budget)
+        assert f"baselines.{method}.best_step" in metrics
+    assert abs(metrics["baselines.soft_thoughts.budget_ratio"] - 1) <= 0.1   # sized to the budget
 
 
 def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finished_run, monkeypatch):

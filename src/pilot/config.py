@@ -379,8 +379,8 @@ class Stage2Params(Params):
 
 
 # ---------------------------------------------------------------------------------- baselines
-class LoraTrainingParams(Params):
-    """LoRA's loop; ``None`` steps/batch size mean "the same as PILOT's stage 1"."""
+class AdapterTrainingParams(Params):
+    """A trained baseline's loop; ``None`` steps/batch size mean "the same as PILOT's stage 1"."""
 
     steps: PositiveInt | None = None
     batch_size: PositiveInt | None = None
@@ -391,22 +391,49 @@ class LoraTrainingParams(Params):
     seed: int = 0
 
 
+def adapter_loop(training: AdapterTrainingParams, stage1: Stage1Config, seed: int) -> LMTrainConfig:
+    """A trained baseline's next-token loop: its own settings, stage 1's steps and batch size where
+    they are left ``None``, and the run's seed (so every baseline draws the same batches)."""
+    loop = with_run_seed(training, seed)
+    return LMTrainConfig(steps=loop.steps or stage1.steps, batch_size=loop.batch_size or stage1.batch_size,
+                         learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps,
+                         weight_decay=loop.weight_decay, length_buckets=loop.length_buckets, seed=loop.seed)
+
+
 class LoraParams(Params):
     use_tuned: bool = False   # true: learning rate and alpha ratio from `kedro run --pipelines tune_lora`
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
     lora_alpha_ratio: Positive = 2.0
-    training: LoraTrainingParams = LoraTrainingParams()
+    training: AdapterTrainingParams = AdapterTrainingParams()
 
 
 class CaaParams(Params):
     scales: list[Positive] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0], min_length=1)
 
 
+class ReftParams(Params):
+    """LoReFT interventions; rank matched to the hyper-network's budget (capped at the hidden size)."""
+
+    layers: list[int] | None = None   # null: the guidance's inject_layer and every layer after it
+    match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    training: AdapterTrainingParams = AdapterTrainingParams()
+
+
+class SoftTokenParams(Params):
+    """Pause tokens or soft thoughts: ``num_tokens`` soft tokens appended to every prompt."""
+
+    num_tokens: PositiveInt = 8
+    training: AdapterTrainingParams = AdapterTrainingParams()
+
+
 class BaselinesParams(Params):
     lora: LoraParams = LoraParams()
+    reft: ReftParams = ReftParams()
     caa: CaaParams = CaaParams()
+    pause_tokens: SoftTokenParams = SoftTokenParams()
+    soft_thoughts: SoftTokenParams = SoftTokenParams(num_tokens=4)
 
 
 # ---------------------------------------------------------------------------------- tuning

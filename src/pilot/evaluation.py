@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import pandas as pd
 
 from pilot.answers import extract_answer
+from pilot.config import GenerationParams
 from pilot.generation import Guidance, generate
+from pilot.guidance.soft_tokens import SoftPrompt
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
 from pilot.verifier import score_answers
@@ -35,6 +38,7 @@ def answer_and_score(
     stop_strings: Sequence[str] = (),
     temperature: float = 0.0,
     seed: int | None = None,
+    soft_prompt: SoftPrompt | None = None,
 ) -> pd.DataFrame:
     """Answer every row (optionally with plans in context or guidance) and verify the answers.
 
@@ -42,14 +46,15 @@ def answer_and_score(
     read by its row's ``extract`` rule (:func:`pilot.answers.extract_answer`; ``first_line`` when
     the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
     cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
-    Replies are greedy unless ``temperature > 0`` (sampled from ``seed``).
+    Replies are greedy unless ``temperature > 0`` (sampled from ``seed``). ``soft_prompt`` appends
+    a soft-token method's tokens to every prompt (:mod:`pilot.guidance.soft_tokens`).
     """
     questions = rows["question"].tolist()
     fmt = prompt_format(student.tokenizer)
     prompts = [fmt.answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
     result = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       guidance=guidance, progress=progress, stop_strings=stop_strings, temperature=temperature,
-                      seed=seed)
+                      seed=seed, soft_prompt=soft_prompt)
     rules = rows["extract"].tolist() if "extract" in rows else ["first_line"] * len(rows)
     answers = [extract_answer(text, rule) for text, rule in zip(result.answers, rules)]
     rewards = score_answers(rows["task"].tolist(), answers, rows["answer"].tolist(),
@@ -71,7 +76,8 @@ def answer_and_score(
     return frame[list(PREDICTION_COLUMNS)]
 
 
-METHODS = ("zero_shot", "plan_in_context", "lora", "caa", "pilot_stage1", "pilot_stage2")
+METHODS = ("zero_shot", "plan_in_context", "lora", "reft", "caa", "pause_tokens", "soft_thoughts", "pilot_stage1",
+           "pilot_stage2")
 
 # What every method's MLflow run records, with the same keys for all (empty where a setting does
 # not apply), so MLflow's compare view and parallel-coordinates plot line the methods up.
@@ -90,6 +96,22 @@ def method_settings(method: str, **settings: object) -> dict[str, str]:
 
 def accuracy(student: CausalLM, rows: pd.DataFrame, **kwargs) -> float:
     return float(answer_and_score(student, rows, **kwargs)["correct"].mean())
+
+
+def validator(student: CausalLM, val_rows: pd.DataFrame | None, generation: GenerationParams | None = None,
+              around: Callable[[], AbstractContextManager] | None = None, **kwargs) -> Callable[[], float] | None:
+    """The engine's ``validate``: accuracy on ``val_rows`` with the run's decoding settings, inside
+    ``around()`` when given (an intervention's eval-time context); None without rows."""
+    if val_rows is None:
+        return None
+    generation = generation or GenerationParams()
+
+    def validate() -> float:
+        with around() if around is not None else nullcontext():
+            return accuracy(student, val_rows, max_new_tokens=generation.max_new_tokens,
+                            batch_size=generation.batch_size, stop_strings=generation.stop, **kwargs)
+
+    return validate
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:

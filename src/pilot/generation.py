@@ -1,7 +1,7 @@
 """The one way to generate answers (or plans), with or without guidance.
 
-Every method -- zero-shot, plan-in-context, LoRA, the static steering vector and PILOT --
-answers through :func:`generate`, with the same decoding settings, so their accuracies and
+Every method -- zero-shot, plan-in-context, LoRA, ReFT, CAA, pause tokens, soft thoughts and
+PILOT -- answers through :func:`generate`, with the same decoding settings, so their accuracies and
 latencies are comparable.
 
 Guided generation costs one small MLP call per query and no extra forward pass: the prompt
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pilot.guidance import Guidance, capture_layers
+from pilot.guidance.soft_tokens import SoftPrompt, placeholders
 from pilot.models import CausalLM
 from pilot.prompts import first_line, prompt_format
 
@@ -75,8 +76,10 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bo
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tokenizer(p)["input_ids"] for p in prompts]
+def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], prefix: Sequence[int] = (),
+             suffix: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``prompts`` (each between ``prefix`` and ``suffix``), left-padded."""
+    rows = [list(prefix) + tokenizer(p)["input_ids"] + list(suffix) for p in prompts]
     if min(map(len, rows)) < 2:
         raise ValueError("Every prompt must be at least two tokens long.")
     width = max(map(len, rows))
@@ -91,10 +94,20 @@ def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tupl
 @torch.no_grad()
 def _generate_batch(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, guidance: Guidance | None,
                     vectors: torch.Tensor | None, temperature: float, generator: torch.Generator | None,
-                    stop_strings: Sequence[str] = ()):
+                    stop_strings: Sequence[str] = (), soft_prompt: SoftPrompt | None = None):
+    if soft_prompt is None:
+        return _decode(lm, prompts, max_new_tokens, guidance, vectors, temperature, generator, stop_strings, {})
+    with soft_prompt.slots.fill(soft_prompt.embeddings(prompts)):
+        return _decode(lm, prompts, max_new_tokens, guidance, vectors, temperature, generator, stop_strings,
+                       placeholders(soft_prompt))
+
+
+def _decode(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, guidance: Guidance | None,
+            vectors: torch.Tensor | None, temperature: float, generator: torch.Generator | None,
+            stop_strings: Sequence[str], around_prompt: dict[str, list[int]]):
     model, tokenizer, device = lm.model, lm.tokenizer, lm.device
     line_answers = prompt_format(tokenizer).line_answers
-    input_ids, mask = (t.to(device) for t in left_pad(tokenizer, prompts))
+    input_ids, mask = (t.to(device) for t in left_pad(tokenizer, prompts, **around_prompt))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache()
     read_layer = guidance.hypernet.config.resolved_read_layer() if guidance and guidance.hypernet else None
@@ -154,8 +167,12 @@ def generate(
     seed: int | None = None,
     progress: str | None = None,
     stop_strings: Sequence[str] = (),
+    soft_prompt: SoftPrompt | None = None,
 ) -> GenerationResult:
     """Generate one continuation per prompt (greedy unless ``temperature > 0``).
+
+    ``soft_prompt`` appends its soft tokens to every prompt (computing them, e.g. an assistant
+    model's reading, is part of each batch's measured time).
 
     A reply ends at end of sequence, at a newline in the toy format (:mod:`pilot.prompts`), at
     the first of ``stop_strings`` (cut off), or after ``max_new_tokens``. ``progress`` names a
@@ -174,7 +191,7 @@ def generate(
             vectors = guidance.vectors[start:start + batch_size].to(lm.device)
         began = time.perf_counter()
         texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator,
-                                              tuple(stop_strings))
+                                              tuple(stop_strings), soft_prompt)
         result.batch_seconds.append(time.perf_counter() - began)
         result.batch_sizes.append(len(batch))
         result.texts.extend(texts)

@@ -22,8 +22,12 @@ from tqdm.auto import tqdm
 
 from pilot.baselines.caa import steered
 from pilot.baselines.lora import LoraAdapter
+from pilot.baselines.modules import TrainedModule
+from pilot.baselines.reft import Reft
+from pilot.baselines.soft_prompts import AttachedSoftPrompt
 from pilot.generation import Guidance, generate
 from pilot.guidance import GuidedStudent, HyperNetwork
+from pilot.guidance.soft_tokens import SoftPrompt
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
 
@@ -35,19 +39,22 @@ Answerer = Callable[[int], float]
 def answerer(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *,
              guidance: Callable[[], AbstractContextManager[Guidance | None]] | None = None,
              plans: Sequence[str] | None = None, extra_seconds: Sequence[float] | None = None,
-             stop_strings: Sequence[str] = ()) -> Answerer:
+             stop_strings: Sequence[str] = (),
+             attach: Callable[[], AbstractContextManager[SoftPrompt | None]] | None = None) -> Answerer:
     """Answer question ``i`` alone through the shared generation path (:func:`pilot.generation.generate`).
 
     ``guidance`` opens the method's guidance for the call (attached and removed each time, so
-    methods sharing an injection site never stack); ``extra_seconds[i]`` is added to the time.
+    methods sharing an injection site never stack); ``attach`` likewise opens an intervention
+    (ReFT's hooks, yielding None, or a soft prompt's slots); ``extra_seconds[i]`` is added to the time.
     """
     fmt = prompt_format(student.tokenizer)
 
     def answer(i: int) -> float:
         prompt = fmt.answer_prompt(questions[i], plans[i] if plans is not None else None)
-        with (guidance() if guidance is not None else nullcontext()) as attached:
+        with (guidance() if guidance is not None else nullcontext()) as attached, \
+                (attach() if attach is not None else nullcontext()) as soft_prompt:
             generate(student, [prompt], max_new_tokens=max_new_tokens, batch_size=1, guidance=attached,
-                     stop_strings=stop_strings)
+                     stop_strings=stop_strings, soft_prompt=soft_prompt)
         return float(extra_seconds[i]) if extra_seconds is not None else 0.0
 
     return answer
@@ -56,9 +63,13 @@ def answerer(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *
 def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *,
                      plans: Sequence[str], teacher_seconds: Sequence[float], lora_adapter: LoraAdapter,
                      steering_vector: dict[str, torch.Tensor], caa_scale: float, inject_layer: int,
-                     hypernets: Mapping[str, HyperNetwork], stop_strings: Sequence[str] = ()) -> dict[str, Answerer]:
+                     hypernets: Mapping[str, HyperNetwork], reft: Reft | None = None,
+                     soft_prompts: Mapping[str, TrainedModule] | None = None, assistant: CausalLM | None = None,
+                     stop_strings: Sequence[str] = ()) -> dict[str, Answerer]:
     """The evaluated methods as answerers: zero-shot, plan-in-context (plus the teacher's recorded
-    plan-writing time), LoRA, CAA and each PILOT hyper-network in ``hypernets`` (by method name)."""
+    plan-writing time), LoRA, ReFT, CAA, each soft-token method in ``soft_prompts`` (soft thoughts
+    with ``assistant`` reading each prompt, inside the timed call) and each PILOT hyper-network in
+    ``hypernets`` (by method name)."""
     lora = lora_adapter.attach(student)
     caa = functools.partial(steered, student, steering_vector, inject_layer, caa_scale, 1)  # one prompt per call
 
@@ -76,6 +87,17 @@ def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens
         "lora": ask(lora),
         "caa": ask(student, guidance=caa),
     }
+    if reft is not None:
+        reft = reft.to(student.device)
+
+        @contextmanager
+        def reft_attached() -> Iterator[None]:
+            with reft.attached(student), reft.frozen_weights():
+                yield None
+        answerers["reft"] = ask(student, attach=reft_attached)
+    for method, module in (soft_prompts or {}).items():
+        answerers[method] = ask(student, attach=functools.partial(AttachedSoftPrompt, module.to(student.device),
+                                                                  student, assistant))
     for method, hypernet in hypernets.items():
         answerers[method] = ask(student, guidance=pilot(hypernet))
     return answerers

@@ -28,6 +28,7 @@ class TokenBatch:
     labels: torch.Tensor          # (B, T), IGNORE_INDEX outside the targets
     prompt_lengths: torch.Tensor  # (B,)
     target_lengths: torch.Tensor  # (B,) including the end-of-sequence token
+    rows: torch.Tensor | None = None  # (B,) each row's index in the batch it was cut from (length_buckets)
 
     def answer_position_mask(self) -> torch.Tensor:
         """(B, T) mask of the answer positions (see the module docstring)."""
@@ -60,19 +61,23 @@ class TokenBatch:
 
         Rows are right-padded, so cutting trailing columns changes nothing a row computes; a batch
         mixing short answers with long plan transcripts then spends far less compute on padding.
+        Each part's ``rows`` says which rows of this batch it holds (per-row inputs follow them).
         """
         lengths = self.attention_mask.sum(1)
         order = torch.argsort(lengths, stable=True)
+        own_rows = self.rows if self.rows is not None else torch.arange(len(lengths))
         parts = []
         for rows in torch.tensor_split(order, min(buckets, len(order))):
             width = int(lengths[rows].max())
             parts.append(TokenBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
-                                    self.labels[rows, :width], self.prompt_lengths[rows], self.target_lengths[rows]))
+                                    self.labels[rows, :width], self.prompt_lengths[rows], self.target_lengths[rows],
+                                    own_rows[rows.to(own_rows.device)]))
         return parts
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
-                                                   self.prompt_lengths, self.target_lengths)))
+                                                   self.prompt_lengths, self.target_lengths)),
+                          rows=self.rows)
 
 
 def encode_pairs(
@@ -80,13 +85,19 @@ def encode_pairs(
     prompts: Sequence[str],
     targets: Sequence[str],
     max_length: int | None = None,
+    prompt_prefix: Sequence[int] = (),
+    prompt_suffix: Sequence[int] = (),
 ) -> TokenBatch:
-    """Tokenise ``prompt + target + eos``; the loss (labels) covers target and eos only."""
+    """Tokenise ``prompt + target + eos``; the loss (labels) covers target and eos only.
+
+    ``prompt_prefix`` / ``prompt_suffix`` (token ids) start / end every prompt: the placeholders
+    of soft tokens (:mod:`pilot.guidance.soft_tokens`), which count as prompt.
+    """
     if len(prompts) != len(targets):
         raise ValueError("encode_pairs needs as many targets as prompts.")
     rows, prompt_lengths, target_lengths = [], [], []
     for prompt, target in zip(prompts, targets):
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        prompt_ids = list(prompt_prefix) + tokenizer(prompt)["input_ids"] + list(prompt_suffix)
         target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = prompt_ids + target_ids
         if max_length is not None and len(ids) > max_length:

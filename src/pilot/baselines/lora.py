@@ -21,12 +21,10 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from pilot.artifacts import atomic_folder, verify_folder
-from pilot.config import GenerationParams, LMTrainConfig, LoraParams, Stage1Config, with_run_seed
-from pilot.evaluation import accuracy
+from pilot.config import GenerationParams, LMTrainConfig, LoraParams, Stage1Config, adapter_loop
+from pilot.evaluation import validator
 from pilot.models import CausalLM
-from pilot.prompts import prompt_format
-from pilot.tasks import reply_targets
-from pilot.training.base_lm import train_causal_lm
+from pilot.training.base_lm import answer_examples, train_causal_lm
 from pilot.training.engine import TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -102,11 +100,9 @@ def lora_settings(params: LoraParams, stage1: Stage1Config, seed: int,
     if tuned is not None and not tuned:
         raise ValueError("baselines.lora.use_tuned is true but no tuned LoRA settings exist; run "
                          "`kedro run --pipelines tune_lora` first or set it to false.")
-    loop = with_run_seed(params.training, seed)
-    config = LMTrainConfig(steps=loop.steps or stage1.steps, batch_size=loop.batch_size or stage1.batch_size,
-                           learning_rate=(tuned or {}).get("learning_rate", loop.learning_rate),
-                           warmup_steps=loop.warmup_steps, weight_decay=loop.weight_decay,
-                           length_buckets=loop.length_buckets, seed=loop.seed)
+    config = adapter_loop(params.training, stage1, seed)
+    if tuned:
+        config = config.model_copy(update={"learning_rate": tuned.get("learning_rate", config.learning_rate)})
     return config, (tuned or {}).get("lora_alpha_ratio", params.lora_alpha_ratio)
 
 
@@ -128,17 +124,8 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("LoRA rank %d on %s: %d trainable parameters (hyper-network: %d)", rank, present, trainable, budget)
     lm = CausalLM(model=model, tokenizer=student.tokenizer)
-    fmt = prompt_format(student.tokenizer)
-    examples = [(fmt.answer_prompt(q), fmt.answer_target(a)) for q, a in zip(rows["question"], reply_targets(rows))]
-    validate = None
-    if val_rows is not None:
-        generation = generation or GenerationParams()
-
-        def validate() -> float:
-            return accuracy(lm, val_rows, max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                            stop_strings=generation.stop)
-
-    result = train_causal_lm(lm, examples, config, "lora", validate=validate, eval_every=eval_every,
+    result = train_causal_lm(lm, answer_examples(lm.tokenizer, rows), config, "lora",
+                             validate=validator(lm, val_rows, generation), eval_every=eval_every,
                              on_validation=on_validation)
     config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
     return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(result.model)), result

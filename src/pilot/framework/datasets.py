@@ -20,6 +20,7 @@ from pilot import tracking
 from pilot.artifacts import atomic_folder, verify_file, write_file
 from pilot.guidance import HyperNetwork
 from pilot.baselines.lora import LoraAdapter
+from pilot.baselines.modules import CONFIG, TrainedModule, load_trained_module
 from pilot.latents import CacheManifest, LatentCache, LatentShard, save_chunk, shard_fingerprints
 from pilot.models import CausalLM, PretrainedModelRef, load_causal_lm
 
@@ -126,6 +127,19 @@ class LoraAdapterDataset(_FolderDataset):
 
     def _exists(self) -> bool:
         return (self._path / "adapter_config.json").is_file()
+
+
+class TrainedModuleDataset(_FolderDataset):
+    """A trained baseline's module (ReFT, pause tokens, soft thoughts): ``config.json`` + ``model.safetensors``."""
+
+    def _load(self) -> TrainedModule:
+        return load_trained_module(self._path, rebuild=self._rebuild)
+
+    def _save(self, data: TrainedModule) -> None:
+        data.save(self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / CONFIG).is_file()
 
 
 class TensorsDataset(AbstractDataset):

@@ -25,9 +25,29 @@ class InterventionError(RuntimeError):
     """Two interventions on one site (or one name), or an intervention used after removal."""
 
 
-def interventions(model: nn.Module) -> dict[str, GuidanceInjector]:
+def interventions(model: nn.Module) -> dict[str, object]:
     """The injectors attached to ``model``, by name."""
     return model.__dict__.setdefault(_REGISTRY, {})
+
+
+def check_site_free(model: nn.Module, name: str, layers: list[int] | tuple[int, ...],
+                    allow_shared_site: bool = False) -> None:
+    """Refuse a second intervention named ``name``, or one on a decoder layer another one holds.
+
+    Every intervention (PILOT's injector, CAA's, ReFT's, the soft-token slots) registers under its
+    name in :func:`interventions` with the ``layers`` it acts on.
+    """
+    attached = interventions(model)
+    if name in attached:
+        raise InterventionError(f"An intervention named '{name}' is already attached to this model; "
+                                "remove it first (leave its `with` block) or choose another name.")
+    shared = sorted({layer for other in attached.values() for layer in other.layers} & set(layers))
+    if shared and not allow_shared_site:
+        sharing = [other.name for other in attached.values() if set(other.layers) & set(shared)]
+        raise InterventionError(
+            f"Decoder layer {', '.join(map(str, shared))} already carries the intervention(s) {sharing}; "
+            f"stacking '{name}' on it would add both. Remove the other first, or pass allow_shared_site=True."
+        )
 
 
 class GuidanceInjector:
@@ -44,18 +64,8 @@ class GuidanceInjector:
     def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float, *,
                  name: str = "pilot_guidance", allow_shared_site: bool = False,
                  extra_layers: list[int] | tuple[int, ...] = (), modulation: str = "add") -> None:
-        attached = interventions(model)
-        if name in attached:
-            raise InterventionError(f"An intervention named '{name}' is already attached to this model; "
-                                    "remove it first (leave its `with` block) or choose another name.")
         layers = [inject_layer, *extra_layers]
-        shared = sorted({layer for other in attached.values() for layer in other.layers} & set(layers))
-        if shared and not allow_shared_site:
-            sharing = [other.name for other in attached.values() if set(other.layers) & set(shared)]
-            raise InterventionError(
-                f"Decoder layer {', '.join(map(str, shared))} already carries the intervention(s) {sharing}; "
-                f"stacking '{name}' on it would add both. Remove the other first, or pass allow_shared_site=True."
-            )
+        check_site_free(model, name, layers, allow_shared_site)
         self.name = name
         self.inject_layer = inject_layer
         self.layers = layers
@@ -69,7 +79,7 @@ class GuidanceInjector:
         self._handles = [blocks[layer].register_forward_hook(lambda module, args, output, site=site:
                                                              self._hook(site, output))
                          for site, layer in enumerate(layers)]
-        attached[name] = self
+        interventions(model)[name] = self
 
     def _site_vectors(self, site: int, hidden_size: int) -> torch.Tensor:
         """This site's part of g: (B, 1, d) to add, or (B, 2, d) scale and shift with FiLM."""

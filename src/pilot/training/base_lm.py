@@ -1,4 +1,6 @@
-"""Next-token training: the embedded default student and teacher (``base`` pipeline), and LoRA.
+"""Next-token training: the embedded default student and teacher (``base`` pipeline), and the
+adapter baselines (LoRA, ReFT, pause tokens, soft thoughts), which all train through
+:func:`answer_loss_terms` on question -> answer.
 
 The teacher learns question -> plan -> answer. The student learns question -> answer and
 question + plan -> answer: the capability a plan unlocks, which PILOT later internalises.
@@ -7,12 +9,16 @@ question + plan -> answer: the capability a plan unlocks, which PILOT later inte
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
+import pandas as pd
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
-from pilot.prompts import TOY, PromptFormat
+from pilot.prompts import TOY, PromptFormat, prompt_format
+from pilot.tasks import reply_targets
 from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
 from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, train
 
@@ -41,6 +47,48 @@ def teacher_examples(rows: Sequence[dict], fmt: PromptFormat = TOY) -> list[tupl
             for row in rows]
 
 
+def answer_examples(tokenizer: PreTrainedTokenizerBase, rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """Question -> answer in the student's format: what every adapter baseline trains on."""
+    fmt = prompt_format(tokenizer)
+    return [(fmt.answer_prompt(q), fmt.answer_target(a)) for q, a in zip(rows["question"], reply_targets(rows))]
+
+
+def answer_loss_terms(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig, *,
+                      placeholders: dict[str, Sequence[int]] | None = None,
+                      around: Callable[[list[int]], AbstractContextManager] | None = None,
+                      ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """A step's ``lm`` term: the mean next-token loss on the targets of a batch of ``examples``.
+
+    One micro-batch per length bucket: the same gradient as one padded pass (each bucket's summed
+    loss over the whole batch's target count), with less compute spent on padding (profiling
+    showed matmuls over padding took ~45 % of a step). ``placeholders`` (``{"prefix": ids}`` or
+    ``{"suffix": ids}``) go around every prompt (soft tokens'); ``around(example_indices)`` opens a context for each micro-batch's
+    forward pass (soft tokens fill their slots for exactly those examples).
+    """
+    max_length = getattr(lm.model.config, "max_position_embeddings", None)
+
+    def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
+        batch_ids = sample_batch(len(examples), config.batch_size, config.seed, step)
+        prompts, targets = zip(*(examples[i] for i in batch_ids))
+        around_prompt = {f"prompt_{where}": ids for where, ids in (placeholders or {}).items()}
+        batch = encode_pairs(lm.tokenizer, prompts, targets, max_length=max_length, **around_prompt)
+        num_targets = batch.num_targets()
+        for part in batch.length_buckets(config.length_buckets):
+            members = [batch_ids[row] for row in part.rows.tolist()]
+            part = part.to(lm.device)
+            with around(members) if around is not None else nullcontext():
+                loss = next_token_loss(labelled_logits(lm.model, part), part, reduction="sum") / num_targets
+            yield {"lm": loss}
+
+    return step_terms
+
+
+def lm_loop(config: LMTrainConfig, eval_every: int = 0) -> LoopSettings:
+    """The engine's loop for next-token training with ``config`` (shared by every adapter baseline)."""
+    return LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                        weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98), eval_every=eval_every)
+
+
 def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig, name: str,
                     validate: Callable[[], float] | None = None, eval_every: int = 0,
                     on_validation: Callable[[int, float], None] | None = None) -> TrainingResult:
@@ -50,21 +98,5 @@ def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTra
     embedded base models, only the adapter for LoRA. With ``validate`` the weights of the best
     validation step (every ``eval_every`` steps, step 0 included) are selected, as for PILOT.
     """
-    max_length = getattr(lm.model.config, "max_position_embeddings", None)
-
-    def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
-        batch_ids = sample_batch(len(examples), config.batch_size, config.seed, step)
-        prompts, targets = zip(*(examples[i] for i in batch_ids))
-        batch = encode_pairs(lm.tokenizer, prompts, targets, max_length=max_length)
-        # The batch's mean token loss, one micro-batch per length bucket: the same gradient as one
-        # padded pass (each bucket's summed loss over the whole batch's target count), with less
-        # compute spent on padding (profiling showed matmuls over padding took ~45 % of a step).
-        num_targets = batch.num_targets()
-        for part in batch.length_buckets(config.length_buckets):
-            part = part.to(lm.device)
-            yield {"lm": next_token_loss(labelled_logits(lm.model, part), part, reduction="sum") / num_targets}
-
-    loop = LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98), eval_every=eval_every)
-    return train(lm.model, Objective(step_terms, weights={"lm": 1.0}), loop, name=f"train {name}", validate=validate,
-                 on_validation=on_validation)
+    return train(lm.model, Objective(answer_loss_terms(lm, examples, config), weights={"lm": 1.0}),
+                 lm_loop(config, eval_every), name=f"train {name}", validate=validate, on_validation=on_validation)

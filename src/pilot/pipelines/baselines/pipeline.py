@@ -1,15 +1,31 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import compute_steering_vector, train_lora_baseline, tune_caa_scale
+from .nodes import (
+    compute_steering_vector,
+    train_lora_baseline,
+    train_pause_tokens,
+    train_reft_baseline,
+    train_soft_thoughts,
+    tune_caa_scale,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    protocol = ["tasks_train", "tasks_val", "params:guidance", "params:baselines", "params:stage1", "params:generation",
+                "params:seed"]
     return Pipeline(
         [
             Node(train_lora_baseline,
                  inputs=["student_model", "tasks_train", "tasks_val", "tuned_lora", "params:guidance", "params:baselines",
                          "params:stage1", "params:generation", "params:seed"],
                  outputs=["lora_adapter", "lora_history", "lora_metrics"], name="train_lora_node"),
+            Node(train_reft_baseline, inputs=["student_model", *protocol],
+                 outputs=["reft_interventions", "reft_history", "reft_metrics"], name="train_reft_node"),
+            Node(train_pause_tokens, inputs=["student_model", *protocol],
+                 outputs=["pause_tokens", "pause_tokens_history", "pause_tokens_metrics"], name="train_pause_tokens_node"),
+            Node(train_soft_thoughts, inputs=["student_model", "teacher_model", *protocol],
+                 outputs=["soft_thoughts", "soft_thoughts_history", "soft_thoughts_metrics"],
+                 name="train_soft_thoughts_node"),
             Node(compute_steering_vector, inputs="latent_cache", outputs="steering_vector",
                  name="compute_steering_vector_node"),
             Node(tune_caa_scale,

@@ -15,6 +15,9 @@ import torch
 from pilot import plots, tracking
 from pilot.baselines.caa import steered
 from pilot.baselines.lora import LoraAdapter
+from pilot.baselines.modules import TrainedModule
+from pilot.baselines.reft import Reft
+from pilot.baselines.soft_prompts import AttachedSoftPrompt
 from pilot.config import (
     BaselinesParams,
     EvaluationParams,
@@ -70,6 +73,32 @@ def evaluate_lora(student: CausalLM, lora_adapter: LoraAdapter, tasks_test: pd.D
     return _answer(lora_adapter.attach(student), tasks_test, generation, "lora")
 
 
+def evaluate_reft(student: CausalLM, reft_interventions: Reft, tasks_test: pd.DataFrame,
+                  generation: GenerationParams) -> pd.DataFrame:
+    """The student with the LoReFT interventions hooked on its layers."""
+    reft = reft_interventions.to(student.device)
+    with reft.attached(student), reft.frozen_weights():
+        return _answer(student, tasks_test, generation, "reft")
+
+
+def _evaluate_soft_prompt(student: CausalLM, module: TrainedModule, tasks_test: pd.DataFrame,
+                          generation: GenerationParams, assistant: CausalLM | None = None) -> pd.DataFrame:
+    with AttachedSoftPrompt(module.to(student.device), student, assistant) as soft:
+        return _answer(student, tasks_test, generation, module.kind, soft_prompt=soft)
+
+
+def evaluate_pause_tokens(student: CausalLM, pause_tokens: TrainedModule, tasks_test: pd.DataFrame,
+                          generation: GenerationParams) -> pd.DataFrame:
+    """The student with the learned pause tokens after every prompt."""
+    return _evaluate_soft_prompt(student, pause_tokens, tasks_test, generation)
+
+
+def evaluate_soft_thoughts(student: CausalLM, teacher_model: CausalLM, soft_thoughts: TrainedModule,
+                           tasks_test: pd.DataFrame, generation: GenerationParams) -> pd.DataFrame:
+    """The student with soft thoughts: the teacher reads each prompt at run time (its time is in the latency)."""
+    return _evaluate_soft_prompt(student, soft_thoughts, tasks_test, generation, assistant=teacher_model)
+
+
 def evaluate_caa(student: CausalLM, steering_vector: dict[str, torch.Tensor], caa_config: dict,
                  tasks_test: pd.DataFrame, guidance: GuidanceParams, generation: GenerationParams) -> pd.DataFrame:
     """The static steering vector at the injection layer, at its validation-chosen scale."""
@@ -96,10 +125,12 @@ def evaluate_pilot_stage2(student: CausalLM, hypernet_stage2: HyperNetwork, task
     return _evaluate_pilot(student, hypernet_stage2, tasks_test, generation, "pilot_stage2")
 
 
-def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_plans: pd.DataFrame,
-                           lora_adapter: LoraAdapter, steering_vector: dict[str, torch.Tensor], caa_config: dict,
-                           hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwork, guidance: GuidanceParams,
-                           generation: GenerationParams, evaluation: EvaluationParams) -> pd.DataFrame:
+def measure_method_latency(student: CausalLM, teacher_model: CausalLM, tasks_test: pd.DataFrame,
+                           teacher_plans: pd.DataFrame, lora_adapter: LoraAdapter, reft_interventions: Reft,
+                           steering_vector: dict[str, torch.Tensor], caa_config: dict, pause_tokens: TrainedModule,
+                           soft_thoughts: TrainedModule, hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwork,
+                           guidance: GuidanceParams, generation: GenerationParams,
+                           evaluation: EvaluationParams) -> pd.DataFrame:
     """Every method's latency on the same questions, one at a time, warmed up and interleaved.
 
     Returns:
@@ -111,8 +142,9 @@ def measure_method_latency(student: CausalLM, tasks_test: pd.DataFrame, teacher_
     plans = _plans_for(timed, teacher_plans)
     answerers = method_answerers(
         student, timed["question"].tolist(), generation.max_new_tokens, plans=plans["plan"].tolist(),
-        teacher_seconds=plans["teacher_seconds"].tolist(), lora_adapter=lora_adapter,
+        teacher_seconds=plans["teacher_seconds"].tolist(), lora_adapter=lora_adapter, reft=reft_interventions,
         steering_vector=steering_vector, caa_scale=caa_config["scale"], inject_layer=guidance.inject_layer,
+        soft_prompts={"pause_tokens": pause_tokens, "soft_thoughts": soft_thoughts}, assistant=teacher_model,
         hypernets={"pilot_stage1": hypernet_stage1, "pilot_stage2": hypernet_stage2}, stop_strings=generation.stop)
     timings = measure_latency(answerers, len(timed), settings.passes, settings.warmup_questions, progress=True)
     table = latency_table(timings, timed["task"].tolist())
@@ -167,6 +199,7 @@ def plot_training(stage1_history: pd.DataFrame, stage1_validation: pd.DataFrame,
 
 
 def describe_methods(hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwork, lora_adapter: LoraAdapter,
+                     reft_interventions: Reft, pause_tokens: TrainedModule, soft_thoughts: TrainedModule,
                      caa_config: dict, steering_vector: dict[str, torch.Tensor], teacher_plans: pd.DataFrame,
                      tasks_train: pd.DataFrame, tasks_val: pd.DataFrame, guidance: GuidanceParams,
                      latents: LatentsParams, stage1: Stage1Params, stage2: Stage2Params,
@@ -175,13 +208,17 @@ def describe_methods(hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwor
 
     Training steps are the configured optimizer steps behind the method (PILOT stage 2: stage 1's
     plus its own); training data rows are the rows it learned from (stage 1 and CAA: the kept
-    teacher plans in the latent cache; LoRA and stage 2: the training split).
+    teacher plans in the latent cache; LoRA, ReFT, pause tokens, soft thoughts and stage 2: the
+    training split).
 
     Returns:
         ``method_settings``: ``{method: {setting: value as text, "" where it does not apply}}``.
     """
     cached = len(select_examples(teacher_plans, pd.concat([tasks_train, tasks_val]), latents.splits))
-    lora_steps = baselines.lora.training.steps or stage1.training.steps
+
+    def trained(module, training) -> dict:   # the adapter baselines: LoRA's protocol
+        return {"trainable_parameters": module.num_parameters, "training_steps": training.steps or stage1.training.steps,
+                "training_data_rows": len(tasks_train)}
 
     def pilot(hypernet: HyperNetwork, steps: int, rows: int) -> dict:
         site = hypernet.config
@@ -192,8 +229,11 @@ def describe_methods(hypernet_stage1: HyperNetwork, hypernet_stage2: HyperNetwor
     settings = {
         "zero_shot": {"trainable_parameters": 0},
         "plan_in_context": {"trainable_parameters": 0},
-        "lora": {"trainable_parameters": lora_adapter.num_parameters, "training_steps": lora_steps,
-                 "training_data_rows": len(tasks_train)},
+        "lora": trained(lora_adapter, baselines.lora.training),
+        "reft": {**trained(reft_interventions, baselines.reft.training),
+                 "guidance_inject_layer": ",".join(map(str, reft_interventions.layers))},
+        "pause_tokens": trained(pause_tokens, baselines.pause_tokens.training),
+        "soft_thoughts": trained(soft_thoughts, baselines.soft_thoughts.training),
         "caa": {"trainable_parameters": int(steering_vector["vector"].numel()),
                 "guidance_inject_layer": guidance.inject_layer, "guidance_scale": caa_config["scale"],
                 "training_data_rows": cached},

@@ -1,0 +1,70 @@
+"""Learning rates for the adapter baselines (ReFT, pause tokens, soft thoughts), chosen on validation.
+
+    python benchmarks/baseline_learning_rates.py [--steps 500] [--rates 1e-3 3e-3 1e-2 3e-2]
+
+On the default run's student (and teacher, for soft thoughts), each baseline is trained at each
+rate for ``--steps`` steps with the configured batch size and its validation accuracy is read at
+the end: the same short-budget search for each of them (LoRA has `kedro run --pipelines tune_lora`).
+Nothing here reads the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import torch
+import yaml
+
+from _common import DATA, ROOT, report, require
+from pilot.baselines.reft import train_reft
+from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
+from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig
+from pilot.evaluation import accuracy
+from pilot.guidance import make_hypernet
+from pilot.models import count_parameters, load_causal_lm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--rates", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    parser.add_argument("--methods", nargs="+", default=["reft", "pause_tokens", "soft_thoughts"])
+    args = parser.parse_args()
+    student = load_causal_lm(require(DATA / "06_models/student", "The student"))
+    teacher = load_causal_lm(DATA / "06_models/teacher")
+    val = pd.read_parquet(DATA / "03_primary/tasks_val.parquet")
+    train = pd.read_parquet(DATA / "03_primary/tasks_train.parquet")
+    conf = {name: yaml.safe_load((ROOT / f"conf/base/{name}.yml").read_text())
+            for name in ("parameters", "parameters_baselines", "parameters_stage1")}
+    guidance = GuidanceParams(**conf["parameters"]["guidance"])
+    generation = GenerationParams(**conf["parameters"]["generation"])
+    budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, 0))
+    batch_size = conf["parameters_stage1"]["stage1"]["training"]["batch_size"]
+    rows = []
+    for method in args.methods:
+        settings = conf["parameters_baselines"]["baselines"][method]
+        for rate in args.rates:
+            config = LMTrainConfig(steps=args.steps, batch_size=batch_size, learning_rate=rate,
+                                   warmup_steps=settings["training"]["warmup_steps"], weight_decay=0.0,
+                                   length_buckets=1, seed=0)
+            if method == "reft":
+                layers = list(range(guidance.inject_layer % student.num_layers, student.num_layers))
+                module, _ = train_reft(student, train, budget, layers, 0.1, config)
+                with module.attached(student), module.frozen_weights():
+                    value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128)
+            else:
+                assistant = teacher if method == "soft_thoughts" else None
+                module = make_soft_prompt(method, student, settings["num_tokens"], budget, 0, assistant=assistant)
+                module, _ = train_soft_prompt(student, module, train, config, assistant=assistant)
+                with AttachedSoftPrompt(module, student, assistant) as soft, torch.no_grad():
+                    value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128,
+                                     soft_prompt=soft)
+            rows.append({"method": method, "learning_rate": rate, f"val accuracy at {args.steps} steps": round(value, 3)})
+            print(rows[-1], flush=True)
+    report("Adapter baselines: learning rate on validation", rows,
+           [f"{args.steps} steps of batch {batch_size}, seed 0; budget {budget} parameters"])
+
+
+if __name__ == "__main__":
+    main()
