@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from _common import DATA, ROOT, report, require
-from pilot.baselines.reft import train_reft
+from pilot.baselines.reft import reft_layers, train_reft
 from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
 from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig
 from pilot.evaluation import accuracy
@@ -49,17 +49,18 @@ def main() -> None:
                                    warmup_steps=settings["training"]["warmup_steps"], weight_decay=0.0,
                                    length_buckets=1, seed=0)
             if method == "reft":
-                layers = list(range(guidance.inject_layer % student.num_layers, student.num_layers))
+                layers = reft_layers(settings.get("layers"), guidance.inject_layer, student.num_layers)
                 module, _ = train_reft(student, train, budget, layers, 0.1, config)
                 with module.attached(student), module.frozen_weights():
-                    value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128)
+                    value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128,
+                                     stop_strings=generation.stop)
             else:
                 assistant = teacher if method == "soft_thoughts" else None
                 module = make_soft_prompt(method, student, settings["num_tokens"], budget, 0, assistant=assistant)
                 module, _ = train_soft_prompt(student, module, train, config, assistant=assistant)
                 with AttachedSoftPrompt(module, student, assistant) as soft, torch.no_grad():
                     value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128,
-                                     soft_prompt=soft)
+                                     stop_strings=generation.stop, soft_prompt=soft)
             rows.append({"method": method, "learning_rate": rate, f"val accuracy at {args.steps} steps": round(value, 3)})
             print(rows[-1], flush=True)
     report("Adapter baselines: learning rate on validation", rows,

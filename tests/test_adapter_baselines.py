@@ -27,6 +27,7 @@ from pilot.guidance.soft_tokens import SoftTokenSlots, placeholder_ids, placehol
 from pilot.models import build_causal_lm
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs
+from pilot.training.base_lm import answer_examples, answer_loss_terms
 
 CONFIG = LMTrainConfig(steps=6, batch_size=8, learning_rate=3e-2, warmup_steps=0, length_buckets=2, seed=0)
 
@@ -100,6 +101,14 @@ def test_reft_starts_as_the_plain_student_changes_it_once_trained_and_round_trip
         assert torch.allclose(_logits(tiny_lm, questions), trained, atol=1e-5)
 
 
+def test_a_negative_layer_and_its_positive_index_are_one_site(tiny_lm):
+    with GuidanceInjector(tiny_lm.model, -1, 1.0):
+        with pytest.raises(InterventionError, match="Decoder layer 1 already carries"):
+            with Reft(tiny_lm.hidden_size, 2, [1]).attached(tiny_lm):
+                pass
+    assert not interventions(tiny_lm.model)
+
+
 def test_reft_refuses_a_student_of_another_shape(tiny_lm, tokenizer):
     wide = build_causal_lm(tokenizer, family="llama", hidden_size=48, num_layers=2, num_heads=2, seed=0)
     with pytest.raises(ValueError, match="Retrain it"):
@@ -167,13 +176,14 @@ def test_pause_tokens_start_at_vocabulary_rows_change_the_logits_once_trained_an
     with AttachedSoftPrompt(pause, tiny_lm) as soft, soft.slots.fill(pause()):
         untrained = _logits(tiny_lm, questions, soft)
 
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     trained_pause, result = train_soft_prompt(tiny_lm, pause, rows, CONFIG)
     assert len(result.history) == CONFIG.steps
     assert not torch.equal(trained_pause.tokens, make_soft_prompt("pause_tokens", tiny_lm, 4, 10_000, 0).tokens)
     with AttachedSoftPrompt(trained_pause, tiny_lm) as soft, soft.slots.fill(trained_pause()):
         trained = _logits(tiny_lm, questions, soft)
     assert not torch.allclose(trained, untrained, atol=1e-4)
-    assert all(not p.requires_grad for p in tiny_lm.model.parameters())   # the student stayed frozen
+    assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())   # the student is untouched
 
     trained_pause.save(tmp_path / "pause")
     loaded = load_trained_module(tmp_path / "pause")
@@ -216,6 +226,39 @@ def test_soft_thoughts_start_query_independent_then_depend_on_the_question_and_r
     assert isinstance(loaded, SoftThoughts) and torch.equal(loaded(reading), trained(reading))
     with pytest.raises(ValueError, match="assistant"):
         AttachedSoftPrompt(loaded, tiny_lm)
+
+
+def test_per_question_soft_tokens_follow_their_rows_through_the_length_buckets(tiny_lm, assistant, task_table):
+    """In training, each length bucket (rows reordered by length) fills row b's soft tokens from the
+    example that row b really holds: the prompt tokens after row b's placeholders are that example's."""
+    rows = task_table[task_table["split"] == "train"].head(12)
+    thoughts = make_soft_prompt("soft_thoughts", tiny_lm, 2, 20_000, seed=0, assistant=assistant)
+    examples = answer_examples(tiny_lm.tokenizer, rows)
+    readings = assistant_reading(assistant, [prompt for prompt, _ in examples], 2)
+    filled_for, checked = [], []
+    with AttachedSoftPrompt(thoughts, tiny_lm, assistant) as soft, torch.no_grad():
+        def filled(members):
+            filled_for.append(list(members))
+            return soft.slots.fill(thoughts(readings[members]))
+        spy = tiny_lm.model.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: checked.append((filled_for[-1], args[0].clone())))
+        config = CONFIG.model_copy(update={"batch_size": 12, "length_buckets": 3})
+        terms = answer_loss_terms(tiny_lm, examples, config, placeholders=placeholders(soft), around=filled)
+        assert len(list(terms(0))) == 3
+        spy.remove()
+    assert sorted(i for members, _ in checked for i in members) == sorted(set(range(12)) & set(sum(filled_for, [])))
+    for members, ids in checked:
+        for row, example in enumerate(members):
+            prompt_ids = tiny_lm.tokenizer(examples[example][0])["input_ids"]
+            assert ids[row, 2:2 + len(prompt_ids)].tolist() == prompt_ids   # 2 placeholders, then this prompt
+    assert any(len({examples[i][0] for i in members}) > 1 for members, _ in checked)   # a swap would show
+
+
+def test_soft_thoughts_refuse_an_assistant_they_were_not_trained_on(tiny_lm, assistant, tokenizer):
+    thoughts = make_soft_prompt("soft_thoughts", tiny_lm, 2, 20_000, seed=0, assistant=assistant)
+    narrow = build_causal_lm(tokenizer, family="llama", hidden_size=32, num_layers=2, num_heads=2, seed=2)
+    with pytest.raises(ValueError, match="width 48.*width 32.*kedro run --pipelines baselines"):
+        AttachedSoftPrompt(thoughts, tiny_lm, narrow)
 
 
 def test_an_unknown_saved_kind_is_refused_with_the_rebuild_command(tmp_path):

@@ -422,7 +422,7 @@ class ReftParams(Params):
 
 
 class SoftTokenParams(Params):
-    """Pause tokens or soft thoughts: ``num_tokens`` soft tokens appended to every prompt."""
+    """Pause tokens (after every prompt) or soft thoughts (before it): ``num_tokens`` soft tokens."""
 
     num_tokens: PositiveInt = 8
     training: AdapterTrainingParams = AdapterTrainingParams()

@@ -46,8 +46,8 @@ def answer_and_score(
     read by its row's ``extract`` rule (:func:`pilot.answers.extract_answer`; ``first_line`` when
     the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
     cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
-    Replies are greedy unless ``temperature > 0`` (sampled from ``seed``). ``soft_prompt`` appends
-    a soft-token method's tokens to every prompt (:mod:`pilot.guidance.soft_tokens`).
+    Replies are greedy unless ``temperature > 0`` (sampled from ``seed``). ``soft_prompt`` puts
+    a soft-token method's tokens around every prompt (:mod:`pilot.guidance.soft_tokens`).
     """
     questions = rows["question"].tolist()
     fmt = prompt_format(student.tokenizer)

@@ -171,7 +171,7 @@ def generate(
 ) -> GenerationResult:
     """Generate one continuation per prompt (greedy unless ``temperature > 0``).
 
-    ``soft_prompt`` appends its soft tokens to every prompt (computing them, e.g. an assistant
+    ``soft_prompt`` puts its soft tokens before or after every prompt (computing them, e.g. an assistant
     model's reading, is part of each batch's measured time).
 
     A reply ends at end of sequence, at a newline in the toy format (:mod:`pilot.prompts`), at

@@ -88,11 +88,11 @@ def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens
         "caa": ask(student, guidance=caa),
     }
     if reft is not None:
-        reft = reft.to(student.device)
+        reft = reft.to(student.device).fix_rotations()   # once, like loading it: not part of a query's time
 
         @contextmanager
         def reft_attached() -> Iterator[None]:
-            with reft.attached(student), reft.frozen_weights():
+            with reft.attached(student):
                 yield None
         answerers["reft"] = ask(student, attach=reft_attached)
     for method, module in (soft_prompts or {}).items():

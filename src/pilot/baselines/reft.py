@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations
 
 from pilot.baselines.modules import TrainedModule
 from pilot.config import GenerationParams, LMTrainConfig
@@ -49,9 +49,10 @@ class LoReftIntervention(nn.Module):
         with torch.no_grad():   # W = R, b = 0: W h + b - R h is exactly zero
             self.source.weight.copy_(self.rotation.weight)
             self.source.bias.zero_()
+        self.fixed_rotation: torch.Tensor | None = None   # R computed once, for inference (not saved)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        rotation = self.rotation.weight.to(hidden.dtype)
+        rotation = (self.fixed_rotation if self.fixed_rotation is not None else self.rotation.weight).to(hidden.dtype)
         # (W - R) h + b computed as one product, so the untrained edit is exactly zero, not rounding noise
         edit = nn.functional.linear(hidden, self.source.weight.to(hidden.dtype) - rotation,
                                     self.source.bias.to(hidden.dtype))
@@ -99,11 +100,24 @@ class Reft(TrainedModule):
                 handle.remove()
             interventions(student.model).pop(name, None)
 
+    def fix_rotations(self) -> Reft:
+        """Compute each rotation once (the Cayley map solves a hidden x hidden system) and use it for
+        every later forward pass, instead of once per pass; for inference. Returns ``self``."""
+        with torch.no_grad():
+            for intervention in self.interventions:
+                intervention.fixed_rotation = intervention.rotation.weight.detach().clone()
+        return self
+
     @contextmanager
     def frozen_weights(self) -> Iterator[None]:
-        """Each rotation computed once while inside (no_grad work: validation, evaluation), not per forward."""
-        with torch.no_grad(), parametrize.cached():
-            yield
+        """No gradients and each rotation computed once while inside (validation during training)."""
+        self.fix_rotations()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for intervention in self.interventions:
+                intervention.fixed_rotation = None
 
     @classmethod
     def from_config(cls, config: dict) -> Reft:
@@ -117,6 +131,11 @@ class _Site:
         self.name, self.layers = name, layers
 
 
+def reft_layers(configured: Sequence[int] | None, inject_layer: int, num_layers: int) -> list[int]:
+    """The configured layers, or by default PILOT's injection layer and every layer after it."""
+    return list(configured) if configured else list(range(inject_layer % num_layers, num_layers))
+
+
 def reft_rank_for_budget(hidden_size: int, num_layers: int, budget: int, tolerance: float) -> tuple[int, int]:
     """The LoReFT rank whose parameter count over ``num_layers`` layers is closest to ``budget``,
     at most the hidden size; (rank, count). Warns when the cap keeps it outside ``tolerance``."""
@@ -124,9 +143,10 @@ def reft_rank_for_budget(hidden_size: int, num_layers: int, budget: int, toleran
     rank = min(hidden_size, max(1, round(budget / per_rank)))
     count = rank * per_rank
     if abs(count - budget) > tolerance * budget:
-        logger.warning("ReFT at full rank %d on %d layer(s) has %d parameters, %.0f%% of the hyper-network's %d; "
-                       "list more layers in baselines.reft.layers to match the budget.", rank, num_layers, count,
-                       100 * count / budget, budget)
+        fix = "list more layers" if count < budget else "list fewer layers"
+        logger.warning("ReFT at rank %d on %d layer(s) has %d parameters, %.0f%% of the hyper-network's %d; "
+                       "%s in baselines.reft.layers to match the budget.", rank, num_layers, count,
+                       100 * count / budget, budget, fix)
     return rank, count
 
 

@@ -106,7 +106,11 @@ class SoftThoughts(TrainedModule):
 def soft_thoughts_hidden_for_budget(num_tokens: int, assistant_size: int, hidden_size: int, budget: int) -> int:
     """The projection's hidden width whose parameter count is closest to ``budget``."""
     fixed = num_tokens * hidden_size + hidden_size
-    return max(1, round((budget - fixed) / (assistant_size + hidden_size + 1)))
+    width = round((budget - fixed) / (assistant_size + hidden_size + 1))
+    if width < 1:
+        raise ValueError(f"Soft thoughts need {fixed + assistant_size + hidden_size + 1} parameters at the least, more "
+                         f"than the hyper-network's {budget}; lower baselines.soft_thoughts.num_tokens.")
+    return width
 
 
 @torch.no_grad()
@@ -137,6 +141,11 @@ class AttachedSoftPrompt:
         if module.hidden_size != student.hidden_size:
             raise ValueError(f"These {module.kind} were trained for hidden size {module.hidden_size}, the student has "
                              f"{student.hidden_size}; retrain them (`kedro run --pipelines baselines`).")
+        if module.reads_prompt and (assistant.hidden_size != module.assistant_size
+                                    or not -assistant.num_layers <= module.read_layer < assistant.num_layers):
+            raise ValueError(f"These soft thoughts read layer {module.read_layer} of an assistant of width "
+                             f"{module.assistant_size}; the assistant given has width {assistant.hidden_size} and "
+                             f"{assistant.num_layers} layers. Retrain them (`kedro run --pipelines baselines`).")
         self.module, self.assistant, self.student = module, assistant, student
         self.num_tokens, self.position = module.num_tokens, module.position
         self.slots = SoftTokenSlots(student.model, name=module.kind)

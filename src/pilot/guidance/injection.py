@@ -41,9 +41,11 @@ def check_site_free(model: nn.Module, name: str, layers: list[int] | tuple[int, 
     if name in attached:
         raise InterventionError(f"An intervention named '{name}' is already attached to this model; "
                                 "remove it first (leave its `with` block) or choose another name.")
-    shared = sorted({layer for other in attached.values() for layer in other.layers} & set(layers))
+    count = len(decoder_layers(model))   # -1 and the last layer are one site
+    held = {layer % count for other in attached.values() for layer in other.layers}
+    shared = sorted(held & {layer % count for layer in layers})
     if shared and not allow_shared_site:
-        sharing = [other.name for other in attached.values() if set(other.layers) & set(shared)]
+        sharing = [other.name for other in attached.values() if {layer % count for layer in other.layers} & set(shared)]
         raise InterventionError(
             f"Decoder layer {', '.join(map(str, shared))} already carries the intervention(s) {sharing}; "
             f"stacking '{name}' on it would add both. Remove the other first, or pass allow_shared_site=True."

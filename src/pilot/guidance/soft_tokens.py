@@ -21,7 +21,7 @@ from pilot.guidance.injection import InterventionError, check_site_free, interve
 
 
 def placeholder_ids(num_tokens: int) -> list[int]:
-    """The ids that mark soft token ``j`` (``-1 - j``) at the end of a prompt."""
+    """The ids that mark soft token ``j`` (``-1 - j``) before or after a prompt."""
     return [-1 - j for j in range(num_tokens)]
 
 

@@ -10,7 +10,7 @@ import torch
 from pilot.baselines.caa import choose_caa_scale, steering_vector
 from pilot.baselines.lora import LoraAdapter, lora_settings, train_lora
 from pilot.baselines.modules import TrainedModule
-from pilot.baselines.reft import train_reft
+from pilot.baselines.reft import reft_layers, train_reft
 from pilot.baselines.soft_prompts import make_soft_prompt, train_soft_prompt
 from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, Stage1Params, adapter_loop
 from pilot.guidance import make_hypernet
@@ -62,7 +62,7 @@ def train_reft_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val:
         ``reft_interventions``, its loss history, and its parameter count, budget ratio and selected step.
     """
     budget = _hypernet_budget(student, guidance, seed)
-    layers = params.reft.layers or list(range(guidance.inject_layer % student.num_layers, student.num_layers))
+    layers = reft_layers(params.reft.layers, guidance.inject_layer, student.num_layers)
     reft, result = train_reft(student, tasks_train, budget, layers, params.reft.match_tolerance,
                               adapter_loop(params.reft.training, stage1.training, seed), val_rows=tasks_val,
                               generation=generation, eval_every=stage1.training.eval_every)
