@@ -27,7 +27,7 @@ from torch.nn.utils import parametrizations
 from pilot.baselines.modules import TrainedModule
 from pilot.config import GenerationParams, LMTrainConfig
 from pilot.evaluation import validator
-from pilot.guidance.injection import check_site_free, interventions
+from pilot.guidance.injection import check_site_free, interventions, layer_hidden, with_hidden
 from pilot.models import CausalLM, decoder_layers, freeze
 from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
 from pilot.training.engine import Objective, TrainingResult, train
@@ -86,12 +86,8 @@ class Reft(TrainedModule):
         site = _Site(name, sites)
         interventions(student.model)[name] = site
 
-        def hook(module, args, output, intervention: LoReftIntervention):
-            hidden = output[0] if isinstance(output, tuple) else output
-            edited = intervention(hidden)
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
-
-        handles = [blocks[layer].register_forward_hook(lambda m, a, o, i=intervention: hook(m, a, o, i))
+        handles = [blocks[layer].register_forward_hook(
+                       lambda module, args, output, edit=intervention: with_hidden(output, edit(layer_hidden(output))))
                    for layer, intervention in zip(sites, self.interventions)]
         try:
             yield self

@@ -30,6 +30,16 @@ def interventions(model: nn.Module) -> dict[str, object]:
     return model.__dict__.setdefault(_REGISTRY, {})
 
 
+def layer_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states in a decoder layer's output (a tensor, or a tuple that starts with them)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Tensor | tuple:
+    """A decoder layer's output with its hidden states replaced: what a forward hook returns to edit them."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 def check_site_free(model: nn.Module, name: str, layers: list[int] | tuple[int, ...],
                     allow_shared_site: bool = False) -> None:
     """Refuse a second intervention named ``name``, or one on a decoder layer another one holds.
@@ -96,7 +106,7 @@ class GuidanceInjector:
     def _hook(self, site: int, output):
         if self._vectors is None or not self.enabled:
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = layer_hidden(output)
         vectors = self._site_vectors(site, hidden.shape[-1]).to(hidden.dtype)
         rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
         delta = self.guidance_scale * rms * vectors[:, None, -1, :]
@@ -104,8 +114,7 @@ class GuidanceInjector:
             delta = delta + self.guidance_scale * hidden * vectors[:, None, 0, :]
         if self._position_mask is not None:
             delta = delta * self._position_mask[..., None].to(device=hidden.device, dtype=hidden.dtype)
-        hidden = hidden + delta
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return with_hidden(output, hidden + delta)
 
     @property
     def attached(self) -> bool:
@@ -164,7 +173,7 @@ def capture_layers(model: nn.Module, layers: list[int]):
     handles = []
     for layer in sorted(set(layers)):
         def hook(module, args, output, layer=layer):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
+            captured[layer] = layer_hidden(output)
         handles.append(blocks[layer].register_forward_hook(hook))
     try:
         yield captured
