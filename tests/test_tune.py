@@ -212,7 +212,7 @@ def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, 
     assert 0.0 <= objective(optuna.trial.FixedTrial({**point, "inject_layer": 0})) <= 1.0
     assert not (tmp_path / "tune_latents").exists()            # the configured layer uses the pipeline's cache
     assert 0.0 <= objective(optuna.trial.FixedTrial({**point, "inject_layer": 1})) <= 1.0
-    built = LatentCache(tmp_path / "tune_latents" / "inject_layer_1")
+    built = LatentCache(tmp_path / "tune_latents" / f"read_layer_{site.read_layer % tiny_lm.num_layers}_inject_layer_1")
     assert json.loads((built.directory / "manifest.json").read_text())["settings"]["inject_layer"] == 1
 
     with pytest.raises(ParameterError, match=r"'tune.inject_layers' = \[0, 5\]: layer 5 does not fit"):

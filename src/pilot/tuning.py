@@ -245,12 +245,15 @@ def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
 def site_cache(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
                site: GuidanceParams, configured: GuidanceParams, latents: LatentsParams,
                cache_dir: str) -> LatentCache:
-    """The latent cache for a trial's site: the pipeline's own for the configured injection layer,
-    otherwise one per layer under ``cache_dir``, built once (shards already current are kept)."""
-    if site.inject_layer == configured.inject_layer:
+    """The latent cache for a trial's (or an ablation variant's) site: the pipeline's own for the
+    configured read and injection layers, otherwise one per pair of layers under ``cache_dir``,
+    built once (shards already current are kept)."""
+    layers = student.num_layers
+    read, inject = site.read_layer % layers, site.inject_layer
+    if (read, inject) == (configured.read_layer % layers, configured.inject_layer):
         return cache
-    path = Path(cache_dir) / f"inject_layer_{site.inject_layer}"
-    logger.info("Latent cache for injection layer %d: %s", site.inject_layer, path)
+    path = Path(cache_dir) / f"read_layer_{read}_inject_layer_{inject}"
+    logger.info("Latent cache for read layer %d, injection layer %d: %s", read, inject, path)
     write_cache(plan_cache_build(teacher_plans, tasks, student, site, latents), path)
     return LatentCache(path)
 

@@ -1,0 +1,67 @@
+"""PILOT's stage-1 settings compared on the validation split only (never the test split).
+
+    python benchmarks/stage1_settings.py --variant lr3e-3 '{"stage1": {"learning_rate": 3e-3}}' ...
+
+On the default run's student, kept plans and latent cache, stage 1 is retrained once per variant
+(settings laid over conf/base like an ablation variant; a variant at another read or injection
+layer gets its own cache under the tune cache folder) and the best validation accuracy over its checkpoints is
+printed, with its step, the hyper-network's parameters and the seconds it took. This is how the
+configured stage-1 settings were chosen (BENCHMARKS.md); the ablation report then shows them on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pandas as pd
+import yaml
+
+from _common import DATA, ROOT, report, require
+from pilot.config import AblationVariant, GenerationParams, GuidanceParams, LatentsParams, Stage1Config
+from pilot.latents import LatentCache
+from pilot.models import count_parameters, load_causal_lm
+from pilot.training.stage1 import run_stage1
+from pilot.tuning import site_cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), default=[],
+                        help='a name and its overrides, e.g. film \'{"guidance": {"modulation": "film"}}\'')
+    parser.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: configured)")
+    args = parser.parse_args()
+    conf = {name: yaml.safe_load((ROOT / f"conf/base/{name}.yml").read_text())
+            for name in ("parameters", "parameters_stage1", "parameters_latents", "parameters_tune")}
+    site = GuidanceParams(**conf["parameters"]["guidance"])
+    generation = GenerationParams(**conf["parameters"]["generation"])
+    latents = LatentsParams(**conf["parameters_latents"]["latents"])
+    stage1 = Stage1Config(**conf["parameters_stage1"]["stage1"]["training"])
+    student = load_causal_lm(require(DATA / "06_models/student", "The student"))
+    plans = pd.read_parquet(DATA / "04_feature/teacher_plans.parquet")
+    train, val = (pd.read_parquet(DATA / f"03_primary/tasks_{split}.parquet") for split in ("train", "val"))
+    tasks = pd.concat([train, val])
+    cache = LatentCache(str(require(DATA / "05_model_input/latent_cache", "The latent cache")))
+    rows = []
+    for name, overrides in args.variant or [["reference", "{}"]]:
+        variant = AblationVariant(name=name, **json.loads(overrides))
+        variant_site = site.model_copy(update=variant.guidance)
+        training = stage1.model_copy(update={**variant.stage1, "checkpoint_every": 0,
+                                             **({"steps": args.steps} if args.steps else {})})
+        trial_cache = site_cache(student, cache, plans, tasks, variant_site, site, latents,
+                                 conf["parameters_tune"]["tune"]["cache_dir"])
+        curve = []
+        began = time.perf_counter()
+        result = run_stage1(student, trial_cache, plans, tasks, val, variant_site, latents, training, generation,
+                            on_validation=lambda step, value: curve.append(f"{step}:{value:.3f}"))
+        rows.append({"variant": name, "overrides": overrides, "best val accuracy": round(result.best_val_accuracy, 3),
+                     "best step": result.best_step, "parameters": count_parameters(result.model),
+                     "seconds": round(time.perf_counter() - began), "curve": " ".join(curve)})
+        print(rows[-1], flush=True)
+    report("Stage-1 settings on validation", rows, [f"{training.steps} steps of batch {training.batch_size}, seed "
+                                                     f"{training.seed}; validation: {len(val)} questions"])
+
+
+if __name__ == "__main__":
+    main()
