@@ -198,7 +198,7 @@ def test_a_worker_that_ends_first_reports_the_whole_study(tmp_path):
 def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, task_table, tmp_path):
     from pilot.config import GenerationParams, ParameterError, Stage1Config, Stage2Config, TuneParams
     from pilot.latents import LatentCache
-    from pilot.tuning import apply_tuned, make_objective
+    from pilot.tuning import apply_tuned, make_objective, site_cache
     from tests.conftest import stage1_inputs
 
     plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
@@ -214,6 +214,11 @@ def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, 
     assert 0.0 <= objective(optuna.trial.FixedTrial({**point, "inject_layer": 1})) <= 1.0
     built = LatentCache(tmp_path / "tune_latents" / f"read_layer_{site.read_layer % tiny_lm.num_layers}_inject_layer_1")
     assert json.loads((built.directory / "manifest.json").read_text())["settings"]["inject_layer"] == 1
+    other_read = site.model_copy(update={"read_layer": (site.read_layer + 1) % tiny_lm.num_layers})
+    read_cache = site_cache(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, other_read, site, latents,
+                            str(tmp_path / "tune_latents"))           # another read layer: another cache too
+    settings = json.loads((read_cache.directory / "manifest.json").read_text())["settings"]
+    assert (settings["read_layer"], settings["inject_layer"]) == (other_read.read_layer, site.inject_layer)
 
     with pytest.raises(ParameterError, match=r"'tune.inject_layers' = \[0, 5\]: layer 5 does not fit"):
         make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, train, val, site, latents, stage1,
