@@ -151,6 +151,7 @@ def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finishe
     table = pd.read_parquet(reporting / "ablations.parquet").set_index("variant")
     assert table.index.tolist() == ["zero_shot", "plan_in_context", "reference", "film_prior_two_layers", "no_stage2"]
     assert table[["accuracy", "ood_accuracy"]].stack().between(0, 1).all()
+    assert table[["val_accuracy"]].iloc[2:].stack().between(0, 1).all()    # what each variant was selected on
     assert table.loc["film_prior_two_layers", "hypernet_parameters"] > table.loc["reference", "hypernet_parameters"]
     assert table.loc["no_stage2", "stage2_best_step"] == -1 and table.loc["reference", "stage2_best_step"] >= 0
     # The reference variant is the configured PILOT retrained: the default run's stage-2 numbers, exactly.
@@ -158,6 +159,8 @@ def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finishe
     main = results[(results["method"] == "pilot_stage2") & (results["task"] == "overall")].set_index("split")
     assert table.loc["reference", "accuracy"] == main.loc["test", "accuracy"]
     assert table.loc["reference", "ood_accuracy"] == main.loc["test_ood", "accuracy"]
+    stage2_validation = pd.read_parquet(finished_run / "data/07_model_output/stage2_validation.parquet")
+    assert table.loc["reference", "val_accuracy"] == stage2_validation["val_accuracy"].max()
     for reference in ("zero_shot", "plan_in_context"):
         row = results[(results["method"] == reference) & (results["task"] == "overall") & (results["split"] == "test")]
         assert table.loc[reference, "accuracy"] == row["accuracy"].item()
@@ -167,4 +170,4 @@ def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finishe
     client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("pilot").experiment_id], "tags.ablation != ''")
     assert sorted(r.data.tags["ablation"] for r in runs) == ["film_prior_two_layers", "no_stage2", "reference"]
-    assert all({"accuracy", "ood_accuracy", "train_seconds"} <= set(r.data.metrics) for r in runs)
+    assert all({"val_accuracy", "accuracy", "ood_accuracy", "train_seconds"} <= set(r.data.metrics) for r in runs)
