@@ -38,12 +38,13 @@ def main() -> None:
     student = load_causal_lm(require(DATA / "06_models/student", "The student"))
     val = pd.read_parquet(DATA / "03_primary/tasks_val.parquet").sample(args.questions, random_state=0)
     answer = dict(max_new_tokens=generation.max_new_tokens, batch_size=128, stop_strings=generation.stop)
-    rows = [{"guidance": "none (zero-shot)", "val accuracy": round(accuracy(student, val, **answer), 3)}]
+    rows = [{"guidance": "none (zero-shot)", "val accuracy": round(accuracy(student, val, **answer), 3), "mean |g|": ""}]
     trained = DATA / "06_models/hypernet_stage1"
     if trained.exists():
         with GuidedStudent(student, HyperNetwork.load(trained).eval()) as guided:
             rows.append({"guidance": "the trained stage-1 hyper-network",
-                         "val accuracy": round(accuracy(student, val, guidance=guided.guidance(), **answer), 3)})
+                         "val accuracy": round(accuracy(student, val, guidance=guided.guidance(), **answer), 3),
+                         "mean |g|": ""})
     torch.manual_seed(0)
     with GuidedStudent(student, make_hypernet(site, student.hidden_size, student.num_layers, 0)) as guided:
         vectors = torch.zeros(len(val), guided.hypernet.config.guidance_size, requires_grad=True)
