@@ -38,7 +38,8 @@ def main() -> None:
     student = load_causal_lm(require(DATA / "06_models/student", "The student"))
     val = pd.read_parquet(DATA / "03_primary/tasks_val.parquet").sample(args.questions, random_state=0)
     answer = dict(max_new_tokens=generation.max_new_tokens, batch_size=128, stop_strings=generation.stop)
-    rows = [{"guidance": "none (zero-shot)", "val accuracy": round(accuracy(student, val, **answer), 3), "mean |g|": ""}]
+    zero_shot = round(accuracy(student, val, **answer), 3)
+    rows = [{"guidance": "none (zero-shot)", "val accuracy": zero_shot, "mean |g|": ""}]
     trained = DATA / "06_models/hypernet_stage1"
     if trained.exists():
         with GuidedStudent(student, HyperNetwork.load(trained).eval()) as guided:

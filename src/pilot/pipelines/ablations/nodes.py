@@ -45,8 +45,8 @@ def run_ablation_study(latent_cache: LatentCache, teacher_plans: pd.DataFrame, t
                                  **{f"guidance.{k}": v for k, v in result.variant.guidance.items()},
                                  **{f"stage1.{k}": v for k, v in result.variant.stage1.items()},
                                  "stage2": result.variant.stage2})
-            tracking.log_metrics({k: float(row[k]) for k in ("val_accuracy", "accuracy", "ci_low", "ci_high", "gap_recovered",
-                                                             "ood_accuracy", "ood_gap_recovered",
+            tracking.log_metrics({k: float(row[k]) for k in ("val_accuracy", "accuracy", "ci_low", "ci_high",
+                                                             "gap_recovered", "ood_accuracy", "ood_gap_recovered",
                                                              "hypernet_parameters", "train_seconds")
                                   if k in row and pd.notna(row[k])})
 
