@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -47,6 +48,14 @@ def interleaved(fns: dict[str, callable], repeats: int, warmup: int = 1) -> dict
             fn()
             times[name].append(time.perf_counter() - started)
     return times
+
+
+def base_parameters() -> dict:
+    """``conf/base``'s parameters, every ``parameters*.yml`` merged by top-level key (as Kedro does)."""
+    merged = {}
+    for path in sorted((ROOT / "conf/base").glob("parameters*.yml")):
+        merged.update(yaml.safe_load(path.read_text()) or {})
+    return merged
 
 
 def require(path: Path, what: str) -> Path:

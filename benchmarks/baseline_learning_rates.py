@@ -14,9 +14,8 @@ import argparse
 
 import pandas as pd
 import torch
-import yaml
 
-from _common import DATA, ROOT, report, require
+from _common import DATA, base_parameters, report, require
 from pilot.baselines.reft import reft_layers, train_reft
 from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
 from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig
@@ -35,15 +34,14 @@ def main() -> None:
     teacher = load_causal_lm(DATA / "06_models/teacher")
     val = pd.read_parquet(DATA / "03_primary/tasks_val.parquet")
     train = pd.read_parquet(DATA / "03_primary/tasks_train.parquet")
-    conf = {name: yaml.safe_load((ROOT / f"conf/base/{name}.yml").read_text())
-            for name in ("parameters", "parameters_baselines", "parameters_stage1")}
-    guidance = GuidanceParams(**conf["parameters"]["guidance"])
-    generation = GenerationParams(**conf["parameters"]["generation"])
+    conf = base_parameters()
+    guidance = GuidanceParams(**conf["guidance"])
+    generation = GenerationParams(**conf["generation"])
     budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, 0))
-    batch_size = conf["parameters_stage1"]["stage1"]["training"]["batch_size"]
+    batch_size = conf["stage1"]["training"]["batch_size"]
     rows = []
     for method in args.methods:
-        settings = conf["parameters_baselines"]["baselines"][method]
+        settings = conf["baselines"][method]
         for rate in args.rates:
             config = LMTrainConfig(steps=args.steps, batch_size=batch_size, learning_rate=rate,
                                    warmup_steps=settings["training"]["warmup_steps"], weight_decay=0.0,

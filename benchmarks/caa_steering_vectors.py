@@ -19,9 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import yaml
 
-from _common import DATA, ROOT, report, require
+from _common import DATA, base_parameters, report, require
 from pilot.baselines.caa import choose_caa_scale, steered
 from pilot.evaluation import answer_and_score, wilson_interval
 from pilot.models import load_causal_lm
@@ -63,7 +62,7 @@ def main() -> None:
     val = pd.read_parquet(data / "03_primary/tasks_val.parquet")
     test = pd.read_parquet(data / "03_primary/tasks_test.parquet")
     test = test[test["split"] == "test"]
-    scales = args.scales or yaml.safe_load((ROOT / "conf/base/parameters_baselines.yml").read_text())["baselines"]["caa"]["scales"]
+    scales = args.scales or base_parameters()["baselines"]["caa"]["scales"]
     rows = []
     for name, vector in (("project (answer-position mean)", ours), ("steering-vectors (last token)", theirs)):
         scale, sweep = choose_caa_scale(student, val, vector, args.inject_layer, scales, args.max_new_tokens, 128)

@@ -16,9 +16,8 @@ import argparse
 
 import pandas as pd
 import torch
-import yaml
 
-from _common import DATA, ROOT, report, require
+from _common import DATA, base_parameters, report, require
 from pilot.config import GenerationParams, GuidanceParams
 from pilot.evaluation import accuracy
 from pilot.guidance import GuidedStudent, HyperNetwork, make_hypernet
@@ -33,7 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     args = parser.parse_args()
-    conf = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())
+    conf = base_parameters()
     site, generation = GuidanceParams(**conf["guidance"]), GenerationParams(**conf["generation"])
     student = load_causal_lm(require(DATA / "06_models/student", "The student"))
     val = pd.read_parquet(DATA / "03_primary/tasks_val.parquet").sample(args.questions, random_state=0)

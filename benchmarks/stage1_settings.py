@@ -16,9 +16,8 @@ import json
 import time
 
 import pandas as pd
-import yaml
 
-from _common import DATA, ROOT, report, require
+from _common import DATA, base_parameters, report, require
 from pilot.config import AblationVariant, GenerationParams, GuidanceParams, LatentsParams, Stage1Config
 from pilot.latents import LatentCache
 from pilot.models import count_parameters, load_causal_lm
@@ -32,12 +31,11 @@ def main() -> None:
                         help='a name and its overrides, e.g. film \'{"guidance": {"modulation": "film"}}\'')
     parser.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: configured)")
     args = parser.parse_args()
-    conf = {name: yaml.safe_load((ROOT / f"conf/base/{name}.yml").read_text())
-            for name in ("parameters", "parameters_stage1", "parameters_latents", "parameters_tune")}
-    site = GuidanceParams(**conf["parameters"]["guidance"])
-    generation = GenerationParams(**conf["parameters"]["generation"])
-    latents = LatentsParams(**conf["parameters_latents"]["latents"])
-    stage1 = Stage1Config(**conf["parameters_stage1"]["stage1"]["training"])
+    conf = base_parameters()
+    site = GuidanceParams(**conf["guidance"])
+    generation = GenerationParams(**conf["generation"])
+    latents = LatentsParams(**conf["latents"])
+    stage1 = Stage1Config(**conf["stage1"]["training"])
     student = load_causal_lm(require(DATA / "06_models/student", "The student"))
     plans = pd.read_parquet(DATA / "04_feature/teacher_plans.parquet")
     train, val = (pd.read_parquet(DATA / f"03_primary/tasks_{split}.parquet") for split in ("train", "val"))
@@ -50,7 +48,7 @@ def main() -> None:
         training = stage1.model_copy(update={**variant.stage1, "checkpoint_every": 0,
                                              **({"steps": args.steps} if args.steps else {})})
         trial_cache = site_cache(student, cache, plans, tasks, variant_site, site, latents,
-                                 conf["parameters_tune"]["tune"]["cache_dir"])
+                                 conf["tune"]["cache_dir"])
         curve = []
         began = time.perf_counter()
         result = run_stage1(student, trial_cache, plans, tasks, val, variant_site, latents, training, generation,
