@@ -89,6 +89,28 @@ def test_memory_hooks_list_only_the_nodes_that_raised_the_peak(caplog):
     assert "Peak memory of the run: 2.00 GiB." in caplog.text
 
 
+def test_tune_report_saves_hold_one_lock_that_other_processes_wait_for(tmp_path):
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from pilot.framework.hooks import SharedReportHooks
+
+    hooks = SharedReportHooks()
+    hooks.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader={"globals": {"data_root": "d"}}))
+    lock = tmp_path / "d" / "08_reporting" / SharedReportHooks.LOCK_NAME
+    # another process (a second tune worker) trying to take the lock without waiting
+    probe = [sys.executable, "-c", "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)",
+             str(lock)]
+    hooks.before_dataset_saved("tune_importances_plot")
+    assert subprocess.run(probe, capture_output=True).returncode != 0  # held while the report is written and uploaded
+    hooks.after_dataset_saved()
+    assert subprocess.run(probe, capture_output=True).returncode == 0
+    hooks.before_dataset_saved("results_table")  # the default run's reports are not shared between processes
+    assert subprocess.run(probe, capture_output=True).returncode == 0
+    hooks.after_dataset_saved()
+
+
 def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(finished_run):
     from kedro.config import OmegaConfigLoader
 

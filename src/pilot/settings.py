@@ -3,14 +3,15 @@
 import os
 import warnings
 
-from pilot.framework.hooks import MemoryHooks, PreflightHooks, RunRecordHooks
+from pilot.framework.hooks import MemoryHooks, PreflightHooks, RunRecordHooks, SharedReportHooks
 
 # Deprecation noise from Kedro's and kedro-mlflow's use of OmegaConf, not actionable here.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 
-# kedro-mlflow registers its own hook through its entry point; ours run before any node:
-# parameter validation and the tracking-store check (see pilot.framework.hooks).
-HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks())
+# kedro-mlflow registers its own hook through its entry point. Ours: parameter validation and the
+# tracking-store check before any node, the run record, peak memory, and one lock for the tune
+# reports that parallel workers share (see pilot.framework.hooks).
+HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -14,10 +14,14 @@
 - The process's peak memory is logged after each node that raised it, so a run says which step
   needs the memory; a tracked run records it as the ``peak_memory_gib`` metric and
   ``peak_memory_by_node.json``.
+- Parallel tune workers in one checkout write the same report files (``tune*``) and upload each
+  to MLflow; every such save holds one exclusive file lock, so no worker uploads a file another is
+  rewriting (that sends a torn request, which the tracking server answers with a 400).
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import logging
@@ -275,3 +279,33 @@ class MemoryHooks:
         if mlflow.active_run() is not None:
             mlflow.log_metric("peak_memory_gib", round(peak, 3))
             mlflow.log_dict(self.raised_by, "peak_memory_by_node.json")
+
+
+class SharedReportHooks:
+    """One exclusive lock around each save of a ``tune*`` dataset, shared by every process of the checkout."""
+
+    LOCK_NAME = ".tune-reports.lock"
+
+    def __init__(self) -> None:
+        self._lock_path: Path | None = None
+        self._held = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        data_root = context.config_loader["globals"].get("data_root", "data")
+        self._lock_path = Path(context.project_path) / data_root / "08_reporting" / self.LOCK_NAME
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str) -> None:
+        if self._lock_path is None or not dataset_name.startswith("tune"):
+            return
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self._held = open(self._lock_path, "a")  # closed in after_dataset_saved, or when the process ends
+        fcntl.flock(self._held, fcntl.LOCK_EX)
+
+    @hook_impl
+    def after_dataset_saved(self) -> None:
+        if self._held is not None:
+            fcntl.flock(self._held, fcntl.LOCK_UN)
+            self._held.close()
+            self._held = None
