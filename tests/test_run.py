@@ -92,6 +92,7 @@ def test_memory_hooks_list_only_the_nodes_that_raised_the_peak(caplog):
 def test_tune_report_saves_hold_one_lock_that_other_processes_wait_for(tmp_path):
     import subprocess
     import sys
+    import threading
     from types import SimpleNamespace
 
     from pilot.framework.hooks import SharedReportHooks
@@ -104,11 +105,18 @@ def test_tune_report_saves_hold_one_lock_that_other_processes_wait_for(tmp_path)
              str(lock)]
     hooks.before_dataset_saved("tune_importances_plot")
     assert subprocess.run(probe, capture_output=True).returncode != 0  # held while the report is written and uploaded
-    hooks.after_dataset_saved()
+    second = threading.Thread(target=hooks.before_dataset_saved, args=("tune_trials",))  # `kedro run --async`
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # this process's next save waits too
+    hooks.after_dataset_saved("tune_importances_plot")
+    second.join(timeout=10)
+    assert not second.is_alive() and subprocess.run(probe, capture_output=True).returncode != 0
+    hooks.after_dataset_saved("tune_trials")
     assert subprocess.run(probe, capture_output=True).returncode == 0
     hooks.before_dataset_saved("results_table")  # the default run's reports are not shared between processes
     assert subprocess.run(probe, capture_output=True).returncode == 0
-    hooks.after_dataset_saved()
+    hooks.after_dataset_saved("results_table")
 
 
 def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(finished_run):

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,13 +283,18 @@ class MemoryHooks:
 
 
 class SharedReportHooks:
-    """One exclusive lock around each save of a ``tune*`` dataset, shared by every process of the checkout."""
+    """One exclusive lock around each save of a ``tune*`` dataset, shared by every process of the checkout.
+
+    A thread lock in front of the file lock serialises this process's own saves too (``kedro run
+    --async`` saves a node's outputs in threads), so each save holds the file lock alone.
+    """
 
     LOCK_NAME = ".tune-reports.lock"
 
     def __init__(self) -> None:
         self._lock_path: Path | None = None
-        self._held = None
+        self._in_process = threading.Lock()
+        self._held: dict[str, Any] = {}
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -299,13 +305,16 @@ class SharedReportHooks:
     def before_dataset_saved(self, dataset_name: str) -> None:
         if self._lock_path is None or not dataset_name.startswith("tune"):
             return
+        self._in_process.acquire()
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self._held = open(self._lock_path, "a")  # closed in after_dataset_saved, or when the process ends
-        fcntl.flock(self._held, fcntl.LOCK_EX)
+        held = open(self._lock_path, "a")  # closed in after_dataset_saved, or when the process ends
+        fcntl.flock(held, fcntl.LOCK_EX)
+        self._held[dataset_name] = held
 
     @hook_impl
-    def after_dataset_saved(self) -> None:
-        if self._held is not None:
-            fcntl.flock(self._held, fcntl.LOCK_UN)
-            self._held.close()
-            self._held = None
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        held = self._held.pop(dataset_name, None)
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
+            self._in_process.release()
