@@ -236,6 +236,25 @@ def test_micro_batches_give_the_step_of_one_batch_with_the_summed_loss():
     assert [r["fit"] for r in history_two] == pytest.approx([r["fit"] for r in history_one], rel=1e-5)
 
 
+
+def test_micro_batches_sum_the_trained_terms_and_average_the_metrics():
+    x, y = _data()
+    model = _model()
+
+    def step_terms(step):
+        yield {"fit": F.mse_loss(model(x[:3]), y[:3], reduction="sum") / 16, "reward": torch.tensor(0.25),
+               "only_first": torch.tensor(2.0)}
+        yield {"fit": F.mse_loss(model(x[3:]), y[3:], reduction="sum") / 16, "reward": torch.tensor(0.75)}
+
+    reference = copy.deepcopy(model)
+    first = train(model, Objective(step_terms, {"fit": 1.0}), LoopSettings(steps=1, learning_rate=0.1),
+                  name="micro").history[0]
+    with torch.no_grad():
+        whole = float(F.mse_loss(reference(x), y, reduction="sum") / 16)
+    assert first["fit"] == pytest.approx(whole, rel=1e-5) and first["total"] == pytest.approx(whole, rel=1e-5)
+    assert first["reward"] == pytest.approx(0.5)       # the mean of 0.25 and 0.75, not their sum
+    assert first["only_first"] == pytest.approx(2.0)   # averaged over the micro-batches that reported it
+
 # ------------------------------------------------------------------------------ non-finite losses
 @pytest.mark.parametrize("bad_batch, bad_term, value", [(0, "fit", float("nan")), (1, "fit", float("inf")),
                                                         (0, "reward", float("nan"))])

@@ -113,7 +113,8 @@ def test_stage1_and_stage2_train_hypernetworks_selected_on_validation(outputs, c
         validation = out[f"{stage}_validation"]
         assert out[f"{stage}_metrics"]["best_val_accuracy"]["value"] == validation["val_accuracy"].max()
     assert {"alignment", "contrastive", "lm", "latent_rl", "total"} <= set(outputs["stage1"]["stage1_history"])
-    assert {"policy", "self_supervision", "anchor", "reward"} <= set(outputs["stage2"]["stage2_history"])
+    assert {"policy", "self_supervision", "anchor", "rewards/mean", "frac_reward_zero_std", "kl", "clip_ratio"} \
+        <= set(outputs["stage2"]["stage2_history"])
 
 
 def test_baselines_match_the_budget_and_choose_a_configured_caa_scale(outputs, catalog):

@@ -127,9 +127,9 @@ def test_stage1_and_stage2_run_and_record_their_terms(tiny_lm, task_table, tmp_p
     second = run_stage2(tiny_lm, first.model, train, val, Stage2Config(steps=4, batch_size=4, group_size=2,
                                                                            eval_every=2), GEN)
     history2 = pd.DataFrame(second.history)
-    assert {"policy", "self_supervision", "anchor", "reward", "zero_variance_groups",
-            "grad_norm/policy", "grad_norm/anchor"} <= set(history2.columns)
-    assert history2["zero_variance_groups"].between(0, 1).all()
+    assert {"policy", "kl", "self_supervision", "anchor", "rewards/mean", "rewards/std", "frac_reward_zero_std",
+            "clip_ratio", "completion_length", "entropy", "grad_norm/policy", "grad_norm/anchor"} <= set(history2.columns)
+    assert history2["frac_reward_zero_std"].between(0, 1).all() and (history2["clip_ratio"] == 0).all()
     assert [v["step"] for v in second.validation] == [0, 2, 4]
     assert second.best_val_accuracy == max(v["val_accuracy"] for v in second.validation)
     assert not any(layer._forward_hooks for layer in tiny_lm.model.model.layers)  # both injectors removed

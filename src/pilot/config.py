@@ -355,17 +355,31 @@ class Stage1Params(Params):
 
 
 class Stage2Config(Params):
-    """Stage-2 loop settings."""
+    """Stage-2 loop settings (:mod:`pilot.training.stage2`); the loss names follow TRL's GRPO."""
 
+    # token: the guided student's reply tokens are the actions (their log-probabilities reach the
+    # hyper-network through the injected guidance); latent: a Gaussian over g, REINFORCE (the earlier default)
+    policy: Literal["token", "latent"] = "token"
     steps: PositiveInt = 150
-    batch_size: PositiveInt = 16
-    group_size: Annotated[int, Field(ge=2)] = 4
+    batch_size: PositiveInt = 16             # questions (groups) per step
+    group_size: Annotated[int, Field(ge=2)] = 4   # replies sampled per question (GRPO group)
     rollout_temperature: NonNegative = 0.7   # sampled replies, so a group can disagree (0: greedy)
     learning_rate: Positive = 3e-4
     warmup_steps: NonNegativeInt = 10
     policy_weight: NonNegative = 1.0
-    self_supervision_weight: NonNegative = 0.5
-    anchor_weight: NonNegative = 0.1
+    kl_weight: NonNegative = 0.0             # beta: per-token KL to the stage-1 hyper-network's policy (token only)
+    self_supervision_weight: NonNegative = 0.5   # language modelling on its own verified-correct replies
+    anchor_weight: NonNegative = 0.1         # squared distance of g to the stage-1 guidance
+    updates_per_batch: PositiveInt = 1       # optimizer steps on one batch of rollouts (>1: the ratio is clipped)
+    clip_epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2   # PPO clip range, low side
+    clip_epsilon_high: Positive | None = None  # high side (DAPO's clip-higher); None: clip_epsilon
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"   # how token terms are averaged (TRL's names)
+    scale_rewards: bool = True               # divide advantages by the group's std (false: Dr. GRPO)
+    dynamic_sampling: bool = False           # drop groups whose replies all score the same, refill with new ones
+    dynamic_sampling_rounds: PositiveInt = 3   # at most this many rollout rounds per batch when refilling
+    select_questions: bool = False           # train only on questions stage-1 PILOT answers right sometimes
+    selection_questions: NonNegativeInt = 1024   # questions scored in that first pass (0: all)
+    selection_samples: Annotated[int, Field(ge=2)] = 4   # sampled replies per question in that pass
     eval_every: PositiveInt = 50
     grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
     checkpoint_every: NonNegativeInt = 50

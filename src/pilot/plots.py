@@ -64,9 +64,10 @@ def latency_by_method(results: pd.DataFrame) -> plt.Figure:
 
 def training_curves(stage1_history: pd.DataFrame, stage1_validation: pd.DataFrame,
                     stage2_history: pd.DataFrame, stage2_validation: pd.DataFrame) -> plt.Figure:
-    """Stage-1 loss terms, stage-2 reward and zero-variance groups, each term's gradient norm on the
-    hyper-network (stage 2 continues stage 1's steps), and validation accuracy of both stages."""
-    figure, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    """Stage-1 loss terms; stage-2 rollouts (reward mean and std, the zero-variance fraction, clip
+    fraction); stage-2 policy (KL to stage 1, entropy, reply length); each term's gradient norm on
+    the hyper-network (stage 2 continues stage 1's steps); validation accuracy of both stages."""
+    figure, axes = plt.subplots(1, 5, figsize=(22, 3.8))
     for name in ("alignment", "contrastive", "lm", "latent_rl"):
         if name in stage1_history:
             series = stage1_history[["step", name]].dropna()
@@ -74,33 +75,49 @@ def training_curves(stage1_history: pd.DataFrame, stage1_validation: pd.DataFram
     axes[0].set_title("Stage 1 losses (rolling mean)")
     axes[0].set_xlabel("step")
     axes[0].legend(fontsize=8)
-    for name, color in (("reward", "tab:green"), ("zero_variance_groups", "tab:red")):
-        if name in stage2_history:
-            label = {"reward": "sampled reward", "zero_variance_groups": "groups with one reward"}[name]
-            axes[1].plot(stage2_history["step"], stage2_history[name].rolling(10, min_periods=1).mean(),
-                         color=color, label=label)
+    # Older histories (before TRL's names) logged `reward` and `zero_variance_groups`.
+    rollouts = (("rewards/mean", "reward", "tab:green", "reward mean"), ("rewards/std", None, "tab:olive", "reward std"),
+                ("frac_reward_zero_std", "zero_variance_groups", "tab:red", "groups with one reward"),
+                ("clip_ratio", None, "tab:purple", "clip ratio"))
+    for name, old, color, label in rollouts:
+        column = name if name in stage2_history else old if old in stage2_history else None
+        if column is not None:
+            series = stage2_history[["step", column]].dropna()
+            axes[1].plot(series["step"], series[column].rolling(10, min_periods=1).mean(), color=color, label=label)
     axes[1].set_title("Stage 2 rollouts (rolling mean)")
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
     axes[1].legend(fontsize=8)
+    length_axis = axes[2].twinx()
+    for name, axis, color in (("kl", axes[2], "tab:blue"), ("entropy", axes[2], "tab:orange"),
+                              ("completion_length", length_axis, "tab:gray")):
+        if name in stage2_history:
+            series = stage2_history[["step", name]].dropna()
+            axis.plot(series["step"], series[name].rolling(10, min_periods=1).mean(), color=color, label=name)
+    axes[2].set_title("Stage 2 policy: KL to stage 1, entropy, reply length")
+    axes[2].set_xlabel("step")
+    length_axis.set_ylabel("completion_length (tokens)", fontsize=8)
+    handles = axes[2].get_legend_handles_labels()[0] + length_axis.get_legend_handles_labels()[0]
+    if handles:
+        axes[2].legend(handles=handles, fontsize=8)
     offset = int(stage1_validation["step"].max()) if len(stage1_validation) else 0
     for history, shift, style in ((stage1_history, 0, "-"), (stage2_history, offset, "--")):
         for column in (c for c in history.columns if c.startswith("grad_norm/")):
             series = history[["step", column]].dropna()
             series = series[series[column] > 0]  # a term that reached no parameter that step
             if len(series):
-                axes[2].plot(series["step"] + shift, series[column], style, label=column.removeprefix("grad_norm/"))
-    axes[2].set_yscale("log")
-    axes[2].set_title("Gradient norm of each weighted term")
-    axes[2].set_xlabel("step (stage 2 dashed, after stage 1)")
-    if axes[2].lines:
-        axes[2].legend(fontsize=7, ncol=2)
-    axes[3].plot(stage1_validation["step"], stage1_validation["val_accuracy"], marker="o", label="stage 1")
-    axes[3].plot(stage2_validation["step"] + offset, stage2_validation["val_accuracy"], marker="o", label="stage 2")
-    axes[3].set_title("Validation accuracy")
-    axes[3].set_xlabel("step (stage 2 continues stage 1)")
-    axes[3].set_ylim(0, 1)
-    axes[3].legend(fontsize=8)
+                axes[3].plot(series["step"] + shift, series[column], style, label=column.removeprefix("grad_norm/"))
+    axes[3].set_yscale("log")
+    axes[3].set_title("Gradient norm of each weighted term")
+    axes[3].set_xlabel("step (stage 2 dashed, after stage 1)")
+    if axes[3].lines:
+        axes[3].legend(fontsize=7, ncol=2)
+    axes[4].plot(stage1_validation["step"], stage1_validation["val_accuracy"], marker="o", label="stage 1")
+    axes[4].plot(stage2_validation["step"] + offset, stage2_validation["val_accuracy"], marker="o", label="stage 2")
+    axes[4].set_title("Validation accuracy")
+    axes[4].set_xlabel("step (stage 2 continues stage 1)")
+    axes[4].set_ylim(0, 1)
+    axes[4].legend(fontsize=8)
     figure.tight_layout()
     return figure
 

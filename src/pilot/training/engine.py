@@ -143,7 +143,8 @@ class Objective:
 
     ``step_terms(step)`` yields one dict of named terms per micro-batch (most stages: one).
     Terms named in ``weights`` are summed with those weights and backpropagated; any other term
-    (a reward, say) is only logged. Every term is logged under its name.
+    (a reward, say) is only logged. Every term is logged under its name: over several micro-batches
+    the trained terms are summed (like their gradients), the logged-only metrics averaged.
     """
 
     step_terms: Callable[[int], Iterable[Terms]]
@@ -174,10 +175,21 @@ def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, floa
     return sum(weights[name] * terms[name] for name in present)
 
 
-def _accumulate(total: dict[str, torch.Tensor | float], terms: Mapping[str, torch.Tensor]) -> None:
+def _accumulate(total: dict[str, torch.Tensor | float], counts: dict[str, int],
+                terms: Mapping[str, torch.Tensor]) -> None:
     for name, value in terms.items():
         value = value.detach() if torch.is_tensor(value) else value
         total[name] = total[name] + value if name in total else value
+        counts[name] = counts.get(name, 0) + 1
+
+
+def _step_values(total: Mapping[str, torch.Tensor | float], counts: Mapping[str, int],
+                 summed: Iterable[str]) -> dict[str, torch.Tensor | float]:
+    """A step's logged values from its micro-batches: the trained terms and ``total`` summed (their
+    gradients add up to the step's), every other term (a metric: a reward, a fraction) averaged over
+    the micro-batches that reported it -- a reward of 0.5 in each of two micro-batches is 0.5, not 1."""
+    summed = set(summed)
+    return {name: value if name in summed else value / counts[name] for name, value in total.items()}
 
 
 def term_gradients(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float],
@@ -251,6 +263,7 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
             for group in optimizer.param_groups:
                 group["lr"] = rate
             logged: dict[str, torch.Tensor | float] = {}
+            counts: dict[str, int] = {}
             per_term: dict[str, list[torch.Tensor]] = {}
             measure_terms = bool(loop.grad_norm_every) and step % loop.grad_norm_every == 0
             for terms in objective.step_terms(step):
@@ -261,7 +274,8 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
                     for term, grads in term_gradients(terms, objective.weights, parameters).items():
                         per_term[term] = [a + b for a, b in zip(per_term[term], grads)] if term in per_term else grads
                 total.backward()
-                _accumulate(logged, terms)
+                _accumulate(logged, counts, terms)
+            logged = _step_values(logged, counts, [*objective.weights, "total"])
             check_finite(logged, step)
             logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, loop.clip_norm)
             logged.update({f"grad_norm/{term}": gradient_norm(grads) for term, grads in per_term.items()})

@@ -1,24 +1,41 @@
 """Stage 2: teacher-free refinement from verifier feedback and self-supervision.
 
-No plans and no teacher. For each query the hyper-network's guidance g is the mean of a
-Gaussian policy; a group of vectors is sampled, each decoded (sampled at ``rollout_temperature``,
-so a group's replies can differ) and scored by the safe verifier.
-Three terms (:mod:`pilot.training.losses`), each logged under its name, plus ``reward`` (mean
-verifier reward of the sampled answers) and ``zero_variance_groups`` (the fraction of groups whose
-answers all scored the same: they give the policy term no signal):
+No plans and no teacher. Each step samples a group of ``group_size`` replies per training
+question from the guided student (at ``rollout_temperature``), scores them with the safe
+verifier, and turns the rewards into group-relative advantages. What the policy is depends on
+``policy``:
 
-- ``policy``: GRPO-style policy gradient with group-relative advantages
-  (reward - group mean) / (group std + eps);
-- ``self_supervision``: language modelling, with guidance g, on the group's own
-  verified-correct answers;
-- ``anchor``: mean squared distance between g and the frozen stage-1 hyper-network's
-  guidance, keeping the refinement near the stage-1 solution.
+- ``token`` (default): the policy is the guided student itself. A reply's tokens are the actions;
+  their log-probabilities given the question and g(q) (one teacher-forced pass with guidance on)
+  carry the policy gradient through the injected guidance into the hyper-network, the student
+  frozen. GRPO's clipped surrogate with token-level averaging (DAPO / Dr. GRPO,
+  :func:`pilot.training.losses.token_policy_loss`), a rollout batch reused for
+  ``updates_per_batch`` optimizer steps (its ratio clipped), and a per-token KL to the stage-1
+  hyper-network's policy (``kl_weight``).
+- ``latent``: g is the mean of a Gaussian; a group of vectors is sampled, each decoded once and
+  REINFORCE is applied to the vector's log-probability. Kept for the ablation: the reward's
+  variance comes mostly from the token sampling, which this log-probability does not explain.
+
+Terms trained (each logged under its name): ``policy``, ``kl``, ``self_supervision`` (language
+modelling, with guidance, on the group's own verified-correct replies) and ``anchor`` (squared
+distance of g to the frozen stage-1 guidance). Metrics logged beside them, named as in TRL:
+``rewards/mean``, ``rewards/std`` (mean within-group std), ``frac_reward_zero_std`` (groups whose
+replies all scored the same: no signal), ``kl``, ``clip_ratio``, ``completion_length``,
+``entropy``; with dynamic sampling also ``groups_kept`` and ``sampling_rounds``.
+
+Two switches choose what a step learns from: ``dynamic_sampling`` (DAPO) drops all-equal groups
+and samples further questions until the batch is full or ``dynamic_sampling_rounds`` are spent;
+``select_questions`` first scores ``selection_questions`` training questions with stage-1 PILOT
+(``selection_samples`` sampled replies each) and trains only on those it answers right sometimes.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -30,34 +47,157 @@ from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, step_seed, train
-from pilot.training.losses import group_advantages, reinforce_loss, zero_variance_fraction
+from pilot.training.losses import (
+    group_advantages,
+    reinforce_loss,
+    token_kl,
+    token_log_probs,
+    token_policy_loss,
+    zero_variance_fraction,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollouts:
+    """One batch of sampled groups: what the ``updates_per_batch`` steps on it share."""
+
+    index: list[int]                  # training rows, one per group
+    replies: list[str]                # group-major: group i's replies are i*k .. i*k+k-1
+    rewards: torch.Tensor             # (groups, k)
+    old_log_probs: torch.Tensor | None = None        # (tokens,) under the policy that sampled them
+    reference_log_probs: torch.Tensor | None = None  # (tokens,) under the stage-1 hyper-network
+    completion_length: float = 0.0
+    metrics: dict[str, float] | None = None
+
+
+def rollout_metrics(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's reward metrics of a (groups, k) reward table."""
+    return {"rewards/mean": rewards.mean(), "rewards/std": rewards.std(dim=1, unbiased=False).mean(),
+            "frac_reward_zero_std": zero_variance_fraction(rewards)}
+
+
+def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """(groups,) mask of the groups whose rewards differ (the others have zero advantage everywhere)."""
+    return ~(rewards == rewards[:, :1]).all(dim=1)
+
+
+def select_training_questions(guided: GuidedStudent, rows: pd.DataFrame, config: Stage2Config,
+                              generation: GenerationParams) -> pd.DataFrame:
+    """The rows on which the current (stage-1) guidance is right sometimes: ``selection_samples``
+    sampled replies each, kept where 0 < accuracy < 1. Scores at most ``selection_questions`` rows
+    (0: all), drawn from the run's seed; falls back to those rows if none qualifies."""
+    pool = rows
+    if config.selection_questions and len(rows) > config.selection_questions:
+        pool = rows.sample(n=config.selection_questions, random_state=step_seed(config.seed, 0, stream=3) % 2**32)
+    k = config.selection_samples
+    repeated = pool.loc[pool.index.repeat(k)]
+    vectors = guided.guidance_vectors(pool["question"].tolist()).repeat_interleave(k, dim=0)
+    scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors.to(guided.student.device)),
+                              max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                              stop_strings=generation.stop, temperature=config.rollout_temperature or 1.0,
+                              seed=step_seed(config.seed, 0, stream=4), progress="stage2 question selection")
+    rate = scored["correct"].to_numpy(dtype=float).reshape(len(pool), k).mean(1)
+    keep = (rate > 0) & (rate < 1)
+    logger.info("Stage 2 question selection: %d of %d scored questions answered right sometimes by stage 1 "
+                "(%d always, %d never)", int(keep.sum()), len(pool), int((rate == 1).sum()), int((rate == 0).sum()))
+    if not keep.any():
+        logger.warning("Stage 2 question selection kept no question; training on the %d scored ones.", len(pool))
+        return pool.reset_index(drop=True)
+    return pool[keep].reset_index(drop=True)
 
 
 def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.DataFrame, config: Stage2Config,
                      generation: GenerationParams) -> Objective:
-    """Stage 2's terms for one step: a batch of training questions, a group of sampled guidance
-    vectors per question, verifier rewards, and the three terms."""
+    """Stage 2's terms for one step (see the module docstring)."""
     hypernet, device, k = guided.hypernet, guided.student.device, config.group_size
-    query_states, query_lengths = guided.query_states(rows["question"].tolist())
+    questions_all = rows["question"].tolist()
+    query_states, query_lengths = guided.query_states(questions_all)
     query_mask = lengths_to_mask(query_lengths, query_states.shape[1])
+    clip_high = config.clip_epsilon_high if config.clip_epsilon_high is not None else config.clip_epsilon
+    cache: dict[int, Rollouts] = {}
 
-    def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
+    def guidance_of(index: list[int], net: HyperNetwork) -> torch.Tensor:
+        return net(query_states[index].to(device), query_mask[index].to(device))
+
+    def sample_groups(index: list[int], vectors: torch.Tensor, step: int, round_: int) -> pd.DataFrame:
+        batch_rows = rows.iloc[index]
+        repeated = batch_rows.loc[batch_rows.index.repeat(k)]
+        return answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors),
+                                max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                                stop_strings=generation.stop, temperature=config.rollout_temperature,
+                                seed=step_seed(config.seed, step, stream=1 + 10 * round_))
+
+    def rewards_of(scored: pd.DataFrame, groups: int) -> torch.Tensor:
+        return torch.tensor(scored["correct"].to_numpy(dtype=float), dtype=torch.float32).view(groups, k)
+
+    def collect(step: int) -> Rollouts:
+        """Sample and score this batch's groups; with dynamic sampling, refill all-equal groups."""
+        index = sample_batch(len(rows), config.batch_size, config.seed, step)
+        kept_index, kept_replies, kept_rewards, seen_rewards, lengths = [], [], [], [], []
+        rounds = config.dynamic_sampling_rounds if config.dynamic_sampling else 1
+        draw = random.Random(step_seed(config.seed, step, stream=2))
+        for round_ in range(rounds):
+            with torch.no_grad():
+                vectors = guidance_of(index, hypernet).repeat_interleave(k, dim=0)
+            scored = sample_groups(index, vectors, step, round_)
+            rewards = rewards_of(scored, len(index))
+            seen_rewards.append(rewards)
+            lengths.extend(scored["new_tokens"].tolist())
+            keep = informative_groups(rewards) if config.dynamic_sampling else torch.ones(len(index), dtype=torch.bool)
+            replies = scored["reply"].tolist()
+            for g in torch.nonzero(keep).flatten().tolist():
+                if len(kept_index) == config.batch_size:
+                    break
+                kept_index.append(index[g])
+                kept_replies.extend(replies[g * k:(g + 1) * k])
+                kept_rewards.append(rewards[g])
+            if len(kept_index) == config.batch_size:
+                break
+            index = draw.sample(range(len(rows)), min(config.batch_size, len(rows)))
+        seen = torch.cat(seen_rewards)
+        metrics = {name: float(value) for name, value in rollout_metrics(seen).items()}
+        metrics["completion_length"] = float(sum(lengths) / max(len(lengths), 1))
+        if config.dynamic_sampling:
+            metrics.update(groups_kept=float(len(kept_index)), sampling_rounds=float(len(seen_rewards)))
+        rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros((0, k))
+        return Rollouts(kept_index, kept_replies, rewards.to(device), metrics=metrics)
+
+    def token_terms(rollouts: Rollouts, first_update: bool) -> dict[str, torch.Tensor]:
+        index, groups = rollouts.index, len(rollouts.index)
+        means = guidance_of(index, hypernet)
+        terms: dict[str, torch.Tensor] = {"anchor": (means - guidance_of(index, reference).detach()).pow(2).mean()}
+        owner = torch.arange(groups, device=device).repeat_interleave(k)
+        questions = [questions_all[i] for i in index for _ in range(k)]
+        batch, logits, _ = guided.teacher_forced(questions, rollouts.replies, means[owner], [])
+        targets = batch.next_tokens()
+        log_probs, entropy = token_log_probs(logits, targets)
+        token_rows = torch.nonzero(batch.predicting_positions())[:, 0]
+        if first_update:   # the policy that sampled them is this one: ratio 1 (TRL's num_iterations=1)
+            rollouts.old_log_probs = log_probs.detach()
+            with torch.no_grad():
+                _, reference_logits, _ = guided.teacher_forced(questions, rollouts.replies,
+                                                               guidance_of(index, reference)[owner], [])
+                rollouts.reference_log_probs, _ = token_log_probs(reference_logits, targets)
+        advantages = group_advantages(rollouts.rewards, scale=config.scale_rewards).reshape(-1)
+        terms["policy"], terms["clip_ratio"] = token_policy_loss(
+            log_probs, rollouts.old_log_probs, advantages, token_rows, groups * k, config.clip_epsilon, clip_high,
+            config.loss_type, generation.max_new_tokens + 1)
+        terms["kl"] = token_kl(log_probs, rollouts.reference_log_probs)
+        correct = (rollouts.rewards.reshape(-1) == 1.0)[token_rows]
+        terms["self_supervision"] = -log_probs[correct].mean() if bool(correct.any()) else log_probs.sum() * 0
+        terms["entropy"] = entropy.mean()
+        return terms
+
+    def latent_terms(step: int) -> dict[str, torch.Tensor]:
         index = sample_batch(len(rows), config.batch_size, config.seed, step)
         batch_rows = rows.iloc[index]
-        states, mask = query_states[index].to(device), query_mask[index].to(device)
-        means = hypernet(states, mask)
-        with torch.no_grad():
-            anchor_means = reference(states, mask)
+        means = guidance_of(index, hypernet)
         actions, log_prob = hypernet.sample(means, k, generator=step_generator(config.seed, step))
-        repeated = batch_rows.loc[batch_rows.index.repeat(k)]
-        scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(actions),
-                                  max_new_tokens=generation.max_new_tokens, batch_size=len(repeated),
-                                  stop_strings=generation.stop, temperature=config.rollout_temperature,
-                                  seed=step_seed(config.seed, step, stream=1))
-        rewards = torch.tensor(scored["correct"].to_numpy(dtype=float), device=device,
-                               dtype=torch.float32).view(len(index), k)
-        terms = {"policy": reinforce_loss(group_advantages(rewards), log_prob)}
-
+        scored = sample_groups(index, actions, step, 0)
+        rewards = rewards_of(scored, len(index)).to(device)
+        terms = {"policy": reinforce_loss(group_advantages(rewards, scale=config.scale_rewards), log_prob)}
         correct = rewards.reshape(-1) == 1.0
         if bool(correct.any()):
             owner = torch.arange(len(index), device=device).repeat_interleave(k)[correct]
@@ -67,14 +207,33 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
             terms["self_supervision"] = next_token_loss(logits, batch)
         else:
             terms["self_supervision"] = torch.zeros((), device=device)
-        terms["anchor"] = (means - anchor_means).pow(2).mean()
-        terms["reward"] = rewards.mean()
-        terms["zero_variance_groups"] = zero_variance_fraction(rewards)
-        yield terms
+        terms["anchor"] = (means - guidance_of(index, reference).detach()).pow(2).mean()
+        terms.update(rollout_metrics(rewards))
+        terms["completion_length"] = torch.tensor(float(scored["new_tokens"].mean()))
+        return terms
 
-    return Objective(step_terms, weights={"policy": config.policy_weight,
-                                          "self_supervision": config.self_supervision_weight,
-                                          "anchor": config.anchor_weight})
+    def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
+        if config.policy == "latent":
+            yield latent_terms(step)
+            return
+        block = step // config.updates_per_batch
+        first_update = block not in cache
+        if first_update:   # a new batch of rollouts every `updates_per_batch` steps (and after a resume)
+            cache.clear()
+            cache[block] = collect(block)
+        rollouts = cache[block]
+        metrics = {name: torch.tensor(value) for name, value in rollouts.metrics.items()}
+        if not rollouts.index:   # dynamic sampling found no group that disagrees: nothing to learn this step
+            means = guidance_of(sample_batch(len(rows), config.batch_size, config.seed, step), hypernet)
+            yield {"policy": means.sum() * 0, "anchor": means.sum() * 0, **metrics}
+            return
+        yield {**token_terms(rollouts, first_update), **metrics}
+
+    weights = {"policy": config.policy_weight, "self_supervision": config.self_supervision_weight,
+               "anchor": config.anchor_weight}
+    if config.policy == "token":
+        weights["kl"] = config.kl_weight
+    return Objective(step_terms, weights=weights)
 
 
 def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.DataFrame, val_rows: pd.DataFrame,
@@ -102,6 +261,9 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
             return accuracy(student, val_rows, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
                             batch_size=generation.batch_size, stop_strings=generation.stop)
 
+        if config.select_questions:
+            hypernet.eval()
+            rows = select_training_questions(guided, rows, config, generation)
         objective = stage2_objective(guided, reference, rows, config, generation)
         result = train(hypernet, objective, loop, name="stage2", validate=validate, checkpoints=checkpoints,
                        saved_with_model={"reference": reference}, on_validation=on_validation)
