@@ -106,7 +106,16 @@ class GuidanceInjector:
     def _hook(self, site: int, output):
         if self._vectors is None or not self.enabled:
             return None
-        hidden = layer_hidden(output)
+        return with_hidden(output, self.apply(site, layer_hidden(output)))
+
+    def apply(self, site: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (B, T, d) at site ``site`` (an index into :attr:`layers`) with the current
+        guidance added: what the site's hook returns. Unchanged outside a :meth:`guide` block.
+
+        A pass that starts at the site from cached states (:mod:`pilot.guidance.prefix`) calls
+        this where the hook would have fired."""
+        if self._vectors is None or not self.enabled:
+            return hidden
         vectors = self._site_vectors(site, hidden.shape[-1]).to(hidden.dtype)
         rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
         delta = self.guidance_scale * rms * vectors[:, None, -1, :]
@@ -114,7 +123,7 @@ class GuidanceInjector:
             delta = delta + self.guidance_scale * hidden * vectors[:, None, 0, :]
         if self._position_mask is not None:
             delta = delta * self._position_mask[..., None].to(device=hidden.device, dtype=hidden.dtype)
-        return with_hidden(output, hidden + delta)
+        return hidden + delta
 
     @property
     def attached(self) -> bool:

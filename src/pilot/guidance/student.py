@@ -6,6 +6,7 @@ import torch
 
 from pilot.guidance.hypernet import HyperNetwork
 from pilot.guidance.injection import Guidance, GuidanceInjector, capture_layers
+from pilot.guidance.prefix import FrozenPrefix, answer_logits, forward_from_site
 from pilot.models import CausalLM, freeze
 from pilot.prompts import prompt_format
 from pilot.sequences import TokenBatch, encode_pairs, labelled_logits, lengths_to_mask
@@ -76,3 +77,15 @@ class GuidedStudent:
                 capture_layers(self.student.model, layers) as captured:
             logits = labelled_logits(self.student.model, batch)
         return batch, logits, dict(captured)
+
+    def teacher_forced_from_prefix(self, prefix: FrozenPrefix, vectors: torch.Tensor,
+                                   layers: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`teacher_forced` from the rows' cached frozen prefix (:mod:`pilot.guidance.prefix`):
+        only the blocks above the lowest site run, over the answer positions. Returns the logits
+        at the answer positions, row by row (the targets are ``prefix.targets()``), and
+        ``{layer: states (B, Ta, d)}`` already at the answer positions."""
+        prefix = prefix.to(self.student.device, self.student.model.dtype)
+        with self.injector.guide(vectors, prefix.answer_mask()):
+            hidden, captured = forward_from_site(self.student.model, self.injector, prefix, layers)
+            logits = answer_logits(self.student.model, hidden, prefix)
+        return logits, captured

@@ -41,25 +41,40 @@ from pilot.training.losses import (
 )
 
 
+def guided_answer_pass(guided: GuidedStudent, batch: LatentBatch, vectors: torch.Tensor, questions: list[str],
+                       answers: list[str], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The guided, teacher-forced pass over the batch's gold answers: (LM loss, states (B, Ta, L, d) at
+    the answer positions of ``layers``, as wide as ``batch.targets``).
+
+    From the cached frozen prefix when the batch has one (only the blocks above the site run),
+    else the full pass; both give the same numbers (tests/test_prefix_cache.py)."""
+    width = batch.targets.shape[1]
+    if batch.prefix is not None:
+        logits, states = guided.teacher_forced_from_prefix(batch.prefix, vectors, layers)
+        lm = F.cross_entropy(logits.float(), batch.prefix.targets().to(logits.device))
+        return lm, torch.stack([states[layer][:, :width] for layer in layers], dim=2).float()
+    tokens, logits, states = guided.teacher_forced(questions, answers, vectors, layers)
+    start = tokens.prompt_lengths - 1
+    return next_token_loss(logits, tokens), torch.stack(
+        [gather_answer_states(states[layer], start, width) for layer in layers], dim=2).float()
+
+
 def imitation_terms(guided: GuidedStudent, batch: LatentBatch, vectors: torch.Tensor, questions: list[str],
                     answers: list[str], align_layers: list[int], temperature: float) -> dict[str, torch.Tensor]:
     """The ``alignment``, ``contrastive`` and ``lm`` terms for one batch."""
-    width, last = batch.targets.shape[1], len(align_layers) - 1
-    tokens, logits, states = guided.teacher_forced(questions, answers, vectors, align_layers)
-    start = tokens.prompt_lengths - 1
-    guided_states = torch.stack(
-        [gather_answer_states(states[layer], start, width) for layer in align_layers], dim=2).float()
+    last = len(align_layers) - 1
+    lm, guided_states = guided_answer_pass(guided, batch, vectors, questions, answers, align_layers)
     return {
         "alignment": alignment_loss(guided_states, batch.targets,
                                     batch.target_mask[..., None].expand(-1, -1, len(align_layers))),
         "contrastive": info_nce(masked_mean(guided_states[:, :, last], batch.target_mask),
                                 masked_mean(batch.targets[:, :, last], batch.target_mask), temperature),
-        "lm": next_token_loss(logits, tokens),
+        "lm": lm,
     }
 
 
-def latent_rl_terms(guided: GuidedStudent, means: torch.Tensor, rows: pd.DataFrame, targets: torch.Tensor,
-                    target_mask: torch.Tensor, layer: int, config: Stage1Config, generation: GenerationParams,
+def latent_rl_terms(guided: GuidedStudent, means: torch.Tensor, rows: pd.DataFrame, batch: LatentBatch,
+                    layer: int, config: Stage1Config, generation: GenerationParams,
                     step: int) -> dict[str, torch.Tensor]:
     """``latent_rl``: REINFORCE on sampled guidance vectors; reward = verifier success + latent similarity."""
     k = config.rl_samples
@@ -70,13 +85,14 @@ def latent_rl_terms(guided: GuidedStudent, means: torch.Tensor, rows: pd.DataFra
                               stop_strings=generation.stop)
     success = torch.tensor(scored["correct"].to_numpy(dtype=float), device=guided.student.device,
                            dtype=torch.float32).view(len(rows), k)
+    targets, mask = batch.targets[:, :, -1].repeat_interleave(k, dim=0), batch.target_mask.repeat_interleave(k, dim=0)
     with torch.no_grad():
-        batch, _, states = guided.teacher_forced(repeated["question"].tolist(), reply_targets(repeated),
-                                                 actions, [layer])
-        sampled = gather_answer_states(states[layer], batch.prompt_lengths - 1, targets.shape[1]).float()
-        mask = target_mask.repeat_interleave(k, dim=0)
-        similarity = F.cosine_similarity(masked_mean(sampled, mask),
-                                         masked_mean(targets.repeat_interleave(k, dim=0), mask), dim=-1)
+        samples = LatentBatch(batch.query_states, batch.query_mask, targets, mask,
+                              batch.prefix.repeat_interleave(k) if batch.prefix is not None else None)
+        _, sampled = guided_answer_pass(guided, samples, actions, repeated["question"].tolist(),
+                                        reply_targets(repeated), [layer])
+        sampled = sampled[:, :, 0]
+        similarity = F.cosine_similarity(masked_mean(sampled, mask), masked_mean(targets, mask), dim=-1)
     reward = success + config.latent_reward_weight * similarity.view(-1, k)
     return {"latent_rl": reinforce_loss(mean_baseline_advantages(reward), log_prob), "rl_reward": success.mean()}
 
@@ -98,8 +114,8 @@ def stage1_objective(guided: GuidedStudent, latents: CachedLatents, examples: pd
                                 align_layers, config.temperature)
         if config.rl_weight > 0 and step % config.rl_every == 0:
             n = config.rl_batch
-            terms.update(latent_rl_terms(guided, vectors[:n], examples.iloc[rows[:n]], batch.targets[:n, :, last],
-                                         batch.target_mask[:n], align_layers[last], config, generation, step))
+            terms.update(latent_rl_terms(guided, vectors[:n], examples.iloc[rows[:n]], batch.first(n),
+                                         align_layers[last], config, generation, step))
         yield terms
 
     return Objective(step_terms, weights={"alignment": config.alignment_weight,
