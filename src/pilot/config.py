@@ -319,8 +319,13 @@ class LatentsParams(Params):
         return splits
     shard_size: PositiveInt = 512
     batch_size: PositiveInt = 128
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     on_stale: Literal["rebuild", "error"] = "rebuild"
+    # Also cache what guidance cannot change (the prompt's keys and values above the lowest guided
+    # layer, that layer's unguided states at the answer positions), so each stage-1 step runs only
+    # the blocks above the site over the answer positions (pilot.guidance.prefix). Same losses and
+    # gradients as the full pass; false runs the full pass every step.
+    frozen_prefix: bool = True
 
 
 # ---------------------------------------------------------------------------------- stages

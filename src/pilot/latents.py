@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 from pilot.config import GuidanceParams, LatentsParams
 from pilot.tasks import reply_targets
 from pilot.guidance import capture_layers
+from pilot.guidance.prefix import FrozenPrefix, check_prefix_support, frozen_prefix, prefix_rows, stack_prefix
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.prompts import prompt_format
-from pilot.sequences import encode_pairs, lengths_to_mask
+from pilot.sequences import IGNORE_INDEX, encode_pairs, lengths_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class CacheSettings:
     align_layers: tuple[int, ...]
     shard_size: int = 256
     batch_size: int = 64
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    prefix_site: int | None = None          # the lowest guided layer whose frozen prefix is cached (None: none)
 
     def fingerprint_dict(self) -> dict:
         # batch_size changes nothing stored, so it is not part of the fingerprint.
@@ -136,7 +138,10 @@ class LatentCacheBuild:
         s = self.settings
         model, tokenizer = self.student.model, self.student.tokenizer
         dtype = getattr(torch, s.dtype)
-        query, targets, free_inject, plan_inject, free_rms, answer_lengths = [], [], [], [], [], []
+        query, targets, free_inject, plan_inject, free_rms, answer_lengths, prefixes = [], [], [], [], [], [], []
+        with_prefix = s.prefix_site is not None
+        if with_prefix:
+            check_prefix_support(model)
         for start in range(0, len(rows), s.batch_size):
             chunk = rows[start:start + s.batch_size]
             fmt = prompt_format(tokenizer)
@@ -145,8 +150,12 @@ class LatentCacheBuild:
             planned = encode_pairs(tokenizer, [fmt.answer_prompt(self.questions[i], self.plans[i]) for i in chunk],
                                    answers)
             device = self.student.device  # only the captured states are read: one logits row each
-            with capture_layers(model, [s.read_layer, s.inject_layer]) as free_states:
-                model(input_ids=free.input_ids.to(device), attention_mask=free.attention_mask.to(device), logits_to_keep=1)
+            free_layers = [s.read_layer, s.inject_layer, *([s.prefix_site] if with_prefix else [])]
+            with capture_layers(model, free_layers) as free_states:
+                out = model(input_ids=free.input_ids.to(device), attention_mask=free.attention_mask.to(device),
+                            logits_to_keep=1, use_cache=with_prefix)
+            if with_prefix:  # what guidance cannot change, from the same plan-free pass
+                prefixes.extend(prefix_rows(free, out.past_key_values, free_states[s.prefix_site], s.prefix_site))
             with capture_layers(model, [s.inject_layer, *s.align_layers]) as plan_states:
                 model(input_ids=planned.input_ids.to(device), attention_mask=planned.attention_mask.to(device),
                       logits_to_keep=1)
@@ -164,7 +173,10 @@ class LatentCacheBuild:
             if progress is not None:
                 progress.update(len(chunk))
         query_lengths = [q.shape[0] for q in query]
-        return {
+        prefix = {}
+        if with_prefix:
+            prefix = {name: t.to(dtype) if t.is_floating_point() else t for name, t in stack_prefix(prefixes).items()}
+        return {**prefix,
             "row_index": torch.tensor(rows, dtype=torch.int64),
             "query_states": _pad_stack(query, max(query_lengths)).to(dtype),
             "query_lengths": torch.tensor(query_lengths, dtype=torch.int64),
@@ -374,9 +386,11 @@ class LatentCache:
         tq = max(s["query_states"].shape[1] for s in shards)
         ta = max(s["target_states"].shape[1] for s in shards)
 
-        def pad(t: torch.Tensor, length: int) -> torch.Tensor:
-            out = t.new_zeros((t.shape[0], length, *t.shape[2:]))
-            out[:, : t.shape[1]] = t
+        def pad(t: torch.Tensor, length: int, dim: int = 1, value: float = 0) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = length
+            out = t.new_full(shape, value)
+            out.narrow(dim, 0, t.shape[dim]).copy_(t)
             return out
 
         merged = {
@@ -389,6 +403,15 @@ class LatentCache:
             "inject_plan_mean": torch.cat([s["inject_plan_mean"] for s in shards]).to(dtype),
             "inject_free_rms": torch.cat([s["inject_free_rms"] for s in shards]),
         }
+        if "prefix_keys" in shards[0]:  # kept in the compact dtype it was stored in; a batch casts it
+            tp = max(s["prefix_keys"].shape[3] for s in shards)
+            merged.update({
+                "prefix_keys": torch.cat([pad(s["prefix_keys"], tp, dim=3) for s in shards]),
+                "prefix_values": torch.cat([pad(s["prefix_values"], tp, dim=3) for s in shards]),
+                "prefix_lengths": torch.cat([s["prefix_lengths"] for s in shards]),
+                "site_states": torch.cat([pad(s["site_states"], ta) for s in shards]),
+                "answer_tokens": torch.cat([pad(s["answer_tokens"], ta, value=IGNORE_INDEX) for s in shards]),
+            })
         return merged
 
 
@@ -400,6 +423,14 @@ class LatentBatch:
     query_mask: torch.Tensor     # (B, Tq)
     targets: torch.Tensor        # (B, Ta, L, d) plan-conditioned states at the answer positions
     target_mask: torch.Tensor    # (B, Ta) float
+    prefix: FrozenPrefix | None = None  # what guidance cannot change, when the cache holds it
+
+    def first(self, n: int) -> LatentBatch:
+        """The first ``n`` rows (the prefix cut to their own longest prompt and answer)."""
+        width = int(self.target_mask[:n].sum(1).max())
+        return LatentBatch(self.query_states[:n], self.query_mask[:n], self.targets[:n, :width],
+                           self.target_mask[:n, :width],
+                           self.prefix.select(slice(0, n)).trimmed() if self.prefix is not None else None)
 
 
 def _batch_from_tensors(tensors: dict[str, torch.Tensor], device: torch.device | str) -> LatentBatch:
@@ -410,6 +441,8 @@ def _batch_from_tensors(tensors: dict[str, torch.Tensor], device: torch.device |
         query_mask=lengths_to_mask(tensors["query_lengths"], query_width).to(device),
         targets=tensors["target_states"][:, :width].to(device).float(),
         target_mask=lengths_to_mask(tensors["answer_lengths"], width).to(device).float(),
+        prefix=(frozen_prefix(tensors, tensors["answer_lengths"]).trimmed().to(device)
+                if "prefix_keys" in tensors else None),
     )
 
 
@@ -477,6 +510,7 @@ def plan_cache_build(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, student: 
         shard_size=config.shard_size,
         batch_size=config.batch_size,
         dtype=config.dtype,
+        prefix_site=min([site.inject_layer, *site.extra_inject_layers]) if config.frozen_prefix else None,
     )
     data = examples_fingerprint(examples["id"], examples["question"], examples["plan"], reply_targets(examples))
     return LatentCacheBuild(
