@@ -58,13 +58,16 @@ def test_gap_recovered():
     assert math.isnan(gap_recovered(0.6, 0.5, 0.4))               # nor -1.0 for a method above zero-shot
 
 
-def _predictions() -> pd.DataFrame:
+def _predictions(repeat: int = 10) -> pd.DataFrame:
+    """Each question ``repeat`` times (distinct ids): enough questions for the plan gap's paired
+    interval to clear zero, so gap recovered is defined."""
     rows = []
 
     def add(method, task, correct, seconds, tokens):
-        for i, (c, s, t) in enumerate(zip(correct, seconds, tokens)):
-            rows.append({"method": method, "id": f"{task}-{i}", "task": task, "prediction": "x",
-                         "correct": bool(c), "new_tokens": t, "seconds_per_query": s})
+        for copy in range(repeat):
+            for i, (c, s, t) in enumerate(zip(correct, seconds, tokens)):
+                rows.append({"method": method, "id": f"{task}-{i}-{copy}", "task": task, "prediction": "x",
+                             "correct": bool(c), "new_tokens": t, "seconds_per_query": s})
 
     add("zero_shot", "A", [1, 0, 0, 0], [0.01] * 4, [2] * 4)
     add("plan_in_context", "A", [1, 1, 1, 0], [0.02] * 4, [3] * 4)
@@ -90,10 +93,11 @@ def test_summarize_per_task_and_overall():
     }
     for key, (hits, n, gap) in expected.items():
         got = row.loc[key]
-        assert got["n"] == n, key
+        assert got["n"] == 10 * n, key
         assert got["accuracy"] == pytest.approx(hits / n), key
-        assert (got["ci_low"], got["ci_high"]) == pytest.approx(_wilson_by_hand(hits, n), abs=1e-9), key
+        assert (got["ci_low"], got["ci_high"]) == pytest.approx(_wilson_by_hand(10 * hits, 10 * n), abs=1e-9), key
         assert got["gap_recovered"] == pytest.approx(gap), key
+        assert got["gap_recovered_low"] <= gap + 1e-9 and got["gap_recovered_high"] >= gap - 1e-9, key
     assert row.loc[("zero_shot", "B"), "ci_low"] == 0.0 and row.loc[("lora", "B"), "ci_high"] == 1.0
     assert row.loc[("lora", "A"), "median_ms_per_query"] == pytest.approx(25.0)
     assert row.loc[("lora", "A"), "mean_new_tokens"] == pytest.approx(3.0)
@@ -104,7 +108,7 @@ def test_summarize_per_task_and_overall():
 def test_summarize_without_reference_methods_gives_nan_gap():
     only_lora = _predictions().query("method == 'lora'")
     table = summarize(only_lora)
-    assert len(table) == 3 and table["gap_recovered"].isna().all()
+    assert len(table) == 3 and table["gap_recovered"].isna().all() and table["gap_recovered_low"].isna().all()
     assert table.set_index("task").loc["A", "accuracy"] == pytest.approx(0.5)
 
 
@@ -133,3 +137,53 @@ def test_each_split_is_summarised_against_its_own_references():
     assert row.loc[("test_ood", "lora", "overall"), "accuracy"] == 0.0
     # ood: zero-shot 1/6, plan 5/6, lora 0 -> (0 - 1/6) / (5/6 - 1/6) = -0.25
     assert row.loc[("test_ood", "lora", "overall"), "gap_recovered"] == pytest.approx(-0.25)
+
+
+def test_mcnemar_exact_matches_the_binomial_by_hand():
+    from pilot.evaluation import mcnemar_exact
+
+    # 2 vs 8 discordant: 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 2 * 56 / 1024
+    assert mcnemar_exact(2, 8) == pytest.approx(0.109375)
+    assert mcnemar_exact(8, 2) == mcnemar_exact(2, 8)
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32) and mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_difference_counts_discordant_questions_and_brackets_the_difference():
+    from pilot.evaluation import paired_difference
+
+    first = [1, 0, 0, 1] * 50
+    second = [1, 1, 0, 1] * 50     # right on every question the first got, and on 50 more
+    found = paired_difference(first, second)
+    assert found["difference"] == pytest.approx(0.25)
+    assert (found["only_first"], found["only_second"]) == (0, 50)
+    assert 0 < found["ci_low"] < 0.25 < found["ci_high"] < 0.5
+    assert found["p_value"] == pytest.approx(2 / 2**50)
+    same = paired_difference(first, first)
+    assert (same["difference"], same["ci_low"], same["ci_high"], same["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="same, non-empty set of questions"):
+        paired_difference([1, 0], [1])
+
+
+def test_gap_recovered_is_undefined_unless_the_plan_gap_clears_zero():
+    """Four questions: plan-in-context beats zero-shot on two, a gap a bootstrap cannot tell from
+    zero (all-concordant resamples are 6 % of them), so gap recovered is NaN, as on a seed where the
+    two references differ by a tenth of a point; ten times the questions make the same gap clear."""
+    small = summarize(_predictions(repeat=1)).set_index(["method", "task"])
+    assert small.loc[("lora", "A"), ["gap_recovered", "gap_recovered_low", "gap_recovered_high"]].isna().all()
+    large = summarize(_predictions(repeat=10)).set_index(["method", "task"])
+    assert large.loc[("lora", "A"), "gap_recovered"] == pytest.approx(0.5)
+    assert large.loc[("lora", "A"), "gap_recovered_low"] < 0.5 < large.loc[("lora", "A"), "gap_recovered_high"]
+
+
+def test_stage2_rows_carry_the_paired_comparison_with_stage1():
+    predictions = _predictions()
+    stage1 = predictions[predictions["method"] == "lora"].assign(method="pilot_stage1")
+    stage2 = predictions[predictions["method"] == "plan_in_context"].assign(method="pilot_stage2")
+    table = summarize(pd.concat([predictions, stage1, stage2], ignore_index=True)).set_index(["method", "task"])
+    row = table.loc[("pilot_stage2", "A")]   # 30/40 against 20/40: stage 2 alone right on 10, never the reverse
+    assert row["paired_against"] == "pilot_stage1"
+    assert row["paired_difference"] == pytest.approx(0.25)
+    assert row["paired_p_value"] == pytest.approx(2 / 2**10)
+    assert row["paired_ci_low"] > 0
+    assert math.isnan(table.loc[("lora", "A"), "paired_difference"])

@@ -141,5 +141,8 @@ def test_evaluation_scores_every_method_on_the_same_questions(outputs):
     assert any(line.startswith("## Out-of-distribution test split") for line in lines)
     header = lines[4]
     assert [cell.strip() for cell in header.strip("|").split("|")][:4] == ["method", "task", "n", "accuracy"]
+    assert "paired_difference" in header and "gap_recovered" in header
+    assert any("pilot_stage2" in line and "vs pilot_stage1, McNemar p=" in line for line in lines)
     metrics = out["results_metrics"]
-    assert {"pilot_stage1_accuracy", "pilot_stage1_ood_accuracy", "lora_ood_accuracy"} <= set(metrics)
+    assert {"pilot_stage1_accuracy", "pilot_stage1_ood_accuracy", "lora_ood_accuracy",
+            "pilot_stage2_paired_p_value", "pilot_stage2_paired_difference"} <= set(metrics)

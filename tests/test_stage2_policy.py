@@ -183,3 +183,37 @@ def test_training_curves_show_the_grpo_metrics():
     labels = {line.get_label() for axis in figure.axes for line in axis.lines}
     assert {"reward mean", "reward std", "groups with one reward", "clip ratio", "kl", "entropy",
             "completion_length", "policy", "alignment"} <= labels
+
+
+def test_the_ablation_table_pairs_each_variant_with_the_reference(tiny_lm):
+    from pilot.ablations import AblationResult, ablation_markdown, ablation_table
+    from pilot.config import AblationVariant
+
+    def predictions(method, correct):
+        return pd.DataFrame({"method": method, "id": [f"q{i}" for i in range(len(correct))], "task": "A",
+                             "split": "test", "correct": [bool(c) for c in correct], "new_tokens": 2,
+                             "seconds_per_query": 0.01, "prediction": "x", "reply": "x"})
+
+    n = 40
+    references = pd.concat([predictions("zero_shot", [0] * n), predictions("plan_in_context", [1] * n)])
+    net = _hypernet(tiny_lm)
+
+    def result(name, correct, stage2=True):
+        return AblationResult(name, AblationVariant(name=name, stage2=stage2), predictions(name, correct), net,
+                              1.0, 1.0, 10, 5 if stage2 is not False else None, 0.5)
+
+    reference = result("reference", [1] * 30 + [0] * 10)
+    no_stage2 = result("no_stage2", [1] * 20 + [0] * 20, stage2=False)
+    latent = result("latent_policy", [1] * 30 + [0] * 10, stage2={"policy": "latent"})
+    table = ablation_table([reference, no_stage2, latent], references).set_index("variant")
+    # no_stage2 is right on 10 fewer questions, never on one the reference missed: 2 / 2^10
+    assert table.loc["no_stage2", "vs_reference"] == pytest.approx(-0.25)
+    assert table.loc["no_stage2", "vs_reference_p"] == pytest.approx(2 / 2**10)
+    assert table.loc["no_stage2", "vs_reference_high"] < 0
+    assert table.loc["latent_policy", "vs_reference"] == 0.0 and table.loc["latent_policy", "vs_reference_p"] == 1.0
+    assert pd.isna(table.loc["reference", "vs_reference"])
+    assert table.loc["reference", "gap_recovered"] == pytest.approx(0.75)
+    assert table.loc["reference", "gap_recovered_low"] < 0.75 < table.loc["reference", "gap_recovered_high"]
+    markdown = ablation_markdown(table.reset_index())
+    assert "| latent_policy | stage2.policy=latent |" in markdown and "| no_stage2 | no stage 2 |" in markdown
+    assert "-0.250 [" in markdown and "p=0.00195" in markdown

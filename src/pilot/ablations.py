@@ -26,7 +26,7 @@ from pilot.config import (
     Stage1Config,
     Stage2Config,
 )
-from pilot.evaluation import answer_and_score, summarize
+from pilot.evaluation import answer_and_score, paired_difference, summarize
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.latents import LatentCache
 from pilot.models import CausalLM, count_parameters
@@ -55,7 +55,10 @@ class AblationResult:
         """The variant's settings in one line ("as configured" for none)."""
         parts = [f"guidance.{k}={v}" for k, v in self.variant.guidance.items()]
         parts += [f"stage1.{k}={v}" for k, v in self.variant.stage1.items()]
-        parts += [] if self.variant.stage2 else ["no stage 2"]
+        if self.variant.stage2 is False:
+            parts.append("no stage 2")
+        elif isinstance(self.variant.stage2, dict):
+            parts += [f"stage2.{k}={v}" for k, v in self.variant.stage2.items()]
         return ", ".join(parts) or "as configured"
 
 
@@ -75,8 +78,9 @@ def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: L
     first = run_stage1(student, trial_cache, teacher_plans, tasks, tasks_val, variant_site, latents, training,
                        generation)
     hypernet, stage2_seconds, stage2_best, val_accuracy = first.model, 0.0, None, first.best_val_accuracy
-    if variant.stage2:
-        refine = stage2.model_copy(update={"checkpoint_every": 0,
+    if variant.stage2 is not False:
+        overrides = variant.stage2 if isinstance(variant.stage2, dict) else {}
+        refine = stage2.model_copy(update={**overrides, "checkpoint_every": 0,
                                            **({"steps": config.stage2_steps} if config.stage2_steps else {})})
         second = run_stage2(student, first.model, tasks_train, tasks_val, refine, generation)
         hypernet, stage2_seconds, stage2_best = second.model, second.seconds, second.best_step
@@ -90,9 +94,31 @@ def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: L
                           stage2_best, val_accuracy)
 
 
-def ablation_table(results: list[AblationResult], references: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant: accuracy with its 95 % interval and gap recovered on each test split,
-    hyper-network parameters and training time."""
+def _paired_against(results: list[AblationResult], reference: AblationResult, split: str) -> dict[str, dict]:
+    """Each variant's accuracy minus the reference variant's on the same ``split`` questions
+    (paired bootstrap interval, McNemar's exact p)."""
+    def correct(result: AblationResult) -> pd.Series:
+        part = result.predictions[result.predictions["split"] == split] if "split" in result.predictions \
+            else result.predictions
+        return part.set_index("id")["correct"].astype(float)
+
+    base, found = correct(reference), {}
+    for result in results:
+        if result is reference:
+            continue
+        mine = correct(result)
+        shared = base.index.intersection(mine.index)
+        if len(shared):
+            found[result.name] = paired_difference(base[shared].to_numpy(), mine[shared].to_numpy())
+    return found
+
+
+def ablation_table(results: list[AblationResult], references: pd.DataFrame,
+                   reference_variant: str = "reference") -> pd.DataFrame:
+    """One row per variant: accuracy with its 95 % interval and gap recovered (with its interval;
+    NaN where the plan gap is not clear of zero) on each test split, the paired difference to the
+    ``reference_variant`` (the configured PILOT; the first variant if none has that name) with its
+    interval and McNemar's p, hyper-network parameters and training time."""
     missing = set(REFERENCE_METHODS) - set(references["method"])
     if missing:
         raise ValueError(f"The ablation report needs the evaluation's {sorted(missing)} predictions; "
@@ -100,6 +126,9 @@ def ablation_table(results: list[AblationResult], references: pd.DataFrame) -> p
     summary = summarize(pd.concat([references[references["method"].isin(REFERENCE_METHODS)],
                                    *(r.predictions for r in results)], ignore_index=True))
     overall = summary[summary["task"] == "overall"].set_index(["split", "method"])
+    reference = next((r for r in results if r.name == reference_variant), results[0] if results else None)
+    paired = {split: _paired_against(results, reference, split) if reference is not None else {}
+              for split in ("test", "test_ood")}
     rows = []
     for method in [*REFERENCE_METHODS, *(r.name for r in results)]:
         result = next((r for r in results if r.name == method), None)
@@ -108,14 +137,22 @@ def ablation_table(results: list[AblationResult], references: pd.DataFrame) -> p
             if (split, method) in overall.index:
                 found = overall.loc[(split, method)]
                 row.update({f"{prefix}accuracy": found["accuracy"], f"{prefix}ci_low": found["ci_low"],
-                            f"{prefix}ci_high": found["ci_high"], f"{prefix}gap_recovered": found["gap_recovered"]})
+                            f"{prefix}ci_high": found["ci_high"], f"{prefix}gap_recovered": found["gap_recovered"],
+                            f"{prefix}gap_recovered_low": found["gap_recovered_low"],
+                            f"{prefix}gap_recovered_high": found["gap_recovered_high"]})
+            if method in paired[split]:
+                diff = paired[split][method]
+                row.update({f"{prefix}vs_reference": diff["difference"], f"{prefix}vs_reference_low": diff["ci_low"],
+                            f"{prefix}vs_reference_high": diff["ci_high"], f"{prefix}vs_reference_p": diff["p_value"]})
         if result is not None:
             row.update(val_accuracy=result.val_accuracy, hypernet_parameters=count_parameters(result.hypernet),
                        train_seconds=result.stage1_seconds + result.stage2_seconds,
                        stage1_best_step=result.stage1_best_step,
                        stage2_best_step=-1 if result.stage2_best_step is None else result.stage2_best_step)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["reference_variant"] = reference.name if reference is not None else ""
+    return table
 
 
 def ablation_markdown(table: pd.DataFrame) -> str:
@@ -124,25 +161,44 @@ def ablation_markdown(table: pd.DataFrame) -> str:
             return ""
         return f"{row[f'{prefix}accuracy']:.3f} [{row[f'{prefix}ci_low']:.3f}, {row[f'{prefix}ci_high']:.3f}]"
 
+    def gap(row: pd.Series, prefix: str) -> str:
+        if pd.isna(row.get(f"{prefix}accuracy")):
+            return ""
+        value = row.get(f"{prefix}gap_recovered")
+        if pd.isna(value):
+            return "undefined"
+        return f"{value:.3f} [{row[f'{prefix}gap_recovered_low']:.3f}, {row[f'{prefix}gap_recovered_high']:.3f}]"
+
+    def versus(row: pd.Series, prefix: str) -> str:
+        value = row.get(f"{prefix}vs_reference")
+        if value is None or pd.isna(value):
+            return ""
+        return (f"{value:+.3f} [{row[f'{prefix}vs_reference_low']:+.3f}, {row[f'{prefix}vs_reference_high']:+.3f}] "
+                f"p={row[f'{prefix}vs_reference_p']:.3g}")
+
     def number(value: object, spec: str) -> str:
         return "" if pd.isna(value) else format(value, spec)
 
+    reference = table.attrs.get("reference_variant") or "reference"
     lines = ["# PILOT ablations", "",
              "Each variant retrains PILOT with one setting changed (stage 1, then stage 2 unless switched off), "
              "selected on validation like the main run (its validation accuracy is what a configuration is chosen "
              "on; the test columns are not), and answers the same test questions. Accuracy with 95 % "
              "Wilson intervals; gap recovered against the evaluation's zero-shot and plan-in-context rows of the "
-             "same split.", "",
-             "| variant | settings | val accuracy (selection) | test accuracy | gap recovered | OOD accuracy | "
-             "OOD gap recovered | hyper-network params | train s | best steps (s1 / s2) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "same split, with its paired-bootstrap interval, \"undefined\" where the plan gap's own paired "
+             f"interval does not exclude zero. \"vs {reference}\": the variant's accuracy minus the `{reference}` "
+             "variant's on the same questions, its 95 % paired-bootstrap interval and McNemar's exact p-value "
+             "(`no_stage2`'s row is minus the effect of stage 2).", "",
+             f"| variant | settings | val accuracy (selection) | test accuracy | vs {reference} (test) | gap recovered | "
+             f"OOD accuracy | vs {reference} (OOD) | OOD gap recovered | hyper-network params | train s | "
+             "best steps (s1 / s2) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in table.iterrows():
         steps = "" if pd.isna(row.get("stage1_best_step")) else \
             f"{int(row['stage1_best_step'])} / {'-' if row['stage2_best_step'] < 0 else int(row['stage2_best_step'])}"
         lines.append(f"| {row['variant']} | {row['settings']} | {number(row.get('val_accuracy'), '.3f')} | "
-                     f"{cell(row, '')} | "
-                     f"{number(row.get('gap_recovered'), '.3f')} | {cell(row, 'ood_')} | "
-                     f"{number(row.get('ood_gap_recovered'), '.3f')} | "
+                     f"{cell(row, '')} | {versus(row, '')} | {gap(row, '')} | {cell(row, 'ood_')} | "
+                     f"{versus(row, 'ood_')} | {gap(row, 'ood_')} | "
                      f"{number(row.get('hypernet_parameters'), ',.0f')} | {number(row.get('train_seconds'), '.0f')} | "
                      f"{steps} |")
     return "\n".join(lines) + "\n"

@@ -528,12 +528,14 @@ class AblationVariant(Params):
     name: str
     guidance: dict[str, Any] = Field(default_factory=dict)   # GuidanceParams fields
     stage1: dict[str, Any] = Field(default_factory=dict)     # Stage1Config fields (the loss weights, ...)
-    stage2: bool = True                                      # false: stage 1's hyper-network is the result
+    # false: stage 1's hyper-network is the result; a mapping: Stage2Config fields laid over stage 2's
+    stage2: bool | dict[str, Any] = True
 
     @model_validator(mode="after")
     def _known_fields(self) -> AblationVariant:
+        stage2 = self.stage2 if isinstance(self.stage2, dict) else {}
         for block, model, overrides in (("guidance", GuidanceParams, self.guidance),
-                                        ("stage1", Stage1Config, self.stage1)):
+                                        ("stage1", Stage1Config, self.stage1), ("stage2", Stage2Config, stage2)):
             unknown = sorted(set(overrides) - set(model.model_fields))
             if unknown:
                 raise ValueError(f"{block} has no setting(s) {unknown}; known: {', '.join(model.model_fields)}")

@@ -165,8 +165,18 @@ def build_report(latency: pd.DataFrame, *method_predictions: pd.DataFrame) -> tu
     predictions = pd.concat(method_predictions, ignore_index=True)
     table = summarize(predictions, latency=latency)
     shown = table.copy()
-    for column in ("accuracy", "ci_low", "ci_high", "gap_recovered"):
+    for column in ("accuracy", "ci_low", "ci_high"):
         shown[column] = shown[column].map(lambda v: f"{v:.3f}")
+    shown["gap_recovered"] = [
+        "undefined" if pd.isna(v) else f"{v:.3f} [{low:.3f}, {high:.3f}]"
+        for v, low, high in zip(table["gap_recovered"], table["gap_recovered_low"], table["gap_recovered_high"])]
+    shown["paired_difference"] = [
+        "" if pd.isna(v) else f"{v:+.3f} [{low:+.3f}, {high:+.3f}] vs {against}, McNemar p={p:.3g}"
+        for v, low, high, against, p in zip(table["paired_difference"], table["paired_ci_low"],
+                                            table["paired_ci_high"], table["paired_against"],
+                                            table["paired_p_value"])]
+    shown = shown.drop(columns=["gap_recovered_low", "gap_recovered_high", "paired_against", "paired_ci_low",
+                                "paired_ci_high", "paired_p_value"])
     shown["median_ms_per_query"] = shown["median_ms_per_query"].map(lambda v: f"{v:.2f}")
     shown["mean_new_tokens"] = shown["mean_new_tokens"].map(lambda v: f"{v:.1f}")
     sections = {"test": "Test split (in distribution)",
@@ -179,11 +189,19 @@ def build_report(latency: pd.DataFrame, *method_predictions: pd.DataFrame) -> tu
                 "each method answers them one at a time (batch of 1) after a shared warm-up, interleaved "
                 "round-robin with the other methods over `evaluation.latency.passes` passes; the median over "
                 "passes, then over questions. `plan_in_context` includes the teacher's recorded plan-writing "
-                "time per query.\n")
+                "time per query.\n\n"
+                "Gap recovered = (acc - acc_zero_shot) / (acc_plan_in_context - acc_zero_shot), with its 95 % "
+                "paired-bootstrap interval (questions resampled, every method on the same draws); \"undefined\" "
+                "where the plan gap's own paired interval does not exclude zero. `paired_difference`: PILOT "
+                "stage 2 minus stage 1 on the same questions, its 95 % paired-bootstrap interval and McNemar's "
+                "exact p-value.\n")
     overall = table[table["task"] == "overall"]
     prefix = {"test": "", "test_ood": "ood_"}
     metrics = {f"{row['method']}_{prefix.get(row['split'], row['split'] + '_')}{name}": row[name]
-               for _, row in overall.iterrows() for name in ("accuracy", "gap_recovered") if pd.notna(row[name])}
+               for _, row in overall.iterrows()
+               for name in ("accuracy", "gap_recovered", "gap_recovered_low", "gap_recovered_high",
+                            "paired_difference", "paired_ci_low", "paired_ci_high", "paired_p_value")
+               if pd.notna(row[name])}
     return predictions, table, markdown, tracking.metric_records(metrics)
 
 
@@ -268,8 +286,9 @@ def log_method_runs(results_table: pd.DataFrame, method_settings: dict[str, dict
                 if row.task == "overall":
                     metrics.update(accuracy=row.accuracy, ci_low=row.ci_low, ci_high=row.ci_high,
                                    median_ms_per_query=row.median_ms_per_query, mean_new_tokens=row.mean_new_tokens)
-                    if pd.notna(row.gap_recovered):
-                        metrics["gap_recovered"] = row.gap_recovered
+                    metrics.update({name: getattr(row, name) for name in (
+                        "gap_recovered", "gap_recovered_low", "gap_recovered_high", "paired_difference",
+                        "paired_ci_low", "paired_ci_high", "paired_p_value") if pd.notna(getattr(row, name))})
             tracking.log_metrics(metrics)
             run_ids[method] = run_id
     return run_ids
