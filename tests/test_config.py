@@ -17,7 +17,7 @@ from pilot.config import (
 )
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pilot"
-KEDRO_GLUE = {"settings.py", "pipeline_registry.py", "__main__.py"}
+KEDRO_GLUE = {"settings.py", "pipeline_registry.py", "__main__.py", "cli.py"}
 
 
 def test_the_library_does_not_import_kedro():

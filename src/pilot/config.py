@@ -16,9 +16,10 @@ from __future__ import annotations
 import difflib
 import os
 import tempfile
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -44,10 +45,50 @@ class ParameterError(ValueError):
     """A parameter is invalid; the message is one sentence naming key, value and what is allowed."""
 
 
+def _number_kind(annotation: Any) -> str | None:
+    """'an integer' or 'a number' when ``annotation`` takes numbers but not booleans, else None."""
+    if get_origin(annotation) is Annotated:
+        return _number_kind(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):  # `int | None`, `str | int`: a number is one option
+        options = get_args(annotation)
+        kinds = [kind for option in options if (kind := _number_kind(option))]
+        return None if bool in options or Any in options or not kinds else kinds[0]
+    return {int: "an integer", float: "a number"}.get(annotation)
+
+
+def _boolean_for_number(value: Any, annotation: Any) -> tuple[str, str] | None:
+    """(what is wrong, the kind wanted) when ``value`` is a boolean where ``annotation`` wants a number."""
+    kind = _number_kind(annotation)
+    if kind is not None and isinstance(value, bool):
+        return f"a boolean is not {kind}", kind
+    inner = annotation
+    while get_origin(inner) in (Annotated, Union, types.UnionType):
+        options = [o for o in get_args(inner) if o is not type(None)]
+        inner = options[0] if get_origin(inner) is Annotated or len(options) == 1 else None
+    if isinstance(value, (list, tuple)) and get_origin(inner) is list and (kind := _number_kind(get_args(inner)[0])):
+        for index, item in enumerate(value):
+            if isinstance(item, bool):
+                return f"item {index} is a boolean, not {kind}", kind
+    return None
+
+
 class Params(BaseModel):
     # allow_inf_nan=False: `inf` or `nan` as a weight, a learning rate or a range is refused
     # (they pass `ge=0` / `gt=0` and would only show up as a non-finite loss mid-training).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `true` as 1 where a number is expected (`steps=true` ran one step); refuse it."""
+        field = cls.model_fields.get(info.field_name or "")
+        problem = _boolean_for_number(value, field.annotation) if field is not None else None
+        if problem is not None:
+            what, kind = problem
+            default = None if field.is_required() else field.get_default(call_default_factory=True)
+            shown = f" (the default is {default!r})" if default not in (None, []) else ""
+            raise ValueError(f"{what}; give {kind}{shown}")
+        return value
 
 
 def _describe(error: dict[str, Any], prefix: str) -> str:
@@ -255,12 +296,19 @@ class GuidanceParams(Params):
     def resolved_align_layers(self, num_layers: int) -> list[int]:
         return sorted({layer % num_layers for layer in self.align_layers})
 
-    def check_against(self, num_layers: int) -> None:
-        """Layer indices must exist in a student with ``num_layers`` decoder layers.
+    def check_against(self, num_layers: int, hidden_size: int | None = None) -> None:
+        """Layer indices must exist in a student with ``num_layers`` decoder layers, and the attention
+        reader's heads must divide its ``hidden_size`` (when given).
 
         Each message offers only what that key accepts: ``inject_layer`` is a non-negative index,
         ``read_layer`` and ``align_layers`` may also count from the end.
         """
+        if hidden_size is not None and self.reader == "attention" and hidden_size % self.attention_heads:
+            divisors = ", ".join(str(d) for d in range(1, min(hidden_size, 64) + 1) if hidden_size % d == 0)
+            raise ParameterError(
+                f"Parameter 'guidance.attention_heads' = {self.attention_heads} must divide the student's hidden size "
+                f"{hidden_size} (guidance.reader: attention): use one of {divisors}."
+            )
         if not 0 <= self.inject_layer < num_layers:
             raise ParameterError(
                 f"Parameter 'guidance.inject_layer' = {self.inject_layer} is outside the student's "
@@ -438,6 +486,27 @@ class ReftParams(Params):
     layers: list[int] | None = None   # null: the guidance's inject_layer and every layer after it
     match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
     training: AdapterTrainingParams = AdapterTrainingParams()
+
+    def check_against(self, num_layers: int, hidden_size: int, budget: int) -> None:
+        """The configured ``layers`` must exist in a student with ``num_layers`` decoder layers, each
+        once, and fit the hyper-network's parameter ``budget`` at rank 1 (the rank only grows from there:
+        ``2 * rank * hidden_size + rank`` parameters a layer)."""
+        if not self.layers:
+            return
+        allowed = f"0..{num_layers - 1}, or -{num_layers}..-1 counting from the end"
+        for layer in self.layers:
+            if not -num_layers <= layer < num_layers:
+                raise ParameterError(f"Parameter 'baselines.reft.layers' = {self.layers} names layer {layer}, outside "
+                                     f"the student's layers: allowed {allowed}.")
+        if len({layer % num_layers for layer in self.layers}) != len(self.layers):
+            raise ParameterError(f"Parameter 'baselines.reft.layers' = {self.layers} names a layer twice (negative "
+                                 f"indices count from the end of {num_layers}); list each once.")
+        smallest = len(self.layers) * (2 * hidden_size + 1)
+        if smallest > (1 + self.match_tolerance) * budget:
+            raise ParameterError(
+                f"Parameter 'baselines.reft.layers' = {self.layers} needs {smallest} parameters even at rank 1, over "
+                f"the hyper-network's budget of {budget} (baselines.reft.match_tolerance: {self.match_tolerance}); "
+                "list fewer layers.")
 
 
 class SoftTokenParams(Params):

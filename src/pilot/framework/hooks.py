@@ -41,6 +41,8 @@ from kedro.pipeline import Pipeline
 
 from pilot.config import (
     PARAMETER_MODELS,
+    AblationsParams,
+    BaselinesParams,
     BaseParams,
     GuidanceParams,
     ParameterError,
@@ -52,9 +54,9 @@ from pilot.config import (
     output_folders,
     validate,
 )
-from pilot.guidance import HyperNetConfig
+from pilot.guidance import HyperNetConfig, make_hypernet
 from pilot import tracking
-from pilot.models import source_num_layers
+from pilot.models import count_parameters, resolve_source, source_num_layers
 from pilot.runtime import configure_threads, peak_memory_gib
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 from pilot.tuning import check_storage
@@ -71,21 +73,90 @@ def _config_json(catalog, dataset_name: str, filename: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _student_num_layers(catalog, params: dict[str, Any]) -> int | None:
-    """The student's decoder-layer count: from its config.json if it exists, else from ``base``."""
+LAYER_KEYS, WIDTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers"), ("hidden_size", "n_embd", "d_model")
+
+
+def _source_hidden_size(source: str) -> int | None:
+    """The hidden size of a model source, from its config.json or its GGUF header (no weights loaded)."""
+    path = resolve_source(source)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        return next((int(config[key]) for key in WIDTH_KEYS if key in config), None)
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    field = reader.fields.get(f"{architecture}.embedding_length")
+    return int(field.parts[-1][0]) if field is not None else None
+
+
+def _student_shape(catalog, params: dict[str, Any]) -> tuple[int, int | None] | None:
+    """The student's (decoder-layer count, hidden size): from its config.json if it exists, else from
+    ``base`` (the configured size, or the source model's header); None when neither says."""
     config = _config_json(catalog, "student_model", "config.json")
     if config is not None:
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if key in config:
-                return int(config[key])
+        layers = next((int(config[key]) for key in LAYER_KEYS if key in config), None)
+        if layers is not None:
+            return layers, next((int(config[key]) for key in WIDTH_KEYS if key in config), None)
     if "base" in params:
         student = validate(BaseParams, params["base"], "base").student
-        return source_num_layers(student.source) if student.source else student.num_layers
+        if student.source:
+            return source_num_layers(student.source), _source_hidden_size(student.source)
+        return student.num_layers, student.hidden_size
     return None
+
+
+def _unmergeable_override(base: Any, override: Any, path: tuple[str, ...] = ()) -> str | None:
+    """Where a ``--params`` override meets a container of the other kind (OmegaConf cannot merge a
+    mapping into a list or a list into a mapping): one sentence naming the key and the fix."""
+    key = ".".join(path)
+    if isinstance(override, dict) and isinstance(base, list):
+        item = ".".join((*path, *_first_leaf(override)))
+        file = f"parameters_{path[0]}.yml" if len(path) > 1 else "parameters.yml"
+        return (f"Parameter override '{item}' cannot be applied: '{key}' is a list, which `--params` cannot change "
+                f"item by item; write the whole list under '{key}' in conf/local/{file} (a list there replaces "
+                "the base one whole; or in conf/<env>/ for `--env <env>`) and run again.")
+    if isinstance(override, list) and isinstance(base, dict):
+        return (f"Parameter override '{key}' = {override!r} cannot be applied: '{key}' is a mapping (keys: "
+                f"{', '.join(map(str, base))}), not a list; set its keys one by one (`--params {key}.<key>=<value>`).")
+    if isinstance(override, dict) and isinstance(base, dict):
+        for name, value in override.items():
+            if name in base and (found := _unmergeable_override(base[name], value, (*path, str(name)))):
+                return found
+    return None
+
+
+def _first_leaf(override: dict) -> tuple[str, ...]:
+    name, value = next(iter(override.items()))
+    return (str(name), *(_first_leaf(value) if isinstance(value, dict) and value else ()))
+
+
+def _load_parameters(config_loader) -> dict[str, Any]:
+    """``config_loader["parameters"]``, with a ``--params`` override Kedro cannot merge reported as one
+    sentence naming its key (instead of OmegaConf's "Cannot merge incompatible container types")."""
+    try:
+        return config_loader["parameters"]
+    except TypeError as error:
+        overrides = getattr(config_loader, "runtime_params", None) or {}
+        if "incompatible container" not in str(error) or not overrides:
+            raise
+        config_loader.runtime_params = {}
+        try:
+            base = config_loader["parameters"]
+        finally:
+            config_loader.runtime_params = overrides
+        message = _unmergeable_override(base, overrides)
+        if message is None:
+            raise
+        raise ParameterError(message) from error
 
 
 class MissingInputError(FileNotFoundError):
     """An input of the pipeline has not been produced yet."""
+
+
+class StaleInputError(ValueError):
+    """An input of the pipeline was made for another configuration (e.g. a hyper-network for another student)."""
 
 
 def _producer(name: str) -> str | None:
@@ -106,6 +177,19 @@ def _tracking_uri(context) -> str | None:
     except MissingConfigException:
         config = {}
     return (config.get("server") or {}).get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _export_tracking_credentials(context) -> None:
+    """Export the credentials entry that mlflow.yml's ``server.credentials`` names (e.g. the
+    tracking server's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD). kedro-mlflow does the
+    same, but only after this hook has already called the server to create the experiment."""
+    try:
+        name = (context.config_loader["mlflow"].get("server") or {}).get("credentials")
+        entries = context.config_loader["credentials"] if name else {}
+    except MissingConfigException:
+        return
+    for key, value in (entries.get(name) or {}).items():
+        os.environ[key] = str(value)
 
 
 def _forget_previous_mlflow_run() -> None:
@@ -145,7 +229,7 @@ class PreflightHooks:
         """Validate the parameters and check the MLflow store before anything else reads them."""
         self._context = context
         self._tracking_disabled = False
-        raw = context.config_loader["parameters"]
+        raw = _load_parameters(context.config_loader)
         check_top_level(raw)  # a misspelt top-level block (`--params stage_1.x=5`) is an error, not a no-op
         validated = validate_parameters(raw)
         configure_threads(raw.get("threads"))
@@ -153,6 +237,7 @@ class PreflightHooks:
         if uri is None:
             return
         tracking_params = validated.get("tracking", TrackingParams())
+        _export_tracking_credentials(context)
         try:
             check_tracking_store(uri)
         except TrackingUnavailableError as error:
@@ -173,7 +258,15 @@ class PreflightHooks:
             experiment = {}
         if experiment.get("name"):
             create = experiment.get("create_experiment_kwargs") or {}
-            tracking.ensure_experiment(uri, experiment["name"], create.get("tags"), create.get("artifact_location"))
+            try:
+                tracking.ensure_experiment(uri, experiment["name"], create.get("tags"), create.get("artifact_location"))
+            except mlflow.exceptions.MlflowException as error:
+                if error.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                    raise
+                raise TrackingUnavailableError(
+                    f"MLflow server '{uri}' refused this run's credentials ({error.error_code}): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`scripts/services.sh env` on the "
+                    "tracking host prints them; docs/shared_services.md).") from None
 
     @staticmethod
     def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
@@ -187,12 +280,12 @@ class PreflightHooks:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
-        """Validate parameters (and the guidance layers) before the first node runs."""
+        """Validate parameters and every cross-field rule the pipeline's blocks use (the student's layers
+        and width, ReFT's budget), then its inputs and output folders, before the first node runs."""
         if self._tracking_disabled and self._context is not None and hasattr(self._context, "mlflow"):
             names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
             self._context.mlflow.tracking.disable_tracking.pipelines = list(names)
             _forget_previous_mlflow_run()
-        self._check_inputs_exist(pipeline, catalog)
         params = catalog.load("parameters")
         wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
                          if name.startswith("params:")})
@@ -200,9 +293,8 @@ class PreflightHooks:
             if key in PARAMETER_MODELS and key not in params:
                 raise ParameterError(f"Parameter block '{key}' is missing; add it to conf/base/parameters_{key}.yml.")
         if "guidance" in wanted:
-            num_layers = _student_num_layers(catalog, params)
-            if num_layers is not None:
-                validate(GuidanceParams, params["guidance"], "guidance").check_against(num_layers)
+            self._check_against_student(wanted, params, catalog)
+        self._check_inputs_exist(pipeline, catalog)  # after the parameters: their error is the first to fix
         self._check_hypernets_fit(pipeline, catalog)
         if "tune" in wanted:  # a shared study's database server must answer before any compute
             check_storage(validate(TuneParams, params["tune"], "tune").storage)
@@ -223,6 +315,38 @@ class PreflightHooks:
                 inputs[name] = as_plain(value)
 
     @staticmethod
+    def _check_against_student(wanted: list[str], params: dict[str, Any], catalog) -> None:
+        """The cross-field rules that need the student's shape, for every block this pipeline reads:
+        the guidance site (and each ablation variant's and tuned injection layer's), and ReFT's layers
+        and parameter budget, so none of them fails after other nodes have trained."""
+        shape = _student_shape(catalog, params)
+        if shape is None:
+            return
+        num_layers, hidden_size = shape
+        guidance = validate(GuidanceParams, params["guidance"], "guidance")
+        guidance.check_against(num_layers, hidden_size)
+        if "ablations" in wanted and "ablations" in params:
+            for variant in validate(AblationsParams, params["ablations"], "ablations").variants:
+                try:
+                    guidance.model_copy(update=variant.guidance).check_against(num_layers, hidden_size)
+                except ParameterError as error:
+                    raise ParameterError(f"{str(error).removesuffix('.')} (in ablations variant '{variant.name}', "
+                                         "whose guidance settings are laid over these).") from None
+        if "tune" in wanted and "tune" in params:
+            tune = validate(TuneParams, params["tune"], "tune")
+            for layer in tune.inject_layers or []:
+                try:
+                    guidance.model_copy(update={"inject_layer": layer}).check_against(num_layers, hidden_size)
+                except ParameterError as error:
+                    raise ParameterError(f"Parameter 'tune.inject_layers' = {tune.inject_layers}: layer {layer} does "
+                                         f"not fit this student and guidance settings ({error})") from None
+        if "baselines" in wanted and "baselines" in params and hidden_size is not None:
+            reft = validate(BaselinesParams, params["baselines"], "baselines").reft
+            if reft.layers:  # its budget: the parameter count of the hyper-network these settings build
+                budget = count_parameters(make_hypernet(guidance, hidden_size, num_layers, 0))
+                reft.check_against(num_layers, hidden_size, budget)
+
+    @staticmethod
     def _check_hypernets_fit(pipeline: Pipeline, catalog) -> None:
         """A saved hyper-network the pipeline reads must match the student's hidden size and depth."""
         student = _config_json(catalog, "student_model", "config.json")
@@ -233,7 +357,10 @@ class PreflightHooks:
         for name in sorted(pipeline.inputs() & {"hypernet_stage1", "hypernet_stage2"}):
             saved = _config_json(catalog, name, "hypernet_config.json")
             if saved is not None:
-                HyperNetConfig(**saved).check_fits(hidden, layers, where=f"'{name}'")
+                try:
+                    HyperNetConfig(**saved).check_fits(hidden, layers, where=f"'{name}'")
+                except ValueError as error:
+                    raise StaleInputError(str(error)) from None
 
 
 class RunRecordHooks:

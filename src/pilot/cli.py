@@ -1,0 +1,68 @@
+"""`kedro run` for this project: Kedro's own command, with a user's error shown as its one sentence.
+
+A bad parameter, an input not produced yet, a folder that cannot be written or a tracking store that
+cannot be reached is fixed from its message alone (it names the key or file and what to run or
+change); the ~200 lines of traceback through Kedro, pluggy and click under it only hide that
+sentence. So those errors print the sentence and exit with status 1. ``kedro run --verbose`` (or
+``PILOT_TRACEBACK=1`` in the environment) shows the full traceback. Any other exception is a bug
+and is raised as usual, with its traceback.
+
+Kedro uses the ``run`` of a project's ``cli.py`` in place of its own (for ``kedro run``, ``pilot``
+and ``python -m pilot``); this one wraps Kedro's command and keeps all of its options.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import click
+from kedro.framework.cli.project import run as kedro_run
+
+TRACEBACK_VARIABLE = "PILOT_TRACEBACK"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a user causes and fixes from the message (imported here: the CLI starts fast)."""
+    from pilot.artifacts import ArtifactChecksumError
+    from pilot.checkpoint import CorruptCheckpointError
+    from pilot.config import OutputNotWritableError, ParameterError
+    from pilot.framework.hooks import MissingInputError, StaleInputError
+    from pilot.latents import CorruptCacheError, StaleCacheError
+    from pilot.tracking import TrackingUnavailableError
+    from pilot.tuning import StorageUnavailableError
+
+    return (ParameterError, MissingInputError, StaleInputError, OutputNotWritableError, TrackingUnavailableError,
+            StorageUnavailableError, StaleCacheError, CorruptCacheError, ArtifactChecksumError, CorruptCheckpointError)
+
+
+def show_traceback(verbose: bool) -> bool:
+    return verbose or os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@click.group(name="pilot")
+def cli() -> None:
+    """Commands of the pilot project."""
+
+
+def _run(verbose: bool, **options) -> dict:
+    try:
+        return kedro_run.callback(**options)
+    except Exception as error:
+        if show_traceback(verbose) or not isinstance(error, user_errors()):
+            raise
+        click.secho(f"Error: {error}", fg="red", err=True)
+        click.echo(f"(`kedro run --verbose` or {TRACEBACK_VARIABLE}=1 shows the traceback.)", err=True)
+        sys.exit(1)
+
+
+# Kedro's own command and options, plus --verbose.
+run = copy.copy(kedro_run)
+run.params = [*kedro_run.params, click.Option(["--verbose", "-v"], is_flag=True,
+                                              help=f"Show the full traceback of any error (or set {TRACEBACK_VARIABLE}=1).")]
+run.callback = _run
+run.help = (kedro_run.help or "Run the pipeline.") + (
+    f" A user error (a bad parameter, a missing input) prints one sentence; --verbose or {TRACEBACK_VARIABLE}=1 "
+    "shows its traceback.")
+cli.add_command(run)
