@@ -135,3 +135,42 @@ def test_the_real_smollm2_gives_the_same_losses_and_gradients_from_its_prefix():
         assert (full["states"][layer] - cached["states"][layer]).abs().max() <= 1e-4 * scale
     for a, b in zip(full["grads"], cached["grads"]):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-8)
+
+
+def test_a_further_site_below_the_inject_layer_is_where_the_pass_starts(tokenizer, task_table):
+    lm = family_lm(tokenizer, "llama")
+    rows = task_table[task_table["split"] == "train"].iloc[:4]
+    site = GuidanceParams(read_layer=0, inject_layer=2, extra_inject_layers=[1], align_layers=[2, 3], mlp_hidden=16,
+                          attention_heads=2, modulation="film")
+    full, cached = both_passes(lm, rows, site, [2, 3])
+    assert torch.allclose(full["loss"], cached["loss"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(full["grads"], cached["grads"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_stage1_trains_the_same_with_and_without_the_frozen_prefix(tiny_lm, task_table, tmp_path):
+    """The real stage-1 loop (all four terms, latent RL included) from two caches of the same rows."""
+    import pandas as pd
+
+    from pilot.config import GenerationParams, LatentsParams, Stage1Config
+    from pilot.latents import LatentCache, plan_cache_build, write_cache
+    from pilot.training.stage1 import run_stage1
+
+    plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
+    site = GuidanceParams(mlp_hidden=16, attention_heads=2, modulation="film", inject_layer=0, read_layer=0)
+    val = task_table[task_table["split"] == "val"].head(8)
+    config = Stage1Config(steps=5, batch_size=8, rl_every=2, rl_batch=2, rl_samples=2, eval_every=5)
+    results = {}
+    for prefix in (False, True):
+        latents = LatentsParams(shard_size=64, frozen_prefix=prefix)
+        manifest = write_cache(plan_cache_build(plans, task_table, tiny_lm, site, latents), tmp_path / str(prefix))
+        assert ("prefix_keys" in LatentCache(tmp_path / str(prefix)).load()) == prefix
+        results[prefix] = (manifest, run_stage1(tiny_lm, LatentCache(tmp_path / str(prefix)), plans, task_table, val,
+                                                site, latents, config, GenerationParams(max_new_tokens=8)))
+    (full_manifest, full), (cached_manifest, cached) = results[False], results[True]
+    assert cached_manifest["bytes"] > full_manifest["bytes"]
+    columns = ["alignment", "contrastive", "lm", "latent_rl", "total"]
+    pd.testing.assert_frame_equal(pd.DataFrame(full.history)[columns], pd.DataFrame(cached.history)[columns],
+                                  rtol=1e-4, atol=1e-5)
+    for a, b in zip(full.model.state_dict().values(), cached.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -197,7 +197,7 @@ def _attention_mask(prefix: FrozenPrefix, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def forward_from_site(model: nn.Module, injector: GuidanceInjector | None, prefix: FrozenPrefix,
+def forward_from_site(model: nn.Module, injector: GuidanceInjector, prefix: FrozenPrefix,
                       capture: list[int] | tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """A teacher-forced pass that starts at the lowest guidance site from ``prefix``: the final
     hidden states (B, Ta, d, after the final norm) and ``{layer: (B, Ta, d)}`` for the ``capture``
@@ -208,9 +208,9 @@ def forward_from_site(model: nn.Module, injector: GuidanceInjector | None, prefi
     values. Forward hooks on those blocks (further guidance sites) fire as in a full pass; call it
     inside the injector's ``guide(vectors, prefix.answer_mask())`` block."""
     layers = decoder_layers(model)
-    site = lowest_site(injector) if injector is not None else len(layers) - 1 - prefix.keys.shape[1]
+    site = lowest_site(injector)
     upper = range(site + 1, len(layers))
-    if prefix.keys.shape[1] != len(upper) and len(upper):
+    if len(upper) and prefix.keys.shape[1] != len(upper):
         raise ValueError(f"The cached prefix holds {prefix.keys.shape[1]} layers above its site, but guidance "
                          f"from layer {site} needs {len(upper)}; rebuild the latent cache for this site.")
     config = model.config.get_text_config(decoder=True)
@@ -219,9 +219,7 @@ def forward_from_site(model: nn.Module, injector: GuidanceInjector | None, prefi
     if window is not None and getattr(config, "use_sliding_window", True) and total > window:
         raise PrefixUnsupportedError(f"Rows of {total} positions exceed the model's sliding window of {window}.")
     backbone = _backbone(model)
-    hidden = prefix.site_states
-    if injector is not None:
-        hidden = injector.apply(injector.layers.index(site), hidden)
+    hidden = injector.apply(injector.layers.index(site), prefix.site_states)
     positions = prefix.prefix_lengths[:, None] + torch.arange(hidden.shape[1], device=hidden.device)[None, :]
     cache = DynamicCache(ddp_cache_data=[(None, None)] * (site + 1)
                          + [(prefix.keys[:, i], prefix.values[:, i]) for i in range(len(upper))])
