@@ -15,6 +15,7 @@ toy architecture and the raw SmolLM2 imported from its GGUF: the timing depends 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -59,7 +60,7 @@ def first_step_terms(student, latents, examples, site, config, generation) -> di
     return {name: float(value.detach()) for name, value in terms.items()}
 
 
-def measure(env: str, rows: int, steps: int) -> list[dict]:
+def measure(env: str, rows: int, steps: int, repeats: int) -> list[dict]:
     settings = project_settings(env)
     site, generation = settings["guidance"], settings["generation"]
     data = settings["data"]
@@ -69,23 +70,28 @@ def measure(env: str, rows: int, steps: int) -> list[dict]:
     plans = table[["id", "task", "split"]].assign(plan=table["oracle_plan"], kept=True)
     examples = select_examples(plans, table, ["train"])
     config = settings["stage1"].training.model_copy(update={"steps": steps})
-    out, losses = [], {}
-    for prefix in (False, True):
-        latents = settings["latents"].model_copy(update={"frozen_prefix": prefix, "shard_size": 4096})
-        with tempfile.TemporaryDirectory() as folder:
+    caches, losses, built = {}, {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for prefix in (False, True):
+            latents = settings["latents"].model_copy(update={"frozen_prefix": prefix, "shard_size": 4096})
             started = time.perf_counter()
-            manifest = write_cache(plan_cache_build(plans, table, student, site, latents), folder)
-            build_seconds = time.perf_counter() - started
-            cached = CachedLatents(LatentCache(folder).load())
-        losses[prefix] = first_step_terms(student, cached, examples, site, config, generation)
-        for rl in (True, False):
-            run = config if rl else config.model_copy(update={"rl_weight": 0.0})
-            seconds = stage1_seconds_per_step(student, cached, examples, site, run, generation)
+            manifest = write_cache(plan_cache_build(plans, table, student, site, latents), f"{folder}/{prefix}")
+            built[prefix] = (time.perf_counter() - started, manifest["bytes"])
+            caches[prefix] = CachedLatents(LatentCache(f"{folder}/{prefix}").load())
+            losses[prefix] = first_step_terms(student, caches[prefix], examples, site, config, generation)
+    out = []
+    for rl in (True, False):
+        run = config if rl else config.model_copy(update={"rl_weight": 0.0})
+        timings = {False: [], True: []}
+        for _ in range(repeats):  # interleaved, so a change in the machine's load hits both passes alike
+            for prefix in (False, True):
+                timings[prefix].append(stage1_seconds_per_step(student, caches[prefix], examples, site, run, generation))
+        for prefix in (False, True):
             out.append({"env": env, "student": which, "pass": "cached prefix" if prefix else "full",
                         "latent RL": f"every {config.rl_every}" if rl else "off",
-                        "s / step": round(seconds, 3), "cache MiB": round(manifest["bytes"] / 2**20, 2),
-                        "cache build s": round(build_seconds, 2), "rows": len(examples),
-                        "batch": config.batch_size, "speed-up": ""})
+                        "s / step": round(statistics.median(timings[prefix]), 3),
+                        "cache MiB": round(built[prefix][1] / 2**20, 2), "cache build s": round(built[prefix][0], 2),
+                        "rows": len(examples), "batch": config.batch_size, "speed-up": ""})
     for rl in ("every", "off"):
         full, cached_row = (next(r for r in out if r["pass"] == p and r["latent RL"].startswith(rl))
                             for p in ("full", "cached prefix"))
@@ -100,12 +106,14 @@ def main() -> None:
     parser.add_argument("--env", choices=["base", "smollm2", "both"], default="both")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant, after one untimed")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each variant (median)")
     args = parser.parse_args()
     rows = []
     for env in (["base", "smollm2"] if args.env == "both" else [args.env]):
-        rows += measure(env, args.rows, args.steps)
+        rows += measure(env, args.rows, args.steps, args.repeats)
     report("Stage-1 step: full teacher-forced pass vs the cached frozen prefix", rows, [
-        f"torch threads: {torch.get_num_threads()}; each variant: one untimed step, then {args.steps} timed."])
+        f"torch threads: {torch.get_num_threads()}; each variant: one untimed step, then {args.steps} timed, "
+        f"{args.repeats} times interleaved with the other pass (median)."])
 
 
 if __name__ == "__main__":
