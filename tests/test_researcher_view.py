@@ -153,7 +153,8 @@ import json, sys
 import mlflow, pandas as pd
 mlflow.set_tracking_uri(sys.argv[1])
 questions = json.loads(sys.argv[3])
-by_run = mlflow.pyfunc.load_model(sys.argv[2]).predict(questions)
+# The signature names the `question` column: it is found by name, whatever comes before it.
+by_run = mlflow.pyfunc.load_model(sys.argv[2]).predict(pd.DataFrame({"id": range(len(questions)), "question": questions}))
 by_registry = mlflow.pyfunc.load_model("models:/pilot/1").predict(pd.DataFrame({"question": questions}))
 print("ANSWERS" + json.dumps({"run": list(by_run), "registry": list(by_registry)}))
 """
@@ -238,8 +239,8 @@ def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_pa
     from tests.test_viz import _chromium, _headless
 
     chromium = _chromium()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (Debian package `chromium`; `make test` installs it as root).")
+    require_component(chromium is not None,
+                      "Chromium is not installed (Debian package `chromium`; `make test` installs it as root)")
     runs = _method_runs(finished_run)
     experiment_id = next(iter(runs.values())).info.experiment_id
     port = _free_port()
