@@ -29,14 +29,14 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/kedro run
 
-# Headless Chromium for the Kedro-Viz test (tests/test_viz.py); installed from Debian when this
-# runs as root, otherwise that one test is skipped with the reason.
+# Headless Chromium for the browser tests (test_viz.py, test_researcher_view.py); installed from Debian when this
+# runs as root, otherwise those tests are skipped with the reason (a failure under CI=true).
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && { apt-get install -y -qq chromium >/dev/null 2>&1 \
 	            || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } \
-	  || echo "Chromium not installed: tests/test_viz.py will be skipped."
+	  || echo "Chromium not installed: the browser tests will be skipped (and fail under CI=true)."
 
 test: install browser
 	$(BIN)/python -m pytest
@@ -47,8 +47,9 @@ viz: install
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-# PostgreSQL + an MLflow server on it, on 127.0.0.1, data in .services/ (see README, "Sharing
-# tracking and tuning across machines"); then `kedro run --env shared`.
+# PostgreSQL + an MLflow server on it (basic authentication), data and passwords in .services/;
+# on 127.0.0.1, or PILOT_LISTEN=0.0.0.0 for other machines (docs/shared_services.md); then
+# `kedro run --env shared`.
 services: install
 	MLFLOW=$(BIN)/mlflow scripts/services.sh start
 

@@ -124,6 +124,16 @@ def finished_run(tmp_path_factory):
         mlflow.set_tracking_uri(None)
 
 
+def require_component(found: bool, missing: str) -> None:
+    """Skip a test whose real component (Chromium, PostgreSQL, ...) is missing here, but fail it in CI
+    (``CI=true``), where `.ci/run` installs every component: a green CI must have run it."""
+    if found:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{missing} (CI=true: a missing component is a failure, not a skip).")
+    pytest.skip(missing)
+
+
 @contextmanager
 def read_only(folder: Path) -> Iterator[Path]:
     """``folder`` refuses new files and deletions inside it for the duration.

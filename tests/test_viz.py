@@ -1,7 +1,7 @@
 """Kedro-Viz as a person sees it: a static `kedro viz build` loaded in real headless Chromium.
 
 Chromium comes from Debian's `chromium` package (`make test` installs it when it can); without
-it this test is skipped with the reason.
+it this test is skipped with the reason, and fails in CI (`CI=true`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, kedro_cli, make_project
+from tests.conftest import ROOT, kedro_cli, make_project, require_component
 
 STAGE_NODES = ("generate_tasks_node", "train_student_node", "extract_plans_node", "build_latent_cache_node",
                "train_stage1_node", "train_stage2_node", "train_lora_node", "build_report_node")
@@ -68,8 +68,8 @@ def test_every_dataset_has_a_layer_and_the_layers_follow_the_flow(viz_site):
 
 def test_kedro_viz_shows_every_stage_in_a_real_browser(viz_site, tmp_path):
     chromium = _chromium()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (Debian package `chromium`; `make test` installs it as root).")
+    require_component(chromium is not None,
+                      "Chromium is not installed (Debian package `chromium`; `make test` installs it as root)")
     project, url = viz_site
     dom = _headless(chromium, tmp_path / "profile-dom", "--dump-dom", url).stdout
     missing = [name for name in STAGE_NODES if f">{name}<" not in dom]  # a rendered SVG label
