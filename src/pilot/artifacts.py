@@ -52,6 +52,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         yield scratch
         files = sorted(p for p in scratch.rglob("*") if p.is_file())
         digests = {p.relative_to(scratch).as_posix(): sha256_file(p) for p in files}
+        digests[CHECKSUMS] = _listing_digest(digests)
         (scratch / CHECKSUMS).write_text(json.dumps(digests, indent=1, sort_keys=True))
         for file in [*files, scratch / CHECKSUMS]:
             _fsync(file)
@@ -65,6 +66,12 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _listing_digest(digests: dict[str, str]) -> str:
+    """The checksum of a folder's checksum listing: over every entry but its own."""
+    entries = {name: digest for name, digest in digests.items() if name != CHECKSUMS}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
 def verify_folder(path: str | Path, rebuild: str = DEFAULT_REBUILD) -> None:
     """Check every file listed in ``path/checksums.json``; raise naming the first that differs."""
     path = Path(path)
@@ -76,6 +83,12 @@ def verify_folder(path: str | Path, rebuild: str = DEFAULT_REBUILD) -> None:
         digests = json.loads(listing.read_text())
     except ValueError as error:
         raise ArtifactChecksumError(f"'{listing}' is unreadable ({error}); rebuild it with `{rebuild}`.") from None
+    # Its own entry (absent in folders written by earlier versions) covers every other entry, so an
+    # edited name is caught even where it now names another file of the folder.
+    own = digests.pop(CHECKSUMS, None)
+    if own is not None and own != _listing_digest(digests):
+        raise ArtifactChecksumError(f"'{listing}' does not match its own checksum (changed since it was written); "
+                                    f"rebuild it with `{rebuild}`.")
     for name, expected in digests.items():
         file = path / name
         if not file.is_file() or sha256_file(file) != expected:
@@ -110,6 +123,10 @@ def verify_file(path: str | Path, rebuild: str = DEFAULT_REBUILD) -> None:
     if not sidecar.is_file():
         raise ArtifactChecksumError(f"'{path}' has no checksum file '{sidecar.name}', so it cannot be verified; "
                                     f"rebuild it with `{rebuild}`.")
-    if sha256_file(path) != sidecar.read_text().split()[0]:
+    recorded = sidecar.read_text().strip().split(None, 1)  # '<sha256>  <file name>'
+    if len(recorded) > 1 and recorded[1] != path.name:
+        raise ArtifactChecksumError(f"'{sidecar}' is the checksum of '{recorded[1]}', not of '{path.name}' (copied "
+                                    f"from another file); rebuild it with `{rebuild}`.")
+    if not recorded or sha256_file(path) != recorded[0]:
         raise ArtifactChecksumError(f"'{path}' does not match its checksum (corrupted or changed since it was "
                                     f"written); rebuild it with `{rebuild}`.")

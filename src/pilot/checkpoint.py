@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 
 
 KEEP_RUNS = 2  # fingerprint folders kept: the current run and the one before it
+STATE_CHECKSUM = "state_sha256"  # state.json's own checksum, over every other field
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    fields = {key: value for key, value in state.items() if key != STATE_CHECKSUM}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -61,7 +67,7 @@ def _is_run_folder(path: Path) -> bool:
     if not path.is_dir() or path.name.startswith(("step-", ".")):
         return False
     children = list(path.iterdir())
-    return bool(children) and all(c.is_dir() and c.name.startswith(("step-", ".tmp-step-")) for c in children)
+    return bool(children) and all(c.is_dir() and c.name.startswith(("step-", ".tmp-step-", ".deleting-step-")) for c in children)
 
 
 def find_checkpoints(directory: str | Path) -> list[Path]:
@@ -146,6 +152,7 @@ class CheckpointManager:
             "fingerprint": self.fingerprint,
             "sha256": {name: sha256_file(tmp / name) for name in ("weights.safetensors", "optimizer.safetensors")},
         }
+        state[STATE_CHECKSUM] = _state_digest(state)
         (tmp / "state.json").write_text(json.dumps(state))
         for file in tmp.iterdir():
             with file.open("rb") as handle:
@@ -198,11 +205,21 @@ class CheckpointManager:
             _remove(path, strict=True)
 
     def verify(self, path: Path) -> dict[str, Any]:
-        """Read ``state.json`` and check both tensor files against their recorded sha256."""
+        """Read ``state.json``, check it against its own checksum and its folder's step, and both
+        tensor files against their recorded sha256."""
         try:
             state = json.loads((path / "state.json").read_text())
         except (OSError, ValueError) as error:
             raise CorruptCheckpointError(f"Checkpoint '{path}' has no readable state.json ({error}).") from error
+        remedy = f"delete '{path}' to resume from the previous checkpoint, or rerun from scratch"
+        # Checkpoints of earlier versions have no checksum of their own; their tensor files are still checked.
+        if STATE_CHECKSUM in state and state[STATE_CHECKSUM] != _state_digest(state):
+            raise CorruptCheckpointError(f"Checkpoint file '{path / 'state.json'}' does not match its checksum "
+                                         f"(changed since it was written); {remedy}.")
+        step = state.get("step")
+        if not isinstance(step, int) or path.name != f"step-{step:08d}":
+            raise CorruptCheckpointError(f"Checkpoint '{path}' holds step {step!r}, not the step its folder names "
+                                         f"(a checkpoint moved or copied over another); {remedy}.")
         for name, expected in state.get("sha256", {}).items():
             file = path / name
             if not file.is_file() or sha256_file(file) != expected:
@@ -239,9 +256,14 @@ class CheckpointManager:
 
 
 def _remove(path: Path, strict: bool) -> None:
-    """Delete a checkpoint folder; ``strict``: raise :class:`CheckpointDeleteError` naming it if it stays."""
+    """Delete a checkpoint folder; ``strict``: raise :class:`CheckpointDeleteError` naming it if it stays.
+
+    The folder is first renamed out of the ``step-*`` namespace (atomic), so a process killed while
+    deleting leaves a hidden leftover, never a half-deleted checkpoint that looks like one."""
     try:
-        shutil.rmtree(path)
+        doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     except FileNotFoundError:
         return
     except OSError as error:

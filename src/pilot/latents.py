@@ -7,7 +7,9 @@ A second, plan-free pass records what the hyper-network reads (the query's token
 
 On disk: ``shard-00000.safetensors`` ... plus ``manifest.json``. Every shard carries in its
 safetensors header the cache fingerprint (student weights, tokenizer, examples, settings) and
-a sha256 of its tensors, so a truncated, corrupted or stale shard is detected on its own.
+a sha256 of its tensors, so a truncated, corrupted or stale shard is detected on its own. The
+manifest carries a sha256 of its own fields, and each shard's header its index, which must be its
+place in the manifest: an edited manifest or a shard file copied over another is refused on load.
 
 Building is a stream of chunks (:func:`cache_chunks`): one :class:`LatentShard` per shard
 still to compute, then the :class:`CacheManifest`. The ``latents`` node yields them and the
@@ -209,13 +211,22 @@ def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, metadata
 
 
-def read_shard(path: Path, expected_fingerprint: str | None = None) -> dict[str, torch.Tensor]:
-    """Load and verify one shard: readable, checksum intact, and (if given) the right fingerprint."""
+def read_shard(path: Path, expected_fingerprint: str | None = None,
+               expected_index: int | None = None) -> dict[str, torch.Tensor]:
+    """Load and verify one shard: readable, checksum intact, and (if given) the right fingerprint
+    and the right place in the cache (the index in its header), so a shard file moved or copied
+    over another is refused."""
     tensors, metadata = _read_verified(path)
     if expected_fingerprint is not None and metadata.get("fingerprint") != expected_fingerprint:
         raise StaleCacheError(
             f"Latent shard '{path}' was built for other inputs (fingerprint {metadata.get('fingerprint')} "
             f"!= {expected_fingerprint}); rebuild with `kedro run --pipelines latents`."
+        )
+    if expected_index is not None and metadata.get("shard") != str(expected_index):
+        raise CorruptCacheError(
+            f"Latent shard '{path}' is shard {metadata.get('shard')} of its cache, not shard {expected_index} (its "
+            f"place in {MANIFEST}): a shard file was moved or copied over another; rebuild with "
+            "`kedro run --pipelines latents`."
         )
     return tensors
 
@@ -234,10 +245,17 @@ def shard_fingerprints(directory: str | Path) -> dict[int, str | None]:
     for path in sorted(Path(directory).glob("shard-*.safetensors")):
         index = int(path.stem.split("-")[1])
         try:
-            found[index] = _read_verified(path)[1].get("fingerprint")
+            metadata = _read_verified(path)[1]
         except CorruptCacheError as error:
             logger.warning("%s Recomputing it.", error)
             found[index] = None
+            continue
+        if metadata.get("shard") != str(index):  # a shard file moved or copied over another
+            logger.warning("Latent shard '%s' is shard %s of its cache, not shard %d; recomputing it.", path,
+                           metadata.get("shard"), index)
+            found[index] = None
+        else:
+            found[index] = metadata.get("fingerprint")
     return found
 
 
@@ -301,13 +319,43 @@ def write_shard(directory: str | Path, shard: LatentShard) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = directory / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != shard.fingerprint:
+    try:
+        other_build = manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != shard.fingerprint
+    except ValueError:  # an unreadable manifest describes no complete cache either
+        other_build = True
+    if other_build:
         manifest.unlink()  # the folder no longer holds that complete cache
     metadata = {"fingerprint": shard.fingerprint, "shard": str(shard.index), "sha256": _tensor_digest(shard.tensors)}
     final = _shard_path(directory, shard.index)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     save_file(shard.tensors, tmp, metadata=metadata)
     os.replace(tmp, final)
+
+
+MANIFEST_CHECKSUM = "manifest_sha256"  # the manifest's own checksum, over every other field
+
+
+def _manifest_digest(record: dict) -> str:
+    fields = {key: value for key, value in record.items() if key != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """A cache's ``manifest.json``, its own checksum verified: any change to it (a shard's name, an
+    id, a count) is an error naming the file, never a cache read in another order."""
+    path = Path(path)
+    rebuild = "rebuild it with `kedro run --pipelines latents` (it reuses the shards that are intact)"
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        raise CorruptCacheError(f"Latent cache manifest '{path}' is unreadable ({error}); {rebuild}.") from None
+    if not isinstance(record, dict) or MANIFEST_CHECKSUM not in record:
+        raise CorruptCacheError(f"Latent cache manifest '{path}' has no checksum (written by an older version or "
+                                f"by hand); {rebuild}.")
+    if record[MANIFEST_CHECKSUM] != _manifest_digest(record):
+        raise CorruptCacheError(f"Latent cache manifest '{path}' does not match its checksum (changed since it was "
+                                f"written); {rebuild}.")
+    return record
 
 
 def write_manifest(directory: str | Path, manifest: CacheManifest) -> dict:
@@ -324,6 +372,7 @@ def write_manifest(directory: str | Path, manifest: CacheManifest) -> dict:
                                 "`kedro run --pipelines latents`.")
     record = {**asdict(manifest), "shards": [p.name for p in shards], "bytes": sum(p.stat().st_size for p in shards)}
     record.pop("num_shards")
+    record[MANIFEST_CHECKSUM] = _manifest_digest(record)
     (directory / MANIFEST).write_text(json.dumps(record, indent=1))
     logger.info("Latent cache %s: %d examples in %d shards (%d computed, %d reused), %.1f MiB, %.1f ex/s",
                 directory, manifest.num_examples, manifest.num_shards, manifest.computed_shards,
@@ -359,7 +408,7 @@ class LatentCache:
             raise FileNotFoundError(
                 f"No complete latent cache at '{self.directory}' (no {MANIFEST}); run `kedro run --pipelines latents`."
             )
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = read_manifest(manifest)
 
     @property
     def fingerprint(self) -> str:
@@ -377,8 +426,10 @@ class LatentCache:
             )
 
     def shards(self) -> Iterator[dict[str, torch.Tensor]]:
-        for name in self.manifest["shards"]:
-            yield read_shard(self.directory / name, self.fingerprint)
+        """Every shard in the manifest's order, each checked against the manifest's fingerprint and
+        its place in it."""
+        for index, name in enumerate(self.manifest["shards"]):
+            yield read_shard(self.directory / name, self.fingerprint, expected_index=index)
 
     def load(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Every shard, verified, re-padded and concatenated in example order."""
