@@ -335,7 +335,7 @@ print_env() {
     esac ;;
   esac
   echo "# Client settings for the PILOT services on $host (written by scripts/services.sh env $host)."
-  echo "# Secret: keep this file mode 600. Use: . ./pilot-services.env"
+  echo "# Secret: keep this file mode 600. Use: . ~/pilot-services.env (docs/shared_services.md)"
   echo "export MLFLOW_TRACKING_URI=http://$host:$(mlflow_port)"
   echo "export MLFLOW_TRACKING_USERNAME=$MLFLOW_CLIENT_USER"
   echo "export MLFLOW_TRACKING_PASSWORD=$(user_password "$MLFLOW_CLIENT_USER")"
