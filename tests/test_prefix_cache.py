@@ -174,3 +174,42 @@ def test_stage1_trains_the_same_with_and_without_the_frozen_prefix(tiny_lm, task
                                   rtol=1e-4, atol=1e-5)
     for a, b in zip(full.model.state_dict().values(), cached.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_replies_after_a_cached_prompt_give_the_full_pass_loss_and_gradients(tokenizer, task_table, family):
+    """Stage 2's case: replies not known in advance, teacher-forced after the prompts' cached keys and values."""
+    from pilot.guidance.prefix import prompt_cache
+
+    lm = build_causal_lm(tokenizer, family=family, hidden_size=32, num_layers=3, num_heads=2, seed=0)
+    rows = task_table[task_table["split"] == "train"].iloc[:4]
+    questions = rows["question"].tolist()
+    replies = [" 12", " -7 and more", " 3", " 100 5"]  # sampled replies of any length, two per question
+    site = GuidanceParams(read_layer=0, inject_layer=1, align_layers=[-1], mlp_hidden=16, attention_heads=2,
+                          modulation="film")
+    hypernet = trained_looking_hypernet(lm, site)
+    fmt = prompt_format(lm.tokenizer)
+    prompts = encode_pairs(tokenizer, [fmt.answer_prompt(q) for q in questions[:2]], ["", ""])
+    cache = prompt_cache(lm.model, prompts).repeat_interleave(2)
+    grouped = [q for q in questions[:2] for _ in range(2)]
+    results = []
+    with GuidedStudent(lm, hypernet) as guided:
+        states, lengths = guided.query_states(grouped)
+        mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
+        for cached in (False, True):
+            hypernet.zero_grad()
+            vectors = hypernet(states, mask)
+            if cached:
+                tokens, logits, _ = guided.teacher_forced_after_prompt(cache, grouped, replies, vectors)
+            else:
+                tokens, logits, _ = guided.teacher_forced(grouped, replies, vectors, [])
+            loss = next_token_loss(logits, tokens)
+            loss.backward()
+            results.append((logits.detach(), loss.detach(), [p.grad.clone() for p in hypernet.parameters()
+                                                              if p.grad is not None]))
+    (full_logits, full_loss, full_grads), (logits, loss, grads) = results
+    torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in full_grads)
+    for a, b in zip(full_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

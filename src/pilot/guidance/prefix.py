@@ -241,3 +241,60 @@ def answer_logits(model: nn.Module, hidden: torch.Tensor, prefix: FrozenPrefix) 
     """(N, vocabulary) logits of every valid answer position of :func:`forward_from_site`'s hidden
     states, row by row: the rows and order of :func:`pilot.sequences.labelled_logits` over the same rows."""
     return model.get_output_embeddings()(hidden[prefix.answer_mask()])
+
+
+# ------------------------------------------------------------------------------ any reply: the prompt's cache
+@dataclass
+class PromptCache:
+    """The prompts' keys and values at every layer, for teacher-forcing replies that are not known
+    in advance (stage 2's sampled replies): computed once per batch of questions, without gradient,
+    and reused by every guided pass over their replies."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (B, kv_heads, P, head_dim) keys, values
+    prefix_lengths: torch.Tensor                      # (B,) prompt positions before the first answer position
+
+    def repeat_interleave(self, k: int) -> PromptCache:
+        """Each row ``k`` times in a row (a group of replies per question): views, no copies of the states."""
+        index = torch.arange(len(self.prefix_lengths), device=self.prefix_lengths.device).repeat_interleave(k)
+        return self.select(index)
+
+    def select(self, rows: torch.Tensor) -> PromptCache:
+        return PromptCache([(keys[rows], values[rows]) for keys, values in self.layers], self.prefix_lengths[rows])
+
+
+@torch.no_grad()
+def prompt_cache(model: nn.Module, batch: TokenBatch) -> PromptCache:
+    """One unguided pass over each row's prompt minus its last token (the positions guidance never
+    reaches): the keys and values every later guided pass over an answer reads."""
+    prefix_lengths = batch.prompt_lengths - 1
+    width = int(prefix_lengths.max())
+    device = next(model.parameters()).device
+    mask = lengths_to_mask(prefix_lengths, width)
+    out = model(input_ids=batch.input_ids[:, :width].to(device), attention_mask=mask.long().to(device),
+                use_cache=True, logits_to_keep=1)
+    return PromptCache([(layer.keys, layer.values) for layer in out.past_key_values.layers], prefix_lengths.to(device))
+
+
+def answer_part(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Ta) the input tokens at each row's answer positions (pad after the row) and (B, Ta) their mask."""
+    start, lengths = batch.prompt_lengths - 1, batch.target_lengths
+    width = int(lengths.max())
+    index = (start[:, None] + torch.arange(width)[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
+    mask = lengths_to_mask(lengths, width)
+    return batch.input_ids.gather(1, index).masked_fill(~mask, 0), mask
+
+
+def forward_after_prompt(model: nn.Module, cache: PromptCache, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model over each row's answer positions only, reading its prompt from ``cache``, through the
+    model's own cache interface: (logits (N, vocabulary) of the valid answer positions row by row, as
+    :func:`pilot.sequences.labelled_logits` gives them, and the (B, Ta) answer mask). Guidance hooks
+    fire as in a full pass; give the injector the returned mask's shape (``answer_part``)."""
+    device = cache.prefix_lengths.device
+    ids, answer_mask = (t.to(device) for t in answer_part(batch))
+    width = cache.layers[0][0].shape[2]
+    prompt_mask = lengths_to_mask(cache.prefix_lengths, width)
+    positions = cache.prefix_lengths[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+    past = DynamicCache(ddp_cache_data=list(cache.layers))
+    logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, answer_mask], dim=1).long(),
+                   position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=answer_mask).logits
+    return (logits if logits.dim() == 2 else logits[answer_mask]), answer_mask

@@ -6,7 +6,14 @@ import torch
 
 from pilot.guidance.hypernet import HyperNetwork
 from pilot.guidance.injection import Guidance, GuidanceInjector, capture_layers
-from pilot.guidance.prefix import FrozenPrefix, answer_logits, forward_from_site
+from pilot.guidance.prefix import (
+    FrozenPrefix,
+    PromptCache,
+    answer_logits,
+    answer_part,
+    forward_after_prompt,
+    forward_from_site,
+)
 from pilot.models import CausalLM, freeze
 from pilot.prompts import prompt_format
 from pilot.sequences import TokenBatch, encode_pairs, labelled_logits, lengths_to_mask
@@ -89,3 +96,18 @@ class GuidedStudent:
             hidden, captured = forward_from_site(self.student.model, self.injector, prefix, layers)
             logits = answer_logits(self.student.model, hidden, prefix)
         return logits, captured
+
+    def teacher_forced_after_prompt(self, cache: PromptCache, questions: list[str], answers: list[str],
+                                    vectors: torch.Tensor, layers: list[int] = ()
+                                    ) -> tuple[TokenBatch, torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`teacher_forced` for any replies (stage 2's samples) over prompts whose keys and values
+        ``cache`` holds (:func:`pilot.guidance.prefix.prompt_cache`, one row per question): only the
+        answer positions run. The same logits; the captured states are (B, Ta, d), at the answer
+        positions only."""
+        batch = encode_pairs(self.student.tokenizer, [self.format.answer_prompt(q) for q in questions],
+                             [self.format.answer_target(a) for a in answers])
+        _, answer_mask = answer_part(batch)
+        with self.injector.guide(vectors, answer_mask.to(self.student.device)), \
+                capture_layers(self.student.model, list(layers)) as captured:
+            logits, _ = forward_after_prompt(self.student.model, cache, batch)
+        return batch.to(self.student.device), logits, dict(captured)
