@@ -182,6 +182,10 @@ start_pg() {
   fi
   echo "$LISTEN" >"$DIR/listen"
   echo "PostgreSQL started on $LISTEN:$PG_PORT"
+}
+
+# At every start, not only the first: a cluster from an older version of this script has no mlflow_auth.
+create_databases() {
   for database in mlflow mlflow_auth optuna; do
     if [ -z "$(psql_pilot -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$database'")" ]; then
       psql_pilot -d postgres -c "CREATE DATABASE $database"
@@ -360,6 +364,7 @@ case "${1:-}" in
     fi
     init_cluster
     start_pg
+    create_databases
     start_mlflow
     register_credentials
     echo "Services healthy after $(elapsed "$started") s. Clients: eval \"\$(scripts/services.sh env)\""
