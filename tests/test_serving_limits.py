@@ -105,6 +105,18 @@ def test_non_strings_and_frames_without_a_question_column_are_refused_in_one_sen
         assert refused.value.message.startswith(expected) and "\n" not in refused.value.message
 
 
+def test_a_question_longer_than_the_students_context_is_refused_before_generation(tiny_lm):
+    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), max_new_tokens=6, batch_size=4,
+                                limits=RequestLimits(max_question_chars=10_000))
+    try:
+        context = tiny_lm.model.config.max_position_embeddings
+        with pytest.raises(RequestError, match=rf"^Question 2 is \d+ tokens in its prompt; this model reads at most "
+                                               rf"{context - 6} \({context} positions less 6 for the answer\)\.$"):
+            model.predict(None, ["1 + 1 =", " + ".join(["7"] * 400) + " ="])
+    finally:
+        model.guided.remove()
+
+
 def test_limits_come_from_the_logged_settings_and_the_server_environment():
     assert RequestLimits.from_settings({}) == RequestLimits()
     assert RequestLimits.from_settings({"max_questions": 3}, {}) == RequestLimits(max_questions=3)

@@ -240,7 +240,8 @@ def _header_fingerprint(path: Path) -> str | None:
 
 
 def shard_fingerprints(directory: str | Path) -> dict[int, str | None]:
-    """What a cache folder holds: each shard's fingerprint, ``None`` for a corrupt one (checksums read)."""
+    """What a cache folder holds: each shard's fingerprint, ``None`` for a corrupt one (checksums read)
+    or one whose header names another index (a file moved or copied over another)."""
     found = {}
     for path in sorted(Path(directory).glob("shard-*.safetensors")):
         index = int(path.stem.split("-")[1])
