@@ -1,4 +1,4 @@
-"""A local Hugging Face model in place of the embedded default (README, "Your own models")."""
+"""A local Hugging Face model in place of the embedded default (docs/own_models.md)."""
 
 from __future__ import annotations
 

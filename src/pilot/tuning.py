@@ -114,7 +114,7 @@ def check_storage(url: str, timeout_s: int = 5) -> None:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise StorageUnavailableError(
             f"Optuna storage '{_masked(url)}' is unreachable ({reason}); start the local services with "
-            "`make services` (and set PGPASSFILE or PGPASSWORD, see README), or fix tune.storage.") from error
+            "`make services` (and set PGPASSFILE or PGPASSWORD, see docs/shared_services.md), or fix tune.storage.") from error
     finally:
         engine.dispose()
 
