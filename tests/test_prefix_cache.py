@@ -179,8 +179,6 @@ def test_stage1_trains_the_same_with_and_without_the_frozen_prefix(tiny_lm, task
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_replies_after_a_cached_prompt_give_the_full_pass_loss_and_gradients(tokenizer, task_table, family):
     """Stage 2's case: replies not known in advance, teacher-forced after the prompts' cached keys and values."""
-    from pilot.guidance.prefix import prompt_cache
-
     lm = build_causal_lm(tokenizer, family=family, hidden_size=32, num_layers=3, num_heads=2, seed=0)
     rows = task_table[task_table["split"] == "train"].iloc[:4]
     questions = rows["question"].tolist()
@@ -188,12 +186,10 @@ def test_replies_after_a_cached_prompt_give_the_full_pass_loss_and_gradients(tok
     site = GuidanceParams(read_layer=0, inject_layer=1, align_layers=[-1], mlp_hidden=16, attention_heads=2,
                           modulation="film")
     hypernet = trained_looking_hypernet(lm, site)
-    fmt = prompt_format(lm.tokenizer)
-    prompts = encode_pairs(tokenizer, [fmt.answer_prompt(q) for q in questions[:2]], ["", ""])
-    cache = prompt_cache(lm.model, prompts).repeat_interleave(2)
     grouped = [q for q in questions[:2] for _ in range(2)]
     results = []
     with GuidedStudent(lm, hypernet) as guided:
+        cache = guided.prompt_cache(questions[:2]).repeat_interleave(2)
         states, lengths = guided.query_states(grouped)
         mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
         for cached in (False, True):

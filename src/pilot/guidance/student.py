@@ -13,6 +13,7 @@ from pilot.guidance.prefix import (
     answer_part,
     forward_after_prompt,
     forward_from_site,
+    prompt_cache,
 )
 from pilot.models import CausalLM, freeze
 from pilot.prompts import prompt_format
@@ -96,6 +97,13 @@ class GuidedStudent:
             hidden, captured = forward_from_site(self.student.model, self.injector, prefix, layers)
             logits = answer_logits(self.student.model, hidden, prefix)
         return logits, captured
+
+    def prompt_cache(self, questions: list[str]) -> PromptCache:
+        """The questions' prompts read once (keys and values at every layer, no guidance, no gradient),
+        for :meth:`teacher_forced_after_prompt` over any replies to them."""
+        batch = encode_pairs(self.student.tokenizer, [self.format.answer_prompt(q) for q in questions],
+                             [""] * len(questions))
+        return prompt_cache(self.student.model, batch)
 
     def teacher_forced_after_prompt(self, cache: PromptCache, questions: list[str], answers: list[str],
                                     vectors: torch.Tensor, layers: list[int] = ()
