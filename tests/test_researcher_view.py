@@ -26,7 +26,7 @@ from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
 from pilot.latency import answerer, latency_table, measure_latency
 from pilot.models import count_parameters
 from pilot.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
-from tests.conftest import ROOT, same_code_env
+from tests.conftest import ROOT, require_component, same_code_env
 
 
 def _client(project) -> MlflowClient:

@@ -4,6 +4,9 @@ One frozen student forward pass per example with the kept plan in context, teach
 the gold answer, records the hidden states at the alignment layers at the answer positions.
 A second, plan-free pass records what the hyper-network reads (the query's token states at
 ``read_layer``) and the plan-free states at the injection layer (for the CAA steering vector).
+With ``latents.frozen_prefix`` the same plan-free pass also records the *frozen prefix*
+(:mod:`pilot.guidance.prefix`): what guidance cannot change, so each stage-1 step runs only the
+blocks above the lowest guided layer, over the answer positions.
 
 On disk: ``shard-00000.safetensors`` ... plus ``manifest.json``. Every shard carries in its
 safetensors header the cache fingerprint (student weights, tokenizer, examples, settings) and
