@@ -159,3 +159,21 @@ def test_a_checksum_file_copied_from_another_file_is_refused(tmp_path):
     verify_file(tmp_path / "a.safetensors")
     with pytest.raises(ArtifactChecksumError, match=r"is the checksum of 'a.safetensors', not of 'b.safetensors'"):
         verify_file(tmp_path / "b.safetensors", "kedro run --pipelines baselines")
+
+
+def test_a_corrupt_cache_found_while_kedro_loads_a_dataset_is_still_one_sentence():
+    """Kedro wraps an error raised while loading a dataset in its DatasetError; `kedro run` prints the
+    user error behind it, not the wrapper and its traceback."""
+    from kedro.io import DatasetError
+
+    from pilot.cli import user_error
+
+    corrupt = CorruptCacheError("Latent cache manifest 'm.json' does not match its checksum; rebuild it.")
+    try:
+        try:
+            raise corrupt
+        except CorruptCacheError as error:
+            raise DatasetError("Failed while loading data from dataset LatentCacheDataset(...).") from error
+    except DatasetError as wrapped:
+        assert user_error(wrapped) is corrupt
+    assert user_error(RuntimeError("a bug")) is None

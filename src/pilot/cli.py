@@ -46,13 +46,26 @@ def cli() -> None:
     """Commands of the pilot project."""
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error behind ``error``: itself, or the one a wrapper was raised from (Kedro wraps an
+    error raised while loading a dataset, a corrupt cache say, in its own ``DatasetError``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, user_errors()):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _run(verbose: bool, **options) -> dict:
     try:
         return kedro_run.callback(**options)
     except Exception as error:
-        if show_traceback(verbose) or not isinstance(error, user_errors()):
+        cause = user_error(error)
+        if show_traceback(verbose) or cause is None:
             raise
-        click.secho(f"Error: {error}", fg="red", err=True)
+        click.secho(f"Error: {cause}", fg="red", err=True)
         click.echo(f"(`kedro run --verbose` or {TRACEBACK_VARIABLE}=1 shows the traceback.)", err=True)
         sys.exit(1)
 
