@@ -11,7 +11,8 @@ verifier, and turns the rewards into group-relative advantages. What the policy 
   frozen. GRPO's clipped surrogate with token-level averaging (DAPO / Dr. GRPO,
   :func:`pilot.training.losses.token_policy_loss`), a rollout batch reused for
   ``updates_per_batch`` optimizer steps (its ratio clipped), and a per-token KL to the stage-1
-  hyper-network's policy (``kl_weight``).
+  hyper-network's policy (``kl_weight``). Replies are sampled at ``rollout_temperature`` T, so
+  the policy scored is softmax(logits / T), as TRL scores it.
 - ``latent``: g is the mean of a Gaussian; a group of vectors is sampled, each decoded once and
   REINFORCE is applied to the vector's log-probability. Kept for the ablation: the reward's
   variance comes mostly from the token sampling, which this log-probability does not explain.
@@ -116,6 +117,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
     query_states, query_lengths = guided.query_states(questions_all)
     query_mask = lengths_to_mask(query_lengths, query_states.shape[1])
     clip_high = config.clip_epsilon_high if config.clip_epsilon_high is not None else config.clip_epsilon
+    temperature = config.rollout_temperature or 1.0   # greedy rollouts (T = 0) are scored at T = 1
     cache: dict[int, Rollouts] = {}
 
     def guidance_of(index: list[int], net: HyperNetwork) -> torch.Tensor:
@@ -172,21 +174,25 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         questions = [questions_all[i] for i in index for _ in range(k)]
         batch, logits, _ = guided.teacher_forced(questions, rollouts.replies, means[owner], [])
         targets = batch.next_tokens()
-        log_probs, entropy = token_log_probs(logits, targets)
+        # The sampling policy is softmax(logits / T) (as TRL scores it); self-supervision is plain LM at T = 1.
+        log_probs, entropy = token_log_probs(logits / temperature, targets)
         token_rows = torch.nonzero(batch.predicting_positions())[:, 0]
         if first_update:   # the policy that sampled them is this one: ratio 1 (TRL's num_iterations=1)
             rollouts.old_log_probs = log_probs.detach()
             with torch.no_grad():
                 _, reference_logits, _ = guided.teacher_forced(questions, rollouts.replies,
                                                                guidance_of(index, reference)[owner], [])
-                rollouts.reference_log_probs, _ = token_log_probs(reference_logits, targets)
+                rollouts.reference_log_probs, _ = token_log_probs(reference_logits / temperature, targets)
         advantages = group_advantages(rollouts.rewards, scale=config.scale_rewards).reshape(-1)
         terms["policy"], terms["clip_ratio"] = token_policy_loss(
             log_probs, rollouts.old_log_probs, advantages, token_rows, groups * k, config.clip_epsilon, clip_high,
             config.loss_type, generation.max_new_tokens + 1)
         terms["kl"] = token_kl(log_probs, rollouts.reference_log_probs)
         correct = (rollouts.rewards.reshape(-1) == 1.0)[token_rows]
-        terms["self_supervision"] = -log_probs[correct].mean() if bool(correct.any()) else log_probs.sum() * 0
+        if bool(correct.any()):
+            terms["self_supervision"] = -token_log_probs(logits[correct], targets[correct])[0].mean()
+        else:
+            terms["self_supervision"] = log_probs.sum() * 0
         terms["entropy"] = entropy.mean()
         return terms
 
