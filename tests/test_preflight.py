@@ -47,7 +47,7 @@ CASES = {
     "a boolean is not an integer": (
         ["--params", "stage1.training.steps=true"],
         "Error: Parameter 'stage1.training.steps' = True is invalid: a boolean is not an integer; give an integer "
-        "(the default is 300)."),
+        "(the default is 3000)."),   # the code default, which is conf/base's (tests/test_defaults.py)
     "attention heads must divide the student's width": (
         ["--params", "guidance.attention_heads=7"],
         "Error: Parameter 'guidance.attention_heads' = 7 must divide the student's hidden size 48 "
@@ -97,6 +97,9 @@ def test_verbose_or_the_environment_variable_shows_the_traceback(cli_project, ho
      r"Parameter 'guidance.attention_heads' = 5 must divide the student's hidden size 48 .* \(in ablations variant "
      r"'five_heads', whose guidance settings are laid over these\)\."),
     (None, {"baselines": {"reft": {"layers": [0, -2]}}}, r"'baselines.reft.layers' = \[0, -2\] names a layer twice"),
+    (None, {"baselines": {"soft_thoughts": {"num_tokens": 2000}}},
+     r"Parameter 'baselines.soft_thoughts.num_tokens' = 2000 does not fit the parameter budget: soft thoughts need "
+     r"\d+ parameters at the least, more than the hyper-network's \d+; lower baselines.soft_thoughts.num_tokens\."),
     (None, {"baselines": {"reft": {"layers": [True]}}},
      r"Parameter 'baselines.reft.layers' = \[True\] is invalid: item 0 is a boolean, not an integer"),
     (None, {"guidance": {"guidance_scale": False}},
@@ -123,7 +126,7 @@ def test_tuned_injection_layers_are_checked_before_tuning(project, monkeypatch):
 @pytest.mark.parametrize("model, prefix, value, message", [
     (Stage1Params, "stage1", {"training": {"steps": True}},
      "Parameter 'stage1.training.steps' = True is invalid: a boolean is not an integer; give an integer "
-     "(the default is 300)."),
+     "(the default is 3000)."),
     (Stage1Params, "stage1", {"training": {"learning_rate": True}}, "a boolean is not a number; give a number"),
     (TuneParams, "tune", {"timeout_s": False}, "'tune.timeout_s' = False is invalid: a boolean is not an integer"),
     (TuneParams, "tune", {"worker": True}, "'tune.worker' = True is invalid: a boolean is not an integer"),

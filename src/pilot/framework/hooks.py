@@ -54,6 +54,7 @@ from pilot.config import (
     output_folders,
     validate,
 )
+from pilot.baselines.soft_prompts import soft_thoughts_hidden_for_budget
 from pilot.guidance import HyperNetConfig, make_hypernet
 from pilot import tracking
 from pilot.models import count_parameters, resolve_source, source_num_layers
@@ -90,16 +91,16 @@ def _source_hidden_size(source: str) -> int | None:
     return int(field.parts[-1][0]) if field is not None else None
 
 
-def _student_shape(catalog, params: dict[str, Any]) -> tuple[int, int | None] | None:
-    """The student's (decoder-layer count, hidden size): from its config.json if it exists, else from
-    ``base`` (the configured size, or the source model's header); None when neither says."""
-    config = _config_json(catalog, "student_model", "config.json")
+def _student_shape(catalog, params: dict[str, Any], role: str = "student") -> tuple[int, int | None] | None:
+    """The (decoder-layer count, hidden size) of the student (or ``role``): from its config.json if it
+    exists, else from ``base`` (the configured size, or the source model's header); None when neither says."""
+    config = _config_json(catalog, f"{role}_model", "config.json")
     if config is not None:
         layers = next((int(config[key]) for key in LAYER_KEYS if key in config), None)
         if layers is not None:
             return layers, next((int(config[key]) for key in WIDTH_KEYS if key in config), None)
     if "base" in params:
-        student = validate(BaseParams, params["base"], "base").student
+        student = getattr(validate(BaseParams, params["base"], "base"), role)
         if student.source:
             return source_num_layers(student.source), _source_hidden_size(student.source)
         return student.num_layers, student.hidden_size
@@ -341,10 +342,18 @@ class PreflightHooks:
                     raise ParameterError(f"Parameter 'tune.inject_layers' = {tune.inject_layers}: layer {layer} does "
                                          f"not fit this student and guidance settings ({error})") from None
         if "baselines" in wanted and "baselines" in params and hidden_size is not None:
-            reft = validate(BaselinesParams, params["baselines"], "baselines").reft
-            if reft.layers:  # its budget: the parameter count of the hyper-network these settings build
-                budget = count_parameters(make_hypernet(guidance, hidden_size, num_layers, 0))
-                reft.check_against(num_layers, hidden_size, budget)
+            baselines = validate(BaselinesParams, params["baselines"], "baselines")
+            # the baselines' budget: the parameter count of the hyper-network these settings build
+            budget = count_parameters(make_hypernet(guidance, hidden_size, num_layers, 0))
+            baselines.reft.check_against(num_layers, hidden_size, budget)
+            teacher = _student_shape(catalog, params, "teacher")   # soft thoughts read the teacher's states
+            tokens = baselines.soft_thoughts.num_tokens
+            if teacher is not None and teacher[1] is not None:
+                try:
+                    soft_thoughts_hidden_for_budget(tokens, teacher[1], hidden_size, budget)
+                except ValueError as error:
+                    raise ParameterError(f"Parameter 'baselines.soft_thoughts.num_tokens' = {tokens} does not fit "
+                                         f"the parameter budget: {str(error)[0].lower()}{str(error)[1:]}") from None
 
     @staticmethod
     def _check_hypernets_fit(pipeline: Pipeline, catalog) -> None:
