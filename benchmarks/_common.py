@@ -89,15 +89,17 @@ def project_settings(env: str = "base") -> dict:
 
 
 def synthetic_stage1(hidden: int, layers: int, terms: int, examples: int = 160, device: str = "cpu",
-                     dtype: str = "float32"):
+                     dtype: str = "float32", env: str = "base"):
     """A randomly initialised Llama student of the given size and a latent cache of chain_sum
     examples with ``terms`` terms (longer expressions: longer plans and sequences).
 
-    Returns ``(student, cached latents, examples, site)`` for :func:`stage1_seconds_per_step`.
+    The guidance site and the cache settings are ``env``'s configured ones (the PILOT a run
+    trains), with the injection moved to the student's middle layer so that every size guides the
+    same relative depth. Returns ``(student, cached latents, examples, site)`` for
+    :func:`stage1_seconds_per_step`.
     """
     import tempfile
 
-    from pilot.config import GuidanceParams, LatentsParams
     from pilot.latents import CachedLatents, LatentCache, plan_cache_build, select_examples, write_cache
     from pilot.models import build_causal_lm, train_tokenizer
     from pilot.prompts import answer_prompt, continuation
@@ -111,8 +113,10 @@ def synthetic_stage1(hidden: int, layers: int, terms: int, examples: int = 160, 
                               max_positions=512)
     student.model.to(device=device, dtype=getattr(torch, dtype))
     plans = table[["id", "task", "split"]].assign(plan=table["oracle_plan"], kept=True)
-    site = GuidanceParams(inject_layer=layers // 2, align_layers=[-1])
-    latents = LatentsParams(shard_size=512)
+    settings = project_settings(env)
+    site = settings["guidance"].model_copy(update={"inject_layer": layers // 2})
+    site.check_against(layers, hidden)   # e.g. the attention reader's heads must divide this student's width
+    latents = settings["latents"]
     with tempfile.TemporaryDirectory() as folder:
         write_cache(plan_cache_build(plans, table, student, site, latents), folder)
         cached = CachedLatents(LatentCache(folder).load())

@@ -62,8 +62,9 @@ def stage1_inputs(lm, task_table: pd.DataFrame, tmp_path: Path):
     from pilot.latents import plan_cache_build, write_cache
 
     plans = task_table[["id", "task", "split"]].assign(plan=task_table["oracle_plan"], kept=True)
-    site = GuidanceParams(mlp_hidden=16, attention_heads=2)
-    latents = LatentsParams(shard_size=64)
+    site = GuidanceParams(read_layer=-1, reader="mean", modulation="add", init_log_std=-1.0, mlp_hidden=16,
+                          attention_heads=2)
+    latents = LatentsParams(shard_size=64, batch_size=128)
     write_cache(plan_cache_build(plans, task_table, lm, site, latents), tmp_path / "cache")
     return plans, site, latents
 

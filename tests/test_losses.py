@@ -220,7 +220,9 @@ def test_gather_answer_states_reads_from_start_and_clamps_at_the_end():
 
 
 # ------------------------------------------------------------------------------ where gradients go
-SITE = GuidanceParams(read_layer=-1, inject_layer=0, align_layers=[0, 1], mlp_hidden=16, attention_heads=2)
+# The mean reader with an added vector: the parameters `learning` below are that reader's whole path.
+SITE = GuidanceParams(read_layer=-1, inject_layer=0, align_layers=[0, 1], reader="mean", modulation="add",
+                      mlp_hidden=16, attention_heads=2)
 
 
 def _plans(task_table):

@@ -15,7 +15,9 @@ GEN = GenerationParams(max_new_tokens=4, batch_size=16)
 
 
 def _hypernet(lm, seed=0):
-    net = make_hypernet(GuidanceParams(mlp_hidden=16, attention_heads=2), lm.hidden_size, lm.num_layers, seed)
+    site = GuidanceParams(read_layer=-1, reader="mean", modulation="add", init_log_std=-1.0, mlp_hidden=16,
+                          attention_heads=2)
+    net = make_hypernet(site, lm.hidden_size, lm.num_layers, seed)
     with torch.no_grad():   # away from the zero start, so g changes the student's logits
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -201,7 +201,7 @@ class TaskParams(Params):
 
 class DataParams(Params):
     seed: int = 0
-    val_per_task: PositiveInt = 100
+    val_per_task: PositiveInt = 150
     test_per_task: PositiveInt = 300
     ood_per_task: NonNegativeInt = 300   # rows of each task's test_ood split (tasks with ood_kwargs)
     tasks: list[TaskParams] = Field(min_length=1)
@@ -211,7 +211,7 @@ class DataParams(Params):
 class LMTrainConfig(Params):
     """Next-token training of a whole model or adapter (base models, LoRA)."""
 
-    steps: PositiveInt = 600
+    steps: PositiveInt = 900
     batch_size: PositiveInt = 64
     learning_rate: Positive = 3e-3
     warmup_steps: NonNegativeInt = 50
@@ -244,7 +244,7 @@ class ModelParams(Params):
     num_layers: PositiveInt = 2
     num_heads: PositiveInt = 4
     intermediate_size: PositiveInt | None = None
-    max_positions: PositiveInt = 256
+    max_positions: PositiveInt = 128
     plan_loss: bool = True
     training: LMTrainConfig = LMTrainConfig()
 
@@ -279,18 +279,18 @@ class BaseParams(Params):
 class GuidanceParams(Params):
     """Where the guidance is read and injected, shared by latents, stages and baselines."""
 
-    read_layer: int = -1
+    read_layer: int = 0
     inject_layer: NonNegativeInt = 0
     align_layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
-    reader: Literal["mean", "attention"] = "mean"
+    reader: Literal["mean", "attention"] = "attention"
     mlp_hidden: PositiveInt = 256
-    attention_heads: PositiveInt = 4
+    attention_heads: PositiveInt = 8
     guidance_scale: Positive = 1.0
-    init_log_std: float = -1.0
+    init_log_std: float = -3.0
     # The paper's components, each a switch (pilot.guidance.hypernet): further injection sites,
     # FiLM (a per-dimension scale and shift, not only an added vector), a learned query-independent prior.
     extra_inject_layers: list[NonNegativeInt] = Field(default_factory=list)
-    modulation: Literal["add", "film"] = "add"
+    modulation: Literal["add", "film"] = "film"
     prior: bool = False
 
     def resolved_align_layers(self, num_layers: int) -> list[int]:
@@ -365,8 +365,8 @@ class LatentsParams(Params):
             raise ValueError(f"{held_out} would train stage 1 on rows held out to select checkpoints ('val') or to "
                              "report results ('test'); use [train]")
         return splits
-    shard_size: PositiveInt = 512
-    batch_size: PositiveInt = 128
+    shard_size: PositiveInt = 1024
+    batch_size: PositiveInt = 256
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     on_stale: Literal["rebuild", "error"] = "rebuild"
     # Also cache what guidance cannot change (the prompt's keys and values above the lowest guided
@@ -380,13 +380,13 @@ class LatentsParams(Params):
 class Stage1Config(Params):
     """Stage-1 loop settings; the loss weights carry the paper's names."""
 
-    steps: PositiveInt = 300
-    batch_size: PositiveInt = 32
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 64
     learning_rate: Positive = 1e-3
     warmup_steps: NonNegativeInt = 20
     weight_decay: NonNegative = 0.0
-    alignment_weight: NonNegative = 1.0
-    contrastive_weight: NonNegative = 0.1
+    alignment_weight: NonNegative = 0.5
+    contrastive_weight: NonNegative = 0.05
     temperature: Positive = 0.1
     lm_weight: NonNegative = 1.0
     rl_weight: NonNegative = 0.1
@@ -394,9 +394,9 @@ class Stage1Config(Params):
     rl_batch: PositiveInt = 8
     rl_samples: Annotated[int, Field(ge=2)] = 4
     latent_reward_weight: NonNegative = 0.5
-    eval_every: PositiveInt = 50
+    eval_every: PositiveInt = 250
     grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
-    checkpoint_every: NonNegativeInt = 50
+    checkpoint_every: NonNegativeInt = 250
     seed: int = 0
 
 
@@ -413,15 +413,15 @@ class Stage2Config(Params):
     # token: the guided student's reply tokens are the actions (their log-probabilities reach the
     # hyper-network through the injected guidance); latent: a Gaussian over g, REINFORCE (the earlier default)
     policy: Literal["token", "latent"] = "token"
-    steps: PositiveInt = 150
-    batch_size: PositiveInt = 16             # questions (groups) per step
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 32             # questions (groups) per step
     group_size: Annotated[int, Field(ge=2)] = 4   # replies sampled per question (GRPO group)
     rollout_temperature: NonNegative = 0.7   # sampled replies, so a group can disagree (0: greedy)
-    learning_rate: Positive = 3e-4
+    learning_rate: Positive = 1e-4
     warmup_steps: NonNegativeInt = 10
-    policy_weight: NonNegative = 1.0
+    policy_weight: NonNegative = 0.1
     kl_weight: NonNegative = 0.0             # beta: per-token KL to the stage-1 hyper-network's policy (token only)
-    self_supervision_weight: NonNegative = 0.5   # language modelling on its own verified-correct replies
+    self_supervision_weight: NonNegative = 1.0   # language modelling on its own verified-correct replies
     anchor_weight: NonNegative = 0.1         # squared distance of g to the stage-1 guidance
     updates_per_batch: PositiveInt = 1       # optimizer steps on one batch of rollouts (>1: the ratio is clipped)
     clip_epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2   # PPO clip range, low side
@@ -477,7 +477,7 @@ class LoraParams(Params):
 
 
 class CaaParams(Params):
-    scales: list[Positive] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0], min_length=1)
+    scales: list[Positive] = Field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0], min_length=1)
 
 
 class ReftParams(Params):
@@ -485,7 +485,7 @@ class ReftParams(Params):
 
     layers: list[int] | None = None   # null: the guidance's inject_layer and every layer after it
     match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    training: AdapterTrainingParams = AdapterTrainingParams()
+    training: AdapterTrainingParams = AdapterTrainingParams(learning_rate=3e-3)
 
     def check_against(self, num_layers: int, hidden_size: int, budget: int) -> None:
         """The configured ``layers`` must exist in a student with ``num_layers`` decoder layers, each
@@ -520,7 +520,7 @@ class BaselinesParams(Params):
     lora: LoraParams = LoraParams()
     reft: ReftParams = ReftParams()
     caa: CaaParams = CaaParams()
-    pause_tokens: SoftTokenParams = SoftTokenParams()
+    pause_tokens: SoftTokenParams = SoftTokenParams(training=AdapterTrainingParams(learning_rate=1e-1))
     soft_thoughts: SoftTokenParams = SoftTokenParams(num_tokens=4)
 
 
@@ -547,10 +547,10 @@ class TuneParams(Params):
     # (sampler_seed, worker), so workers never propose the same points. None: host and process id
     # (unique, not reproducible); set distinct names (`--params tune.worker=a`) for reproducible workers.
     worker: str | int | None = None
-    trial_steps: PositiveInt = 60
-    eval_every: PositiveInt = 20
+    trial_steps: PositiveInt = 300
+    eval_every: PositiveInt = 100
     stage2_steps: NonNegativeInt = 0
-    pruner_warmup_steps: NonNegativeInt = 20
+    pruner_warmup_steps: NonNegativeInt = 100
     enqueue_baseline: bool = True   # a new study's first trial is the configured (untuned) weights
     # A running trial records a heartbeat every heartbeat_interval_s; one silent for grace_period_s
     # (default twice the interval) belonged to a dead worker: it is marked FAIL and queued again
@@ -618,7 +618,8 @@ class AblationsParams(Params):
     stage1_steps: PositiveInt | None = None   # None: stage 1's configured steps
     stage2_steps: PositiveInt | None = None
     # A list (an environment's list replaces the base one whole): each variant's name and settings.
-    variants: list[AblationVariant] = Field(default_factory=lambda: [AblationVariant(name="reference")], min_length=1)
+    # Required: which rows the report holds is the configuration's choice (conf/base lists them).
+    variants: list[AblationVariant] = Field(min_length=1)
 
     @field_validator("variants")
     @classmethod

@@ -30,7 +30,7 @@ def answer_and_score(
     *,
     plans: Sequence[str] | None = None,
     guidance: Guidance | None = None,
-    max_new_tokens: int = 24,
+    max_new_tokens: int,   # no default here: GenerationParams.max_new_tokens is the one (conf/base generation)
     batch_size: int = 64,
     method: str = "",
     progress: str | None = None,

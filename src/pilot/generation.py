@@ -160,7 +160,7 @@ def generate(
     lm: CausalLM,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 32,
+    max_new_tokens: int,   # no default here: GenerationParams.max_new_tokens is the one (conf/base generation)
     batch_size: int = 64,
     guidance: Guidance | None = None,
     temperature: float = 0.0,

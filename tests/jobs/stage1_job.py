@@ -24,8 +24,9 @@ def main() -> None:
     workdir, steps = Path(sys.argv[1]), int(sys.argv[2])
     student = load_causal_lm(workdir / "student")
     tasks, plans = pd.read_parquet(workdir / "tasks.parquet"), pd.read_parquet(workdir / "plans.parquet")
-    site = GuidanceParams(reader="attention", mlp_hidden=16, attention_heads=2)
-    latents = LatentsParams(shard_size=64)
+    site = GuidanceParams(read_layer=-1, reader="attention", modulation="add", init_log_std=-1.0, mlp_hidden=16,
+                          attention_heads=2)
+    latents = LatentsParams(shard_size=64, batch_size=128)
     write_cache(plan_cache_build(plans, tasks, student, site, latents), workdir / "cache")
     config = Stage1Config(steps=steps, batch_size=8, rl_every=3, rl_batch=2, rl_samples=2, eval_every=10,
                           checkpoint_every=4, seed=3)

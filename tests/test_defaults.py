@@ -1,0 +1,98 @@
+"""Every default in ``pilot.config`` equals ``conf/base``: one source of every default.
+
+A class built from its code defaults (a test, a benchmark, a notebook, an ablation variant's
+unchanged fields) must be the configured default run, not an older or a toy one. The comparison
+walks every field of every parameter block, recursively, and names each key whose code default
+differs from what ``conf/base`` sets. A required field (no code default) is the configuration's
+to give; the blocks inside it are still compared field by field with their classes' defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pilot.config import PARAMETER_MODELS, GuidanceParams, Params, Stage1Config, Stage1Params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Keys whose conf/base value no code default can match, each with the reason. Every entry must
+# still disagree (a stale exception fails the test too).
+EXCEPTIONS = {
+    "base.student.path": "globals.yml puts the model under ${data_root}; the code cannot know the data folder",
+    "base.teacher.path": "globals.yml puts the model under ${data_root}; the code cannot know the data folder",
+    "base.teacher.num_layers": "the teacher is deeper than the student by design; ModelParams' defaults are the student's",
+    "base.teacher.training.steps": "the teacher trains its own number of steps; LMTrainConfig's default is the student's",
+}
+
+
+def disagreements(configured: Params, default: Params | None, prefix: str) -> list[str]:
+    """``key: code <default>, conf/base <value>`` for every field of ``configured`` that differs from
+    its code default: the field of ``default`` (a default instance, e.g. ``SoftTokenParams(num_tokens=4)``)
+    or else its class's declared default. Nested blocks are compared field by field."""
+    found = []
+    for name, field in type(configured).model_fields.items():
+        key = f"{prefix}.{name}"
+        value = getattr(configured, name)
+        if default is not None:
+            code = getattr(default, name)
+        elif field.is_required():
+            if isinstance(value, Params):  # e.g. base.student: required, but its own fields have defaults
+                found += disagreements(value, None, key)
+            continue
+        else:
+            code = field.get_default(call_default_factory=True)
+        if isinstance(value, Params) and type(code) is type(value):
+            found += disagreements(value, code, key)
+        elif value != code:
+            found.append(f"{key}: code {code!r}, conf/base {value!r}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def base_parameters() -> dict[str, Params]:
+    """conf/base alone, read by the project's own loader and validated as a run validates it."""
+    from kedro.config import OmegaConfigLoader
+
+    from pilot.framework.hooks import validate_parameters
+    from pilot.settings import CONFIG_LOADER_ARGS
+
+    return validate_parameters(OmegaConfigLoader(str(ROOT / "conf"), env="base", **CONFIG_LOADER_ARGS)["parameters"])
+
+
+def test_conf_base_configures_every_block(base_parameters):
+    assert set(base_parameters) == set(PARAMETER_MODELS)
+
+
+def test_code_defaults_equal_conf_base(base_parameters):
+    found = [line for block, params in base_parameters.items() for line in disagreements(params, None, block)]
+    unexplained = [line for line in found if line.split(":")[0] not in EXCEPTIONS]
+    assert unexplained == [], "code defaults that differ from conf/base (change the default in pilot.config, " \
+                              "or list the key in EXCEPTIONS with the reason):\n" + "\n".join(unexplained)
+    stale = sorted(set(EXCEPTIONS) - {line.split(":")[0] for line in found})
+    assert stale == [], f"EXCEPTIONS lists keys that now agree with conf/base; remove them: {stale}"
+
+
+def test_a_disagreement_is_named_with_its_full_key():
+    """The comparison itself: a changed nested field, a changed field of a default instance, a changed list."""
+    configured = Stage1Params(training=Stage1Config(steps=7))
+    assert disagreements(configured, None, "stage1") == [
+        f"stage1.training.steps: code {Stage1Config().steps!r}, conf/base 7"]
+    assert disagreements(GuidanceParams(align_layers=[0, -1]), GuidanceParams(), "guidance") == [
+        "guidance.align_layers: code [-1], conf/base [0, -1]"]
+    assert disagreements(Stage1Params(), None, "stage1") == []
+
+
+def test_max_new_tokens_has_one_default_the_generation_blocks():
+    """Decoding length is GenerationParams' alone: the functions that decode take it from their caller."""
+    import inspect
+
+    from pilot.evaluation import answer_and_score
+    from pilot.generation import generate
+
+    for function in (generate, answer_and_score):
+        parameter = inspect.signature(function).parameters["max_new_tokens"]
+        assert parameter.default is inspect.Parameter.empty, f"{function.__name__} has its own default"
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        generate(None, ["Q: 1+1"])
