@@ -1,6 +1,6 @@
 """Seconds per training step under each CPU thread setting, on an idle machine and beside one busy job.
 
-    python benchmarks/threads.py [--steps 6] [--repeats 2]
+    python benchmarks/threads.py [--steps 8] [--repeats 4] [--loads idle loaded] [--wait-quiet SECONDS]
 
 The workload is the default run's first training: the embedded student (conf/base: 128 wide,
 2 layers, batch 64, plan loss) trained on the default tasks by the project's own
@@ -8,7 +8,9 @@ The workload is the default run's first training: the embedded student (conf/bas
 runs in a fresh subprocess, because OpenMP reads ``OMP_WAIT_POLICY`` once, when torch loads it.
 "Loaded" means one single-threaded busy loop (``while True: pass``) that this script starts
 beside the workload and stops after it. Settings are interleaved (A B C A B C ...) so the drift of
-a shared machine hits all alike; the median over repeats is reported.
+a shared machine hits all alike; the median and the fastest repeat are reported, with the cores other
+processes kept busy meanwhile. The default thread policy must be, idle, within 10 % of the best
+setting and, beside the busy job, at most 1.5x the best; the tables mark which settings are.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import warnings
 # OpenMP threads with no work sleep instead of spinning. The OpenMP runtime reads this once, when torch
 # loads it (first imported just below, by the hooks), so it is set here, before. On the project's
 # 2-core machine beside other busy processes, spinning threads made `threads: null` (every core) train
-# 5-16x slower than sleeping ones (BENCHMARKS.md, "Threads: idle and under load"). A value already
+# 5-24x slower than sleeping ones (BENCHMARKS.md, "Threads: idle and under load"). A value already
 # in the environment is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
