@@ -100,6 +100,13 @@ def test_verbose_or_the_environment_variable_shows_the_traceback(cli_project, ho
     (None, {"baselines": {"soft_thoughts": {"num_tokens": 2000}}},
      r"Parameter 'baselines.soft_thoughts.num_tokens' = 2000 does not fit the parameter budget: soft thoughts need "
      r"\d+ parameters at the least, more than the hyper-network's \d+; lower baselines.soft_thoughts.num_tokens\."),
+    (None, {"baselines": {"lora": {"target_modules": ["qkv"]}}},
+     r"Parameter 'baselines.lora.target_modules' = \['qkv'\] does not fit: no Linear layer of the student is named "
+     r"any of \['qkv'\]; set baselines.lora.target_modules to the student's projection names\."),
+    # the test student's full set of projections comes within 7 % of the budget, not within 1 %
+    (None, {"baselines": {"lora": {"match_tolerance": 0.01}}},
+     r"Parameter 'baselines.lora.target_modules' = \[.*\] does not fit: no LoRA rank on \[.*\] comes within 1% of "
+     r"the hyper-network's \d+ parameters \(rank \d+ gives \d+\); change baselines.lora.target_modules\."),
     (None, {"baselines": {"reft": {"layers": [True]}}},
      r"Parameter 'baselines.reft.layers' = \[True\] is invalid: item 0 is a boolean, not an integer"),
     (None, {"guidance": {"guidance_scale": False}},
@@ -115,6 +122,14 @@ def test_reft_layers_are_checked_before_the_baselines_pipeline_trains_anything(p
     # No earlier stage has run: the parameter error comes first, before the missing inputs.
     with pytest.raises(ParameterError, match=r"'baselines.reft.layers' = \[5\] names layer 5"):
         run(project, monkeypatch, "baselines", params={"baselines": {"reft": {"layers": [5]}}})
+
+
+def test_the_shipped_test_settings_pass_every_cross_field_rule(project, monkeypatch):
+    """The baselines pipeline gets past every rule above and stops only at its missing inputs."""
+    from pilot.framework.hooks import MissingInputError
+
+    with pytest.raises(MissingInputError):
+        run(project, monkeypatch, "baselines")
 
 
 def test_tuned_injection_layers_are_checked_before_tuning(project, monkeypatch):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 import yaml
 
 from kedro.config import MissingConfigException
@@ -54,10 +55,11 @@ from pilot.config import (
     output_folders,
     validate,
 )
+from pilot.baselines.lora import lora_rank_for_budget
 from pilot.baselines.soft_prompts import soft_thoughts_hidden_for_budget
 from pilot.guidance import HyperNetConfig, make_hypernet
 from pilot import tracking
-from pilot.models import count_parameters, resolve_source, source_num_layers
+from pilot.models import build_causal_lm, count_parameters, resolve_source, source_num_layers
 from pilot.runtime import configure_threads, peak_memory_gib
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 from pilot.tuning import check_storage
@@ -105,6 +107,31 @@ def _student_shape(catalog, params: dict[str, Any], role: str = "student") -> tu
             return source_num_layers(student.source), _source_hidden_size(student.source)
         return student.num_layers, student.hidden_size
     return None
+
+
+class _VocabularyOfSize(list):
+    """Stands in for a tokenizer where only the model's shape matters (:func:`_student_on_meta`)."""
+
+    pad_token_id = eos_token_id = 0
+
+
+def _student_on_meta(catalog, params: dict[str, Any]) -> torch.nn.Module | None:
+    """The student's architecture without weights (on the meta device: no memory, no compute), from its
+    folder's config.json or, for one trained here, from ``base``; None for a source not imported yet."""
+    config = _config_json(catalog, "student_model", "config.json")
+    with torch.device("meta"):
+        if config is not None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            folder = Path(catalog.get("student_model")._describe()["path"])
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        student = validate(BaseParams, params["base"], "base").student if "base" in params else None
+        if student is None or not student.trained_here:
+            return None
+        vocabulary = _VocabularyOfSize(range(validate(BaseParams, params["base"], "base").tokenizer.vocab_size))
+        return build_causal_lm(vocabulary, family=student.family, hidden_size=student.hidden_size,
+                               num_layers=student.num_layers, num_heads=student.num_heads,
+                               intermediate_size=student.intermediate_size, max_positions=student.max_positions).model
 
 
 def _unmergeable_override(base: Any, override: Any, path: tuple[str, ...] = ()) -> str | None:
@@ -346,6 +373,13 @@ class PreflightHooks:
             # the baselines' budget: the parameter count of the hyper-network these settings build
             budget = count_parameters(make_hypernet(guidance, hidden_size, num_layers, 0))
             baselines.reft.check_against(num_layers, hidden_size, budget)
+            if (skeleton := _student_on_meta(catalog, params)) is not None:
+                lora = baselines.lora
+                try:
+                    lora_rank_for_budget(skeleton, lora.target_modules, budget, lora.match_tolerance)
+                except ValueError as error:
+                    raise ParameterError(f"Parameter 'baselines.lora.target_modules' = {lora.target_modules} does "
+                                         f"not fit: {str(error)[0].lower()}{str(error)[1:]}") from None
             teacher = _student_shape(catalog, params, "teacher")   # soft thoughts read the teacher's states
             tokens = baselines.soft_thoughts.num_tokens
             if teacher is not None and teacher[1] is not None:
