@@ -99,7 +99,8 @@ def test_one_token_step_logs_trl_metrics_with_ratio_one(tiny_lm, task_table):
     hypernet = _hypernet(tiny_lm)
     reference = _hypernet(tiny_lm).eval().requires_grad_(False)
     reference = _hypernet(tiny_lm, seed=1).eval().requires_grad_(False)
-    config = Stage2Config(steps=2, batch_size=3, group_size=2, rollout_temperature=1.0, warmup_steps=0)
+    config = Stage2Config(steps=2, batch_size=3, group_size=2, rollout_temperature=1.0, warmup_steps=0,
+                          dynamic_sampling=False)
     with GuidedStudent(tiny_lm, hypernet) as guided:
         objective = stage2_objective(guided, reference, train, config, GEN)
         terms = next(iter(objective.step_terms(0)))
@@ -117,7 +118,8 @@ def test_a_reused_batch_samples_once_and_scores_the_moved_policy_against_the_cac
     hypernet = _hypernet(tiny_lm)
     import copy
     reference = copy.deepcopy(hypernet).eval().requires_grad_(False)
-    config = Stage2Config(batch_size=3, group_size=2, rollout_temperature=1.0, updates_per_batch=2)
+    config = Stage2Config(batch_size=3, group_size=2, rollout_temperature=1.0, updates_per_batch=2,
+                          dynamic_sampling=False)
     with GuidedStudent(tiny_lm, hypernet) as guided:
         objective = stage2_objective(guided, reference, train, config, GEN)
         first = next(iter(objective.step_terms(0)))
@@ -164,7 +166,7 @@ def test_question_selection_falls_back_when_stage1_is_never_right(tiny_lm, task_
     train = task_table[task_table["split"] == "train"]
     val = task_table[task_table["split"] == "val"].head(4)
     config = Stage2Config(steps=1, batch_size=2, group_size=2, select_questions=True, selection_questions=6,
-                          selection_samples=2, eval_every=1)
+                          selection_samples=2, eval_every=1, dynamic_sampling=False)
     result = run_stage2(tiny_lm, _hypernet(tiny_lm), train, val, config, GEN)
     assert "question selection kept no question; training on the 6 scored ones" in caplog.text
     assert len(result.history) == 1

@@ -415,11 +415,11 @@ class Stage2Config(Params):
     policy: Literal["token", "latent"] = "token"
     steps: PositiveInt = 200
     batch_size: PositiveInt = 32             # questions (groups) per step
-    group_size: Annotated[int, Field(ge=2)] = 4   # replies sampled per question (GRPO group)
+    group_size: Annotated[int, Field(ge=2)] = 8   # replies sampled per question (GRPO group)
     rollout_temperature: NonNegative = 0.7   # sampled replies, so a group can disagree (0: greedy)
-    learning_rate: Positive = 1e-4
+    learning_rate: Positive = 3e-4
     warmup_steps: NonNegativeInt = 10
-    policy_weight: NonNegative = 0.1
+    policy_weight: NonNegative = 1.0
     kl_weight: NonNegative = 0.0             # beta: per-token KL to the stage-1 hyper-network's policy (token only)
     self_supervision_weight: NonNegative = 1.0   # language modelling on its own verified-correct replies
     anchor_weight: NonNegative = 0.1         # squared distance of g to the stage-1 guidance
@@ -428,7 +428,7 @@ class Stage2Config(Params):
     clip_epsilon_high: Positive | None = None  # high side (DAPO's clip-higher); None: clip_epsilon
     loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"   # how token terms are averaged (TRL's names)
     scale_rewards: bool = True               # divide advantages by the group's std (false: Dr. GRPO)
-    dynamic_sampling: bool = False           # drop groups whose replies all score the same, refill with new ones
+    dynamic_sampling: bool = True            # drop groups whose replies all score the same, refill with new ones
     dynamic_sampling_rounds: PositiveInt = 3   # at most this many rollout rounds per batch when refilling
     select_questions: bool = False           # train only on questions stage-1 PILOT answers right sometimes
     selection_questions: NonNegativeInt = 1024   # questions scored in that first pass (0: all)

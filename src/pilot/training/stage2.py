@@ -231,7 +231,9 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         metrics = {name: torch.tensor(value) for name, value in rollouts.metrics.items()}
         if not rollouts.index:   # dynamic sampling found no group that disagrees: nothing to learn this step
             means = guidance_of(sample_batch(len(rows), config.batch_size, config.seed, step), hypernet)
-            yield {"policy": means.sum() * 0, "anchor": means.sum() * 0, **metrics}
+            zero = means.sum() * 0
+            yield {"policy": zero, "kl": zero, "self_supervision": zero, "anchor": zero,
+                   "clip_ratio": torch.zeros(()), **metrics}
             return
         yield {**token_terms(rollouts, first_update), **metrics}
 
