@@ -106,7 +106,8 @@ def own_cpu_seconds() -> float:
 
 
 def measure(threads: int | None, env: dict[str, str], steps: int, warmup: int) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps), "--warmup", str(warmup)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker",
+               "--steps", str(steps), "--warmup", str(warmup)]
     if threads is not None:
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, env=_clean_env(env), cwd=HERE)

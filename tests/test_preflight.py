@@ -160,8 +160,9 @@ def test_booleans_stay_booleans_and_numbers_stay_numbers():
 
 
 def test_heads_must_divide_the_width_only_for_the_attention_reader():
-    with pytest.raises(ParameterError, match=r"'guidance.attention_heads' = 7 must divide the student's hidden "
-                                             r"size 128 \(guidance.reader: attention\): use one of 1, 2, 4, 8, 16, 32, 64\."):
+    with pytest.raises(ParameterError, match=r"'guidance.attention_heads' = 7 must divide the student's hidden size "
+                                             r"128 \(guidance.reader: attention\): use one of 1, 2, 4, 8, 16, 32, "
+                                             r"64\."):
         GuidanceParams(reader="attention", attention_heads=7).check_against(2, 128)
     GuidanceParams(reader="mean", attention_heads=7).check_against(2, 128)
     GuidanceParams(reader="attention", attention_heads=8).check_against(2, 128)

@@ -72,8 +72,8 @@ def _run(verbose: bool, **options) -> dict:
 
 # Kedro's own command and options, plus --verbose.
 run = copy.copy(kedro_run)
-run.params = [*kedro_run.params, click.Option(["--verbose", "-v"], is_flag=True,
-                                              help=f"Show the full traceback of any error (or set {TRACEBACK_VARIABLE}=1).")]
+run.params = [*kedro_run.params, click.Option(
+    ["--verbose", "-v"], is_flag=True, help=f"Show the full traceback of any error (or set {TRACEBACK_VARIABLE}=1).")]
 run.callback = _run
 run.help = (kedro_run.help or "Run the pipeline.") + (
     f" A user error (a bad parameter, a missing input) prints one sentence; --verbose or {TRACEBACK_VARIABLE}=1 "
