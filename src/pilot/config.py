@@ -420,7 +420,7 @@ class Stage2Config(Params):
     learning_rate: Positive = 3e-4
     warmup_steps: NonNegativeInt = 10
     policy_weight: NonNegative = 1.0
-    kl_weight: NonNegative = 0.0             # beta: per-token KL to the stage-1 hyper-network's policy (token only)
+    kl_weight: NonNegative = 0.1             # beta: per-token KL to the stage-1 hyper-network's policy (token only)
     self_supervision_weight: NonNegative = 1.0   # language modelling on its own verified-correct replies
     anchor_weight: NonNegative = 0.1         # squared distance of g to the stage-1 guidance
     updates_per_batch: PositiveInt = 1       # optimizer steps on one batch of rollouts (>1: the ratio is clipped)
