@@ -33,6 +33,8 @@ SETTINGS = [
     ("1 thread (`threads: 1`)", 1, {}),
     ("2 threads, OpenMP's default wait (spins)", 2, {}),
     ("2 threads, OMP_WAIT_POLICY=PASSIVE (sleeps)", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("2 threads, GOMP_SPINCOUNT=1000 (spins briefly, then sleeps)", 2, {"GOMP_SPINCOUNT": "1000"}),
+    ("2 threads, GOMP_SPINCOUNT=10000", 2, {"GOMP_SPINCOUNT": "10000"}),
 ]
 
 
