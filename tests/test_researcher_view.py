@@ -199,39 +199,18 @@ def _free_port() -> int:
 
 
 def test_mlflow_models_serve_answers_questions_over_http(finished_run, tmp_path):
-    info = json.loads((finished_run / "data/08_reporting/trained_model.json").read_text())
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "wb")  # a file, not a pipe nobody drains while it runs
-    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    env = {**same_code_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{finished_run / 'mlflow.db'}",
-           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}  # its uvicorn
-    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", info["model_uri"], "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              cwd=finished_run, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                output = (tmp_path / "serve.log").read_text(errors="replace")[-2000:]
-                pytest.skip(f"`mlflow models serve` did not start within 120 s here: {output}")
-            time.sleep(1)
-        questions, expected = _pilot_stage2_answers(finished_run, 3)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": questions}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            reply = json.loads(response.read())
+    from tests.serve_check import post, served
+
+    with served(finished_run, 1, tmp_path / "serve.log", env=same_code_env(), start_timeout=120) as port:
+        if port is None:
+            output = (tmp_path / "serve.log").read_text(errors="replace")[-2000:]
+            pytest.skip(f"`mlflow models serve` did not start within 120 s here: {output}")
+        questions, _ = _pilot_stage2_answers(finished_run, 3)
+        status, body = post(port, {"inputs": questions}, timeout=60)
+        assert status == 200, body
+        reply = json.loads(body)
         assert set(reply) == {"predictions"}
         assert len(reply["predictions"]) == 3 and all(isinstance(a, str) for a in reply["predictions"])
-    finally:
-        _stop(server, log)
 
 
 def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_path):
