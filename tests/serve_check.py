@@ -82,14 +82,19 @@ def served(project: Path, workers: int, log_path: Path, env: dict[str, str] | No
             time.sleep(1)
         yield port
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        stop(server, log)
+
+
+def stop(server: subprocess.Popen, log) -> None:
+    """Stop a server started in its own process group (SIGTERM, then SIGKILL) and close its log."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    log.close()
 
 
 def check(port: int, questions: list[str], clients: int = 2, per_client: int = 20) -> dict:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from pilot.latency import answerer, latency_table, measure_latency
 from pilot.models import count_parameters
 from pilot.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 from tests.conftest import ROOT, require_component, same_code_env
+from tests.serve_check import free_port, post, served, stop
 
 
 def _client(project) -> MlflowClient:
@@ -160,18 +159,6 @@ print("ANSWERS" + json.dumps({"run": list(by_run), "registry": list(by_registry)
 """
 
 
-def _stop(server: subprocess.Popen, log) -> None:
-    """Stop a server started in its own process group (SIGTERM, then SIGKILL) and close its log."""
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    log.close()
-
-
 def test_the_trained_pilot_loads_in_a_fresh_process_and_answers_like_the_evaluation(finished_run):
     info = json.loads((finished_run / "data/08_reporting/trained_model.json").read_text())
     assert info["model_uri"].endswith("/pilot") and info["registered_model_name"] == "pilot"
@@ -192,15 +179,7 @@ def test_the_trained_pilot_loads_in_a_fresh_process_and_answers_like_the_evaluat
     assert not [a.path for a in logged if a.path.endswith((".pkl", ".pickle"))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_questions_over_http(finished_run, tmp_path):
-    from tests.serve_check import post, served
-
     with served(finished_run, 1, tmp_path / "serve.log", env=same_code_env(), start_timeout=120) as port:
         if port is None:
             output = (tmp_path / "serve.log").read_text(errors="replace")[-2000:]
@@ -222,7 +201,7 @@ def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_pa
                       "Chromium is not installed (Debian package `chromium`; `make test` installs it as root)")
     runs = _method_runs(finished_run)
     experiment_id = next(iter(runs.values())).info.experiment_id
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "ui.log", "wb")
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
                                "--backend-store-uri", f"sqlite:///{finished_run / 'mlflow.db'}",
@@ -253,4 +232,4 @@ def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_pa
             (ROOT / "docs").mkdir(exist_ok=True)
             shutil.copy(screenshot, ROOT / "docs" / "mlflow_compare.png")
     finally:
-        _stop(server, log)
+        stop(server, log)
