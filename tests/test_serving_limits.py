@@ -164,7 +164,9 @@ def test_mlflow_models_serve_answers_two_concurrent_clients_like_sequential_and_
         result = check(port, questions, clients=2, per_client=20)
         assert result["requests_2_clients"] == 40
         assert result["differing_1_client"] == [] and result["differing_2_clients"] == []
-        assert result["megabyte_status"] == 400 and result["megabyte_seconds"] < 1.0, result
+        # Refused before any generation: generating for a 1 MB question took minutes; the refusal's own
+        # time (0.03-0.13 s) is measured in docs/serving.md, not asserted here.
+        assert result["megabyte_status"] == 400 and result["megabyte_seconds"] < 30.0, result
         assert result["megabyte_body"]["message"] == ("Question 1 has 1000000 characters; the limit is 2000 "
                                                       "(max_question_chars, PILOT_SERVE_MAX_QUESTION_CHARS).")
         assert "stack_trace" not in result["megabyte_body"]
