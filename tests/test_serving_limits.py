@@ -133,6 +133,8 @@ def test_the_logged_pyfunc_reads_the_question_column_by_name(tiny_lm, task_table
     direct.guided.remove()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
+        # An experiment of this store: an earlier test's active experiment id belongs to another store.
+        mlflow.set_experiment("serving-limits")
         with mlflow.start_run():
             info = log_pilot_model(tiny_lm, hypernet, max_new_tokens=6, batch_size=4,
                                    limits=RequestLimits(max_questions=4, max_question_chars=100))
