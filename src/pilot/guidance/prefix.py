@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from pilot.guidance.injection import GuidanceInjector, layer_hidden
+from pilot.guidance.injection import GuidanceInjector, capture_layers, layer_hidden
 from pilot.models import decoder_layers
 from pilot.sequences import IGNORE_INDEX, TokenBatch, lengths_to_mask
 
@@ -114,15 +114,10 @@ def capture_prefix(model: nn.Module, batch: TokenBatch, site: int) -> list[dict[
     prefix for guidance whose lowest site is decoder layer ``site``, as CPU tensors (see
     :func:`prefix_rows`). The latent cache gets the same rows from the pass it runs anyway."""
     check_prefix_support(model)
-    captured: dict[int, torch.Tensor] = {}
-    handle = decoder_layers(model)[site].register_forward_hook(
-        lambda module, args, output: captured.__setitem__(site, layer_hidden(output)))
     device = next(model.parameters()).device
-    try:
+    with capture_layers(model, [site]) as captured:
         out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                     use_cache=True, logits_to_keep=1)
-    finally:
-        handle.remove()
     return prefix_rows(batch, out.past_key_values, captured[site], site)
 
 
