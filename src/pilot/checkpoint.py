@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pilot import distributed
 from pilot.artifacts import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,11 @@ class CheckpointManager:
         return _step_folders(self.run_directory) if self.run_directory is not None else []
 
     def clear(self) -> None:
-        """Delete this run's checkpoints (``resume: false``); raise :class:`CheckpointDeleteError` if one stays."""
+        """Delete this run's checkpoints (``resume: false``); raise :class:`CheckpointDeleteError` if one stays.
+
+        Only the main data-parallel process deletes (the training engine waits for it before resuming)."""
+        if not distributed.is_main_process():
+            return
         self._adopt_flat_layout()
         for path in self.list():
             _remove(path, strict=True)

@@ -171,18 +171,23 @@ class HyperNetwork(nn.Module):
         values = torch.einsum("bhd,hed->bhe", pooled_states, w_v.view(heads, head_dim, d)) + b_v.view(heads, head_dim)
         return attention.out_proj(values.reshape(batch, d))
 
-    def sample(self, mean: torch.Tensor, num_samples: int, generator: torch.Generator | None = None):
+    def sample(self, mean: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None):
         """Draw guidance vectors from N(mean, std^2 I); returns (samples, log-probabilities).
 
         Samples are detached actions; the log-probabilities carry gradients to ``mean`` and
         ``log_std`` for REINFORCE / GRPO. They are averaged over the dimensions, not summed, so the
         policy gradient (of size ~ noise / std per dimension) does not grow with the hidden size
-        and swamp the supervised terms it shares a clipped step with.
+        and swamp the supervised terms it shares a clipped step with. ``noise`` (standard normal,
+        one row per sample) replaces the draw: a data-parallel rank passes its rows of the draw
+        one process would make.
         """
         std = self.log_std.exp()
         expanded = mean.repeat_interleave(num_samples, dim=0)
         # Drawn on the CPU from a seeded generator (the same numbers on any device), then moved.
-        noise = torch.randn(expanded.shape, generator=generator, dtype=expanded.dtype).to(expanded.device)
+        if noise is None:
+            noise = torch.randn(expanded.shape, generator=generator, dtype=expanded.dtype)
+        noise = noise.to(expanded.device, expanded.dtype)
         actions = (expanded + std * noise).detach()
         log_prob = torch.distributions.Normal(expanded, std).log_prob(actions).mean(-1)
         return actions, log_prob

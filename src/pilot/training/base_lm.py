@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pilot import distributed
 from pilot.config import LMTrainConfig
 from pilot.models import CausalLM
 from pilot.prompts import TOY, PromptFormat, prompt_format
@@ -63,16 +64,18 @@ def answer_loss_terms(lm: CausalLM, examples: list[tuple[str, str]], config: LMT
     loss over the whole batch's target count), with less compute spent on padding (profiling
     showed matmuls over padding took ~45 % of a step). ``placeholders`` (``{"prefix": ids}`` or
     ``{"suffix": ids}``) go around every prompt (soft tokens'); ``around(example_indices)`` opens a context for each micro-batch's
-    forward pass (soft tokens fill their slots for exactly those examples).
+    forward pass (soft tokens fill their slots for exactly those examples). With data-parallel
+    processes each encodes and runs only its shard of the batch, divided by the whole batch's target
+    count, so the ranks' terms sum to the one-process term (:mod:`pilot.distributed`).
     """
     max_length = getattr(lm.model.config, "max_position_embeddings", None)
 
     def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
-        batch_ids = sample_batch(len(examples), config.batch_size, config.seed, step)
+        batch_ids = distributed.shard(sample_batch(len(examples), config.batch_size, config.seed, step))
         prompts, targets = zip(*(examples[i] for i in batch_ids))
         around_prompt = {f"prompt_{where}": ids for where, ids in (placeholders or {}).items()}
         batch = encode_pairs(lm.tokenizer, prompts, targets, max_length=max_length, **around_prompt)
-        num_targets = batch.num_targets()
+        num_targets = max(distributed.global_count(batch.num_targets()), 1.0)
         for part in batch.length_buckets(config.length_buckets):
             members = [batch_ids[row] for row in part.rows.tolist()]
             part = part.to(lm.device)

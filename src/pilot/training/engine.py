@@ -13,6 +13,11 @@ visible. Measuring it reads the gradients only; the update is the same with or w
 ``(seed, step)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run
 would have.
 
+With N data-parallel processes (:mod:`pilot.distributed`, started by ``torchrun``) each rank's
+terms are its additive share of the global batch's; the engine sums the gradients and the logged
+values over the ranks before the finite-loss guard and the clipping, so every rank takes the
+one-process step. Only rank 0 writes checkpoints; every rank resumes from them, whatever N was.
+
 Interventions a stage attaches (the guided student's injector) are the stage's ``with`` blocks
 around :func:`train`, so they come off however training ends: success, a pruned Optuna trial,
 a NaN stop or an error.
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pilot import distributed
 from pilot.checkpoint import CheckpointManager
 from pilot.tracking import metric_records
 
@@ -75,6 +81,19 @@ def sample_batch(population: int, batch_size: int, seed: int, step: int) -> list
     return order[offset * batch_size:(offset + 1) * batch_size]
 
 
+def sharded_score(rows: pd.DataFrame, score: Callable[[pd.DataFrame], float]) -> float:
+    """The mean ``score`` over ``rows`` (accuracy, say) with each data-parallel process scoring its
+    shard of them: every process gets the whole set's value (one process scores them all)."""
+    current = distributed.world()
+    if not current.parallel:
+        return score(rows)
+    mine = rows.iloc[current.rank::current.size]
+    total = score(mine) * len(mine) if len(mine) else 0.0
+    value = torch.tensor([total], dtype=torch.float64)
+    distributed.all_reduce_sum([value])
+    return float(value) / max(len(rows), 1)
+
+
 # ------------------------------------------------------------------------------ schedule and guards
 def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the base rate."""
@@ -103,7 +122,8 @@ class ProgressLog:
         self.name = name
         self.history = list(history or [])
         self.started = time.perf_counter()
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True,
+                        disable=not distributed.is_main_process())  # one bar per run, rank 0's
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -214,6 +234,26 @@ def gradient_norm(gradients: Iterable[torch.Tensor]) -> float:
     return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in gradients)))
 
 
+def reduce_step(parameters: list[nn.Parameter], logged: dict[str, torch.Tensor | float],
+                per_term: dict[str, list[torch.Tensor]]) -> None:
+    """Sum a step's gradients, logged values and per-term gradients over the data-parallel ranks
+    (one collective), in place: each rank held its share, every rank now holds the whole step's."""
+    # Every rank must send the same values in the same order: the union of the names, sorted (a rank
+    # whose shard produced no value of a metric sends 0 for it). A parameter no rank's terms reached
+    # keeps no gradient, as in one process (AdamW then leaves it alone; a zero gradient would move it).
+    seen = distributed.all_gather_objects((sorted(logged), [p.grad is not None for p in parameters]))
+    names = sorted(set().union(*(found for found, _ in seen)))
+    reached = [any(flags[i] for _, flags in seen) for i in range(len(parameters))]
+    for p, wanted in zip(parameters, reached):
+        if wanted and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    logged.update({name: 0.0 for name in names if name not in logged})
+    values = [torch.as_tensor(logged[name], dtype=torch.float64).detach().reshape(1).clone() for name in names]
+    terms = [grad for grads in per_term.values() for grad in grads]
+    distributed.all_reduce_sum([p.grad for p, wanted in zip(parameters, reached) if wanted] + values + terms)
+    logged.update({name: value[0] for name, value in zip(names, values)})
+
+
 def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: str,
           validate: Callable[[], float] | None = None,
           checkpoints: CheckpointManager | None = None,
@@ -237,10 +277,15 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
     modules = {"model": model, **({"best": best} if best is not None else {}), **(saved_with_model or {})}
     start_step, history, validation = 0, [], []
     best_state = {"step": -1, "accuracy": -1.0}
+    ranks = distributed.world()
+    if checkpoints.enabled:
+        distributed.barrier()  # rank 0 may have just cleared this run's checkpoints (resume: false)
     restored = checkpoints.restore(modules, optimizer) if checkpoints.enabled else None
     if restored is not None:
         start_step, history = restored.step, restored.history
         validation, best_state = restored.extra["validation"], restored.extra["best"]
+    elif ranks.parallel:  # every rank starts from rank 0's weights, however each built its own
+        distributed.broadcast_from_main(parameters)
 
     def run_validation(step: int) -> None:
         model.eval()
@@ -253,7 +298,7 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
         if on_validation is not None:
             on_validation(step, value)
 
-    log = ProgressLog(name, loop.steps, start_step, history)
+    log = ProgressLog(name if ranks.is_main else f"{name} [rank {ranks.rank}]", loop.steps, start_step, history)
     try:
         if validate is not None and start_step == 0:
             run_validation(0)
@@ -269,13 +314,16 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
             for terms in objective.step_terms(step):
                 total = weighted_total(terms, objective.weights)
                 terms = {**terms, "total": total}
-                check_finite(terms, step)
+                if not ranks.parallel:  # in parallel the reduced values are checked, so every rank stops together
+                    check_finite(terms, step)
                 if measure_terms:  # summed over micro-batches, like the total's gradient
                     for term, grads in term_gradients(terms, objective.weights, parameters).items():
                         per_term[term] = [a + b for a, b in zip(per_term[term], grads)] if term in per_term else grads
                 total.backward()
                 _accumulate(logged, counts, terms)
             logged = _step_values(logged, counts, [*objective.weights, "total"])
+            if ranks.parallel:
+                reduce_step(parameters, logged, per_term)
             check_finite(logged, step)
             logged["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, loop.clip_norm)
             logged.update({f"grad_norm/{term}": gradient_norm(grads) for term, grads in per_term.items()})
@@ -285,7 +333,7 @@ def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: s
             log.log(done, {k: float(v) for k, v in logged.items()})
             if validate is not None and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.steps):
                 run_validation(done)
-            if checkpoints.due(done) or (checkpoints.enabled and done == loop.steps):
+            if ranks.is_main and (checkpoints.due(done) or (checkpoints.enabled and done == loop.steps)):
                 checkpoints.save(done, modules, optimizer, log.history, {"validation": validation, "best": best_state})
     finally:
         summary = f"best val accuracy {best_state['accuracy']:.3f} at step {best_state['step']}" if validate else ""

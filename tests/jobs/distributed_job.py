@@ -1,0 +1,62 @@
+"""A data-parallel training job for the tests, started by torchrun with any number of processes.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/jobs/distributed_job.py \
+        {stage1,lora} WORKDIR OUT STEPS
+
+WORKDIR holds ``student/`` (a saved tiny model), ``tasks.parquet``, ``plans.parquet`` and ``cache/`` (the
+latent cache); the job trains with checkpoints in OUT/checkpoints (gloo, one thread per process) and rank
+0 writes the trained module's last weights to OUT/weights.safetensors and its history to OUT/history.json.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from pilot import distributed
+from pilot.baselines.lora import train_lora
+from pilot.config import GenerationParams, GuidanceParams, LatentsParams, LMTrainConfig, Stage1Config
+from pilot.latents import LatentCache
+from pilot.models import load_causal_lm
+from pilot.training.stage1 import run_stage1
+
+GENERATION = GenerationParams(max_new_tokens=4, batch_size=16)
+SITE = GuidanceParams(read_layer=-1, reader="mean", modulation="add", init_log_std=-1.0, mlp_hidden=16,
+                      attention_heads=2)
+LATENTS = LatentsParams(shard_size=64, batch_size=128)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO)   # the run says when it resumed
+    what, workdir, out, steps = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    ranks = distributed.init_from_env("gloo", timeout_s=60)
+    student = load_causal_lm(workdir / "student")
+    tasks, plans = pd.read_parquet(workdir / "tasks.parquet"), pd.read_parquet(workdir / "plans.parquet")
+    val_rows = tasks[tasks["split"] == "val"].head(8)
+    if what == "stage1":
+        config = Stage1Config(steps=steps, batch_size=8, learning_rate=3e-3, warmup_steps=1, rl_every=2, rl_batch=3,
+                              rl_samples=2, eval_every=4, checkpoint_every=2, seed=3)
+        result = run_stage1(student, LatentCache(workdir / "cache"), plans, tasks, val_rows, SITE, LATENTS, config,
+                            GENERATION, checkpoint_dir=str(out / "checkpoints"))
+        last = sorted((out / "checkpoints").glob("*/step-*"))[-1]   # the last step's weights, not the best's
+        weights = {k[len("model."):]: v for k, v in load_file(last / "weights.safetensors").items()
+                   if k.startswith("model.")}
+    else:
+        config = LMTrainConfig(steps=steps, batch_size=8, learning_rate=3e-3, warmup_steps=1, length_buckets=2, seed=1)
+        adapter, result = train_lora(student, tasks[tasks["split"] == "train"], 2048, ["q_proj", "v_proj"], 0.9, 2.0,
+                                     config)   # no validation: the last weights are returned
+        weights = {name: p for name, p in result.model.named_parameters() if p.requires_grad}
+    if ranks.is_main:
+        save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, out / "weights.safetensors")
+        (out / "history.json").write_text(json.dumps({"history": result.history, "validation": result.validation,
+                                                      "processes": ranks.size}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
