@@ -14,6 +14,8 @@
 - The process's peak memory is logged after each node that raised it, so a run says which step
   needs the memory; a tracked run records it as the ``peak_memory_gib`` metric and
   ``peak_memory_by_node.json``.
+- In a data-parallel launch (``torchrun ... -m pilot.framework.launch``) only rank 0's session is the
+  run: every other rank tracks nothing and keeps its outputs in memory (no file, no MLflow run).
 - Parallel tune workers in one checkout write the same report files (``tune*``) and upload each
   to MLflow; every such save holds one exclusive file lock, so no worker uploads a file another is
   rewriting (that sends a torn request, which the tracking server answers with a 400).
@@ -38,6 +40,7 @@ import yaml
 
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.io import MemoryDataset
 from kedro.pipeline import Pipeline
 
 from pilot.config import (
@@ -58,7 +61,7 @@ from pilot.config import (
 from pilot.baselines.lora import lora_rank_for_budget
 from pilot.baselines.soft_prompts import soft_thoughts_hidden_for_budget
 from pilot.guidance import HyperNetConfig, make_hypernet
-from pilot import tracking
+from pilot import distributed, tracking
 from pilot.models import build_causal_lm, count_parameters, resolve_source, source_num_layers
 from pilot.runtime import configure_threads, peak_memory_gib
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
@@ -264,6 +267,9 @@ class PreflightHooks:
         uri = _tracking_uri(context)
         if uri is None:
             return
+        if not distributed.is_main_process():   # rank 0's session is the run; the others track nothing
+            self._disable_tracking(context)
+            return
         tracking_params = validated.get("tracking", TrackingParams())
         _export_tracking_credentials(context)
         try:
@@ -272,12 +278,7 @@ class PreflightHooks:
             if tracking_params.on_unavailable == "fail":
                 raise
             logger.warning("%s Tracking is disabled for this run (tracking.on_unavailable: disable).", error)
-            # kedro-mlflow still sets itself up at start; point it at a throwaway store and
-            # switch tracking off for the pipeline in before_pipeline_run.
-            scratch = Path(tempfile.mkdtemp(prefix="pilot-no-tracking-"))
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'unused.db'}"
-            context.config_loader.config_patterns["mlflow"] = ["__tracking_disabled__"]
-            self._tracking_disabled = True
+            self._disable_tracking(context)
             return
         # kedro-mlflow creates the experiment racily; parallel tune workers on a new server must not fail
         try:
@@ -295,6 +296,14 @@ class PreflightHooks:
                     f"MLflow server '{uri}' refused this run's credentials ({error.error_code}): set "
                     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`scripts/services.sh env` on the "
                     "tracking host prints them; docs/shared_services.md).") from None
+
+    def _disable_tracking(self, context) -> None:
+        """kedro-mlflow still sets itself up at start; point it at a throwaway store and switch
+        tracking off for the pipeline in before_pipeline_run."""
+        scratch = Path(tempfile.mkdtemp(prefix="pilot-no-tracking-"))
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'unused.db'}"
+        context.config_loader.config_patterns["mlflow"] = ["__tracking_disabled__"]
+        self._tracking_disabled = True
 
     @staticmethod
     def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
@@ -329,6 +338,10 @@ class PreflightHooks:
         # Every folder the run writes to must take files before any compute, not at the last save.
         outputs = {name: dataset._describe() for name in pipeline.all_outputs()
                    if (dataset := catalog.get(name)) is not None}
+        if not distributed.is_main_process():   # only rank 0 writes: the other ranks' outputs stay in memory
+            for name in pipeline.all_outputs():
+                catalog[name] = MemoryDataset(copy_mode="assign")
+            return
         check_writable(output_folders(outputs, as_plain(params), wanted))
 
     @hook_impl(tryfirst=True)

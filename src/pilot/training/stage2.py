@@ -41,13 +41,23 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from pilot import distributed
 from pilot.checkpoint import CheckpointManager, run_fingerprint
 from pilot.config import GenerationParams, Stage2Config
 from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
-from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, step_generator, step_seed, train
+from pilot.training.engine import (
+    LoopSettings,
+    Objective,
+    TrainingResult,
+    sample_batch,
+    sharded_score,
+    step_generator,
+    step_seed,
+    train,
+)
 from pilot.training.losses import (
     group_advantages,
     reinforce_loss,
@@ -124,12 +134,26 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         return net(query_states[index].to(device), query_mask[index].to(device))
 
     def sample_groups(index: list[int], vectors: torch.Tensor, step: int, round_: int) -> pd.DataFrame:
-        batch_rows = rows.iloc[index]
+        """The groups' replies and scores, group-major. With data-parallel processes each samples its
+        shard of the groups (its own seed) and every process gets all of them back, in order."""
+        ranks = distributed.world()
+        mine = distributed.shard_positions(len(index), ranks)
+        batch_rows = rows.iloc[[index[g] for g in mine]]
         repeated = batch_rows.loc[batch_rows.index.repeat(k)]
-        return answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors),
-                                max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                                stop_strings=generation.stop, temperature=config.rollout_temperature,
-                                seed=step_seed(config.seed, step, stream=1 + 10 * round_))
+        vectors = vectors.view(len(index), k, -1)[mine].reshape(len(mine) * k, -1)
+        scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors),
+                                  max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                                  stop_strings=generation.stop, temperature=config.rollout_temperature,
+                                  seed=step_seed(config.seed, step, stream=1 + 10 * round_) + 7919 * ranks.rank)
+        if not ranks.parallel:
+            return scored
+        columns = ["reply", "correct", "new_tokens"]
+        parts = distributed.all_gather_objects(scored[columns].to_dict("list"))
+        groups: list[dict] = [{}] * len(index)
+        for rank, part in enumerate(parts):
+            for local, g in enumerate(distributed.shard_positions(len(index), distributed.World(rank, ranks.size))):
+                groups[g] = {c: part[c][local * k:(local + 1) * k] for c in columns}
+        return pd.DataFrame({c: [value for group in groups for value in group[c]] for c in columns})
 
     def rewards_of(scored: pd.DataFrame, groups: int) -> torch.Tensor:
         return torch.tensor(scored["correct"].to_numpy(dtype=float), dtype=torch.float32).view(groups, k)
@@ -216,7 +240,8 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         terms["anchor"] = (means - guidance_of(index, reference).detach()).pow(2).mean()
         terms.update(rollout_metrics(rewards))
         terms["completion_length"] = torch.tensor(float(scored["new_tokens"].mean()))
-        return terms
+        # every data-parallel process computed the whole batch's terms (the rollouts are gathered): 1/N each
+        return {name: value / distributed.world().size for name, value in terms.items()}
 
     def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
         if config.policy == "latent":
@@ -226,16 +251,47 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         first_update = block not in cache
         if first_update:   # a new batch of rollouts every `updates_per_batch` steps (and after a resume)
             cache.clear()
-            cache[block] = collect(block)
-        rollouts = cache[block]
-        metrics = {name: torch.tensor(value) for name, value in rollouts.metrics.items()}
-        if not rollouts.index:   # dynamic sampling found no group that disagrees: nothing to learn this step
+            whole = collect(block)
+            cache[block] = (whole, shard_rollouts(whole))
+        rollouts, mine = cache[block]
+        ranks = distributed.world()
+        # every process holds the whole batch's metrics: each logs its 1/N of them (the engine sums)
+        metrics = {name: torch.tensor(value / ranks.size) for name, value in rollouts.metrics.items()}
+        if not mine.index:   # dynamic sampling found no group that disagrees (or none is this rank's)
             means = guidance_of(sample_batch(len(rows), config.batch_size, config.seed, step), hypernet)
             zero = means.sum() * 0
             yield {"policy": zero, "kl": zero, "self_supervision": zero, "anchor": zero,
-                   "clip_ratio": torch.zeros(()), **metrics}
+                   "clip_ratio": torch.zeros(()), **({"entropy": torch.zeros(())} if rollouts.index else {}),
+                   **metrics}
             return
-        yield {**token_terms(rollouts, first_update), **metrics}
+        terms = token_terms(mine, first_update)
+        if ranks.parallel:
+            terms = token_term_shares(terms, mine, rollouts)
+        yield {**terms, **metrics}
+
+    def shard_rollouts(whole: Rollouts) -> Rollouts:
+        """This rank's groups of a batch of rollouts (all of them in one process)."""
+        if not distributed.world().parallel:
+            return whole
+        mine = distributed.shard_positions(len(whole.index))
+        return Rollouts([whole.index[g] for g in mine], [r for g in mine for r in whole.replies[g * k:(g + 1) * k]],
+                        whole.rewards[mine], metrics=whole.metrics)
+
+    def token_term_shares(terms: dict[str, torch.Tensor], mine: Rollouts, whole: Rollouts) -> dict[str, torch.Tensor]:
+        """A rank's token terms (means over its groups' tokens or replies) as shares of the whole
+        batch's: token means weighted by token counts, per-reply and per-group means by counts of
+        replies. ``self_supervision`` is weighted by correct replies, not their tokens: exact when
+        correct replies are equally long (docs/distributed.md)."""
+        tokens = float(mine.old_log_probs.numel())
+        all_tokens = distributed.global_count(tokens)
+        groups, correct = len(mine.index), float((mine.rewards == 1.0).sum())
+        all_correct = distributed.global_count(correct)
+        by_reply = groups / max(len(whole.index), 1)
+        by_token = tokens / max(all_tokens, 1.0)
+        weight = {"anchor": by_reply, "kl": by_token, "entropy": by_token, "clip_ratio": by_token,
+                  "policy": by_token if config.loss_type == "dapo" else by_reply,
+                  "self_supervision": correct / all_correct if all_correct else 0.0}
+        return {name: value * weight.get(name, 1 / distributed.world().size) for name, value in terms.items()}
 
     weights = {"policy": config.policy_weight, "self_supervision": config.self_supervision_weight,
                "anchor": config.anchor_weight}
@@ -253,6 +309,7 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
     stage-1 hyper-network unchanged).
     """
     hypernet_stage1.config.check_fits(student.hidden_size, student.num_layers, where="from stage 1")
+    distributed.check_global_batch(config.batch_size, "stage2.training.batch_size")
     hypernet = copy.deepcopy(hypernet_stage1).to(student.device)
     reference = copy.deepcopy(hypernet).eval().requires_grad_(False)
     rows = train_rows.reset_index(drop=True)
@@ -265,9 +322,10 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
                         weight_decay=0.0, seed=config.seed, eval_every=config.eval_every,
                         grad_norm_every=config.grad_norm_every)
     with GuidedStudent(student, hypernet) as guided:
-        def validate() -> float:
-            return accuracy(student, val_rows, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
-                            batch_size=generation.batch_size, stop_strings=generation.stop)
+        def validate() -> float:  # each data-parallel process scores its shard of the rows
+            return sharded_score(val_rows, lambda shard: accuracy(
+                student, shard, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
+                batch_size=generation.batch_size, stop_strings=generation.stop))
 
         if config.select_questions:
             hypernet.eval()
