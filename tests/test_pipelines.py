@@ -8,6 +8,11 @@ through a KedroSession (hooks, MLflow, files) is tests/test_run.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import pandas as pd
 import pytest
 import torch
@@ -15,11 +20,15 @@ from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from pilot.evaluation import METHODS
+from pilot.methods.registry import method_names, registered
 from pilot.framework.datasets import LatentCacheDataset, LatentShardsDataset
 from pilot.framework.hooks import validate_parameters
 from pilot.guidance import HyperNetwork
+from pilot.baselines.caa import steered
+from pilot.config import GuidanceParams
 from pilot.latents import LatentCache
+from pilot.methods import Attached, Method, TrainingData
+from pilot.models import CausalLM
 from pilot.pipelines import baselines, base, data, evaluation, latents, plans, stage1, stage2
 from pilot.settings import CONFIG_LOADER_ARGS
 from tests.conftest import ROOT
@@ -128,7 +137,7 @@ def test_baselines_match_the_budget_and_choose_a_configured_caa_scale(outputs, c
 def test_evaluation_scores_every_method_on_the_same_questions(outputs):
     out = outputs["evaluation"]
     predictions, table = out["predictions"], out["results_table"]
-    assert set(predictions["method"]) == set(METHODS)
+    assert set(predictions["method"]) == set(method_names())
     ids = predictions.groupby("method")["id"].apply(lambda s: tuple(sorted(s)))
     assert ids.nunique() == 1  # the same test questions for every method
     assert set(predictions["split"]) == {"test", "test_ood"}  # every method on both test splits
@@ -146,3 +155,53 @@ def test_evaluation_scores_every_method_on_the_same_questions(outputs):
     metrics = out["results_metrics"]
     assert {"pilot_stage1_accuracy", "pilot_stage1_ood_accuracy", "lora_ood_accuracy",
             "pilot_stage2_paired_p_value", "pilot_stage2_paired_difference"} <= set(metrics)
+
+
+@dataclass
+class ReversedSteering(Method):
+    """A method made up for this test, in one class: CAA's steering vector subtracted instead of added."""
+
+    name: ClassVar[str] = "reversed_steering"
+    inputs: ClassVar[tuple[str, ...]] = ("steering_vector", "params:guidance")
+    steering_vector: dict[str, torch.Tensor]
+    guidance: GuidanceParams
+
+    @contextmanager
+    def attach(self, student: CausalLM) -> Iterator[Attached]:
+        reversed_vector = {**self.steering_vector, "vector": -self.steering_vector["vector"]}
+        with steered(student, reversed_vector, self.guidance.inject_layer, 1.0, 1) as steering:
+            yield Attached(student, guidance=steering)
+
+    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
+        return {"guidance_inject_layer": self.guidance.inject_layer, "guidance_scale": 1.0,
+                "training_data_rows": data.cached_rows}
+
+
+def test_a_registered_method_flows_through_evaluation(outputs, catalog):
+    """A new method is its class and one registration: the evaluation pipeline answers the test
+    splits with it, times it beside the others, describes it and reports it, and no node reads more
+    than eight inputs. The other methods answer exactly as before."""
+    with registered(ReversedSteering):
+        pipeline = evaluation.create_pipeline()
+        assert {"method_reversed_steering_node", "evaluate_reversed_steering_node"} <= {n.name for n in pipeline.nodes}
+        assert max(len(n.inputs) for n in pipeline.nodes) <= 8
+        for name in pipeline.all_outputs() - set(catalog.filter()):
+            catalog[name] = KeptDataset()
+        SequentialRunner().run(pipeline, catalog)
+    assert "reversed_steering" not in method_names()   # registered only inside the block
+    predictions = catalog.load("predictions")
+    new = predictions[predictions["method"] == "reversed_steering"]
+    before = outputs["evaluation"]["predictions"]
+    assert sorted(new["id"]) == sorted(before.loc[before["method"] == "zero_shot", "id"])   # every test question
+    columns = ["method", "id", "split", "prediction", "correct", "new_tokens"]
+    pd.testing.assert_frame_equal(predictions.loc[predictions["method"] != "reversed_steering", columns]
+                                  .reset_index(drop=True), before[columns].reset_index(drop=True))
+    table = catalog.load("results_table").set_index(["split", "method", "task"])
+    for split in ("test", "test_ood"):
+        assert table.loc[(split, "reversed_steering", "overall"), "accuracy"] == \
+            new.loc[new["split"] == split, "correct"].mean()
+    assert table.loc[("test", "reversed_steering", "overall"), "median_ms_per_query"] > 0   # timed beside the others
+    settings = catalog.load("method_settings")["reversed_steering"]
+    assert settings["trainable_parameters"] == "0" and settings["guidance_scale"] == "1.0"
+    assert settings["guidance_inject_layer"] == str(catalog.load("params:guidance").inject_layer)
+    assert any("| reversed_steering |" in line for line in catalog.load("results_markdown").splitlines())

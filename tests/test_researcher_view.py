@@ -19,7 +19,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pilot.evaluation import METHOD_SETTINGS, METHODS
+from pilot.methods import METHOD_SETTINGS
+from pilot.methods.pilot import Pilot
+from pilot.methods.references import ZeroShot
+from pilot.methods.registry import method_names
 from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
 from pilot.latency import answerer, latency_table, measure_latency
 from pilot.models import count_parameters
@@ -42,7 +45,7 @@ def _method_runs(project) -> dict:
 # ------------------------------------------------------------------------ 1. comparable runs
 def test_every_method_run_has_the_same_parameter_keys_with_sensible_values(finished_run):
     runs = _method_runs(finished_run)
-    assert set(runs) == set(METHODS)
+    assert set(runs) == set(method_names())
     for method, run in runs.items():
         assert set(run.data.params) == set(METHOD_SETTINGS), method      # same keys: the compare view lines up
         assert {k: run.data.tags[k] for k in METHOD_SETTINGS} == run.data.params  # tags carry the same
@@ -94,23 +97,15 @@ def test_latency_warms_every_method_up_then_interleaves_the_passes():
 def test_plain_student_is_not_reported_slower_than_itself_guided_by_a_zero_vector(tiny_lm, task_table):
     """An untrained hyper-network outputs exactly zero: same answers, and the timings of the two
     must agree within noise (a loaded 2-core machine: generous bounds, best of three tries)."""
-    questions = task_table["question"].head(8).tolist()
+    rows = task_table.head(8)
+    questions = rows["question"].tolist()
     hypernet = HyperNetwork(HyperNetConfig(hidden_size=tiny_lm.hidden_size, num_layers=tiny_lm.num_layers,
                                            reader="attention", mlp_hidden=32, attention_heads=2))
     with GuidedStudent(tiny_lm, hypernet) as guided:
         assert torch.count_nonzero(guided.guidance_vectors(questions)) == 0
 
-    def zero_guidance():
-        from contextlib import contextmanager
-
-        @contextmanager
-        def attach():
-            with GuidedStudent(tiny_lm, hypernet) as guided:
-                yield guided.guidance()
-        return attach
-
-    answerers = {"zero_shot": answerer(tiny_lm, questions, 8),
-                 "zero_vector": answerer(tiny_lm, questions, 8, guidance=zero_guidance())}
+    answerers = {"zero_shot": answerer(ZeroShot(), tiny_lm, rows, 8),
+                 "zero_vector": answerer(Pilot(hypernet), tiny_lm, rows, 8)}
     ratios = []
     for _ in range(3):
         table = latency_table(measure_latency(answerers, len(questions), passes=5, warmup_questions=2),

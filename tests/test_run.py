@@ -9,7 +9,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pilot.evaluation import METHODS, wilson_interval
+from pilot.evaluation import wilson_interval
+from pilot.methods.registry import method_names
 from tests.conftest import ROOT
 
 
@@ -17,7 +18,7 @@ def test_results_table_has_every_method_and_task_and_matches_the_predictions(fin
     results = pd.read_parquet(finished_run / "data/08_reporting/results.parquet")
     predictions = pd.read_parquet(finished_run / "data/07_model_output/predictions.parquet")
     tasks = set(pd.read_parquet(finished_run / "data/03_primary/tasks_test.parquet")["task"])
-    assert set(results["method"]) == set(METHODS)
+    assert set(results["method"]) == set(method_names())
     assert set(results["task"]) == tasks | {"overall"}
     assert set(results["split"]) == {"test", "test_ood"}
     assert results["accuracy"].between(0, 1).all()
@@ -61,7 +62,7 @@ def test_mlflow_holds_the_run_its_parameters_metrics_and_method_runs(finished_ru
     assert "evaluation.zero_shot_accuracy" in parent.data.metrics
     assert "stage1.best_val_accuracy" in parent.data.metrics
     assert len(client.get_metric_history(parent.info.run_id, "stage1.alignment")) == 16
-    assert {r.data.tags["method"] for r in children} == set(METHODS)
+    assert {r.data.tags["method"] for r in children} == set(method_names())
     assert all("accuracy" in r.data.metrics and "median_ms_per_query" in r.data.metrics for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "results.md", "accuracy.png", "training_curves.png"} <= artifacts

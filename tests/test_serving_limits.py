@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pilot.generation import generate
-from pilot.guidance import HyperNetConfig, HyperNetwork
+from pilot.guidance import HyperNetConfig, HyperNetwork, interventions
 from pilot.prompts import prompt_format
 from pilot.serving import SIGNATURE, PilotModel, RequestError, RequestLimits, log_pilot_model
 from tests.conftest import same_code_env
@@ -41,8 +41,7 @@ def _guiding_hypernet(lm) -> HyperNetwork:
 def pilot(tiny_lm):
     model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), max_new_tokens=6, batch_size=4,
                                 limits=RequestLimits(max_questions=8, max_question_chars=200))
-    yield model
-    model.guided.remove()
+    return model
 
 
 def _requests(task_table) -> list[list[str]]:
@@ -108,13 +107,10 @@ def test_non_strings_and_frames_without_a_question_column_are_refused_in_one_sen
 def test_a_question_longer_than_the_students_context_is_refused_before_generation(tiny_lm):
     model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), max_new_tokens=6, batch_size=4,
                                 limits=RequestLimits(max_question_chars=10_000))
-    try:
-        context = tiny_lm.model.config.max_position_embeddings
-        with pytest.raises(RequestError, match=rf"^Question 2 is \d+ tokens in its prompt; this model reads at most "
-                                               rf"{context - 6} \({context} positions less 6 for the answer\)\.$"):
-            model.predict(None, ["1 + 1 =", " + ".join(["7"] * 400) + " ="])
-    finally:
-        model.guided.remove()
+    context = tiny_lm.model.config.max_position_embeddings
+    with pytest.raises(RequestError, match=rf"^Question 2 is \d+ tokens in its prompt; this model reads at most "
+                                           rf"{context - 6} \({context} positions less 6 for the answer\)\.$"):
+        model.predict(None, ["1 + 1 =", " + ".join(["7"] * 400) + " ="])
 
 
 def test_limits_come_from_the_logged_settings_and_the_server_environment():
@@ -130,7 +126,7 @@ def test_the_logged_pyfunc_reads_the_question_column_by_name(tiny_lm, task_table
     questions = task_table["question"].head(3).tolist()
     direct = PilotModel().attach(tiny_lm, hypernet, max_new_tokens=6, batch_size=4)
     expected = direct.predict(None, questions)
-    direct.guided.remove()
+    assert not interventions(tiny_lm.model)   # the served method is attached around each request only
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         # An experiment of this store: an earlier test's active experiment id belongs to another store.

@@ -1,5 +1,6 @@
-"""Threads that degrade gracefully: a Kedro run's idle OpenMP threads sleep instead of spinning, so the
-default (every core) stays about as fast as one thread when another job keeps a core busy.
+"""Threads that degrade gracefully: the default (`threads: null`) uses the cores other processes leave
+free, so it is as fast as every core on an idle machine and about as fast as one thread when another
+job keeps a core busy.
 
 Measured in full by ``benchmarks/threads.py`` (BENCHMARKS.md, "Threads: idle and under load").
 """
@@ -9,45 +10,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
-from pilot.runtime import available_cores
+from pilot.runtime import CoreShare, available_cores, configure_threads, others_running, share_cores
 from tests.conftest import same_code_env
 
 # The environment a user's shell gives `kedro run`: no OpenMP settings (the suite's own
 # OMP_NUM_THREADS=1 would hide what the default does).
 BARE = {k: v for k, v in same_code_env().items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))}
 
-# Records the wait policy in the environment at the moment torch is first imported (when torch loads
-# its OpenMP runtime, which reads it once), then loads the project's settings as `kedro run` does.
-PROBE = """
-import importlib.abc, os, sys
-seen = {}
-class Watch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and "torch" not in seen:
-            seen["torch"] = os.environ.get("OMP_WAIT_POLICY", "unset")
-        return None
-sys.meta_path.insert(0, Watch())
-from kedro.framework.project import configure_project, settings
-configure_project("pilot")
-settings.HOOKS
-print(seen.get("torch", "torch not imported"))
-"""
-
-
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_kedro_settings_make_openmp_threads_sleep_before_torch_loads(given, expected):
-    env = {**BARE, **({"OMP_WAIT_POLICY": given} if given else {})}
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == expected   # a value the user set is kept
-
-
 # A small training loop (an MLP, AdamW) in a process that loads the project's settings first, as
-# `kedro run` does; timed with one thread and with the default (every core), in turns, in that process
-# (the thread count can change within a process, the wait policy cannot).
+# `kedro run` does; timed with one thread and with the default (`threads: null`), in turns.
 WORKLOAD = """
 import json, time
 import pilot.settings  # noqa: F401
@@ -88,3 +64,46 @@ def test_the_default_threads_beside_a_busy_job_are_not_much_slower_than_one_thre
     times = json.loads(done.stdout.strip().splitlines()[-1])
     one, default = min(times["1"]), min(times["null"])   # the fastest round of each: the least disturbed
     assert default <= 2.0 * one, f"threads: null took {default:.3f} s, one thread {one:.3f} s ({times})"
+
+
+def test_a_busy_job_counts_as_another_runnable_thread():
+    """The reading that `threads: null` follows: demand from other processes, read from /proc."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        readings = [others_running() for _ in range(5)]
+    finally:
+        busy.kill()
+        busy.wait()
+    assert None not in readings, "no /proc/stat on this machine"
+    assert max(readings) >= 1, readings   # the busy loop is always runnable
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="one core: nothing to share")
+def test_shared_cores_give_a_core_up_to_a_busy_job_at_once_and_take_it_back_after_two_free_readings():
+    before = torch.get_num_threads()
+    readings = iter([0, 1, 0, 0, 0])   # other runnable threads at each reading
+    share = CoreShare(2, interval_s=0.0, read_others=lambda: next(readings))
+    try:
+        assert share.update(force=True) == 2 == torch.get_num_threads()   # idle at the start: every core
+        assert share.update() == 1 == torch.get_num_threads()             # a job appears: give a core up
+        assert share.update() == 1                                          # one free reading: not yet
+        assert share.update() == 2 == torch.get_num_threads()             # two in a row: take it back
+        assert share.update() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_reading_is_taken_at_most_once_an_interval_and_a_fixed_count_is_left_alone():
+    before = torch.get_num_threads()
+    calls = []
+    share = CoreShare(2, interval_s=3600, read_others=lambda: calls.append(1) or 0)
+    try:
+        share.update(force=True)
+        share.update()
+        assert len(calls) == 1
+        configure_threads(1)          # `threads: 1`: share_cores() must not touch it
+        share_cores()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from pilot.answers import extract_answer
 from pilot.config import GenerationParams
 from pilot.generation import Guidance, generate
 from pilot.guidance.soft_tokens import SoftPrompt
+from pilot.methods.base import Method
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
 from pilot.verifier import score_answers
@@ -76,22 +77,14 @@ def answer_and_score(
     return frame[list(PREDICTION_COLUMNS)]
 
 
-METHODS = ("zero_shot", "plan_in_context", "lora", "reft", "caa", "pause_tokens", "soft_thoughts", "pilot_stage1",
-           "pilot_stage2")
-
-# What every method's MLflow run records, with the same keys for all (empty where a setting does
-# not apply), so MLflow's compare view and parallel-coordinates plot line the methods up.
-METHOD_SETTINGS = ("method", "trainable_parameters", "guidance_reader", "guidance_read_layer",
-                   "guidance_inject_layer", "guidance_scale", "training_steps", "training_data_rows", "seed")
-
-
-def method_settings(method: str, **settings: object) -> dict[str, str]:
-    """``method``'s row of :data:`METHOD_SETTINGS` as strings; settings left out are ``""``."""
-    unknown = sorted(set(settings) - set(METHOD_SETTINGS))
-    if unknown:
-        raise ValueError(f"Unknown method setting(s) {unknown}; the shared keys are {list(METHOD_SETTINGS)}.")
-    values = {**settings, "method": method}
-    return {key: "" if values.get(key) is None else str(values[key]) for key in METHOD_SETTINGS}
+def answer_with(method: Method, student: CausalLM, rows: pd.DataFrame, generation: GenerationParams) -> pd.DataFrame:
+    """``method``'s scored answers to ``rows`` (:func:`answer_and_score`): attached to ``student`` for the
+    whole table, with what it adds per row (plans, time paid outside the student) and the run's decoding."""
+    inputs = method.row_inputs(rows)
+    with method.attach(student) as attached:
+        return answer_and_score(attached.student, rows, guidance=attached.guidance, soft_prompt=attached.soft_prompt,
+                                max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                                stop_strings=generation.stop, method=method.name, progress=method.name, **inputs)
 
 
 def accuracy(student: CausalLM, rows: pd.DataFrame, **kwargs) -> float:

@@ -26,6 +26,7 @@ from pilot.guidance import Guidance, capture_layers
 from pilot.guidance.soft_tokens import SoftPrompt, placeholders
 from pilot.models import CausalLM
 from pilot.prompts import first_line, prompt_format
+from pilot.runtime import share_cores
 
 
 @dataclass
@@ -188,7 +189,9 @@ def generate(
         batch = list(prompts[start:start + batch_size])
         vectors = None
         if guidance is not None and guidance.vectors is not None:
-            vectors = guidance.vectors[start:start + batch_size].to(lm.device)
+            vectors = guidance.vectors[start:start + batch_size] if len(guidance.vectors) > 1 \
+                else guidance.vectors.expand(len(batch), -1)   # one vector: every prompt's
+            vectors = vectors.to(lm.device)
         began = time.perf_counter()
         texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator,
                                               tuple(stop_strings), soft_prompt)
@@ -199,6 +202,7 @@ def generate(
         if used is not None:
             vectors_out.append(used.detach().cpu())
         bar.update(len(batch))
+        share_cores()
     bar.close()
     if vectors_out:
         result.guidance_vectors = torch.cat(vectors_out)

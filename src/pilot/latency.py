@@ -10,24 +10,15 @@ is the median over passes and questions.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from pilot.baselines.caa import steered
-from pilot.baselines.lora import LoraAdapter
-from pilot.baselines.modules import TrainedModule
-from pilot.baselines.reft import Reft
-from pilot.baselines.soft_prompts import AttachedSoftPrompt
-from pilot.generation import Guidance, generate
-from pilot.guidance import GuidedStudent, HyperNetwork
-from pilot.guidance.soft_tokens import SoftPrompt
+from pilot.generation import generate
+from pilot.methods.base import Method
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
 
@@ -36,71 +27,31 @@ from pilot.prompts import prompt_format
 Answerer = Callable[[int], float]
 
 
-def answerer(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *,
-             guidance: Callable[[], AbstractContextManager[Guidance | None]] | None = None,
-             plans: Sequence[str] | None = None, extra_seconds: Sequence[float] | None = None,
-             stop_strings: Sequence[str] = (),
-             attach: Callable[[], AbstractContextManager[SoftPrompt | None]] | None = None) -> Answerer:
-    """Answer question ``i`` alone through the shared generation path (:func:`pilot.generation.generate`).
+def answerer(method: Method, student: CausalLM, rows: pd.DataFrame, max_new_tokens: int,
+             stop_strings: Sequence[str] = ()) -> Answerer:
+    """Answer question ``i`` of ``rows`` alone with ``method``, through the shared generation path
+    (:func:`pilot.generation.generate`).
 
-    ``guidance`` opens the method's guidance for the call (attached and removed each time, so
-    methods sharing an injection site never stack); ``attach`` likewise opens an intervention
-    (ReFT's hooks, yielding None, or a soft prompt's slots); ``extra_seconds[i]`` is added to the time.
+    The method's one-time preparation and what it adds per row (plans, time paid outside the
+    student, added to the time) come first, untimed; it is attached and removed on each call, so
+    methods sharing an injection site never stack.
     """
+    method.prepare(student)
+    inputs = method.row_inputs(rows)
+    unknown = set(inputs) - {"plans", "extra_seconds"}
+    if unknown:
+        raise ValueError(f"Latency knows no row input {sorted(unknown)} of method '{method.name}'.")
+    questions, plans, extra_seconds = rows["question"].tolist(), inputs.get("plans"), inputs.get("extra_seconds")
     fmt = prompt_format(student.tokenizer)
 
     def answer(i: int) -> float:
         prompt = fmt.answer_prompt(questions[i], plans[i] if plans is not None else None)
-        with (guidance() if guidance is not None else nullcontext()) as attached, \
-                (attach() if attach is not None else nullcontext()) as soft_prompt:
-            generate(student, [prompt], max_new_tokens=max_new_tokens, batch_size=1, guidance=attached,
-                     stop_strings=stop_strings, soft_prompt=soft_prompt)
+        with method.attach(student) as attached:
+            generate(attached.student, [prompt], max_new_tokens=max_new_tokens, batch_size=1,
+                     guidance=attached.guidance, stop_strings=stop_strings, soft_prompt=attached.soft_prompt)
         return float(extra_seconds[i]) if extra_seconds is not None else 0.0
 
     return answer
-
-
-def method_answerers(student: CausalLM, questions: Sequence[str], max_new_tokens: int, *,
-                     plans: Sequence[str], teacher_seconds: Sequence[float], lora_adapter: LoraAdapter,
-                     steering_vector: dict[str, torch.Tensor], caa_scale: float, inject_layer: int,
-                     hypernets: Mapping[str, HyperNetwork], reft: Reft | None = None,
-                     soft_prompts: Mapping[str, TrainedModule] | None = None, assistant: CausalLM | None = None,
-                     stop_strings: Sequence[str] = ()) -> dict[str, Answerer]:
-    """The evaluated methods as answerers: zero-shot, plan-in-context (plus the teacher's recorded
-    plan-writing time), LoRA, ReFT, CAA, each soft-token method in ``soft_prompts`` (soft thoughts
-    with ``assistant`` reading each prompt, inside the timed call) and each PILOT hyper-network in
-    ``hypernets`` (by method name)."""
-    lora = lora_adapter.attach(student)
-    caa = functools.partial(steered, student, steering_vector, inject_layer, caa_scale, 1)  # one prompt per call
-
-    def pilot(hypernet: HyperNetwork):
-        @contextmanager
-        def guided() -> Iterator[Guidance]:
-            with GuidedStudent(student, hypernet.eval().to(student.device)) as attached:
-                yield attached.guidance()
-        return guided
-
-    ask = functools.partial(answerer, questions=questions, max_new_tokens=max_new_tokens, stop_strings=stop_strings)
-    answerers = {
-        "zero_shot": ask(student),
-        "plan_in_context": ask(student, plans=plans, extra_seconds=teacher_seconds),
-        "lora": ask(lora),
-        "caa": ask(student, guidance=caa),
-    }
-    if reft is not None:
-        reft = reft.to(student.device).fix_rotations()   # once, like loading it: not part of a query's time
-
-        @contextmanager
-        def reft_attached() -> Iterator[None]:
-            with reft.attached(student):
-                yield None
-        answerers["reft"] = ask(student, attach=reft_attached)
-    for method, module in (soft_prompts or {}).items():
-        answerers[method] = ask(student, attach=functools.partial(AttachedSoftPrompt, module.to(student.device),
-                                                                  student, assistant))
-    for method, hypernet in hypernets.items():
-        answerers[method] = ask(student, guidance=pilot(hypernet))
-    return answerers
 
 
 def measure_latency(answerers: Mapping[str, Answerer], num_questions: int, passes: int = 3,

@@ -46,6 +46,7 @@ from pilot.guidance import capture_layers
 from pilot.guidance.prefix import FrozenPrefix, check_prefix_support, frozen_prefix, prefix_rows, stack_prefix
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.prompts import prompt_format
+from pilot.runtime import share_cores
 from pilot.sequences import IGNORE_INDEX, encode_pairs, lengths_to_mask
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class LatentCacheBuild:
         if with_prefix:
             check_prefix_support(model)
         for start in range(0, len(rows), s.batch_size):
+            share_cores()
             chunk = rows[start:start + s.batch_size]
             fmt = prompt_format(tokenizer)
             answers = [fmt.answer_target(self.answers[i]) for i in chunk]

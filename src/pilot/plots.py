@@ -14,8 +14,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pilot.evaluation import METHODS  # noqa: E402
-
 
 def accuracy_by_method(results: pd.DataFrame) -> plt.Figure:
     """Grouped bars: accuracy per task (and overall) for each method, with 95 % intervals; the
@@ -29,8 +27,10 @@ def accuracy_by_method(results: pd.DataFrame) -> plt.Figure:
     else:
         tasks = sorted(t for t in results["task"].unique() if t != "overall") + ["overall"]
     # The methods in the order of the story (baselines, then PILOT), any others after them.
-    present = list(dict.fromkeys(results["method"]))
-    methods = [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
+    from pilot.methods.registry import method_names   # every baseline's dependencies: only when plotting
+
+    order, present = method_names(), list(dict.fromkeys(results["method"]))
+    methods = [m for m in order if m in present] + [m for m in present if m not in order]
     width = 0.8 / len(methods)
     figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 4.2))
     for i, method in enumerate(methods):

@@ -43,7 +43,8 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from pilot.generation import generate
-from pilot.guidance import GuidedStudent, HyperNetwork
+from pilot.guidance import HyperNetwork
+from pilot.methods.pilot import Pilot
 from pilot.models import CausalLM, load_causal_lm
 from pilot.prompts import prompt_format
 
@@ -150,7 +151,7 @@ class PilotModel(mlflow.pyfunc.PythonModel):
     """The frozen student guided by the trained hyper-network (stage 2).
 
     MLflow's scoring server answers each request in a thread of its own, but generation uses
-    state shared by every request: the injector's current vectors (``GuidanceInjector.guide``),
+    state shared by every request: the method's hooks on the student (attached around each request),
     the layer-capture hooks on the one student, its tokenizer. So one lock is held per request
     around generation; requests are checked before they wait for it. Serve with several workers
     (``mlflow models serve --workers N``, one model per process) to answer requests in parallel.
@@ -170,7 +171,8 @@ class PilotModel(mlflow.pyfunc.PythonModel):
         """Answer with ``student`` guided by ``hypernet`` (what :meth:`load_context` does with the
         logged artifacts); returns the model."""
         self.student = student
-        self.guided = GuidedStudent(student, hypernet.eval().to(student.device))
+        self.method = Pilot(hypernet)   # the served method, attached around each request's generation
+        self.method.prepare(student)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.limits = limits
@@ -188,8 +190,10 @@ class PilotModel(mlflow.pyfunc.PythonModel):
             prompts = [fmt.answer_prompt(q) for q in questions]
             self._check_context(prompts)
             try:
-                result = generate(self.student, prompts, max_new_tokens=self.max_new_tokens,
-                                  batch_size=self.batch_size, guidance=self.guided.guidance())
+                with self.method.attach(self.student) as attached:
+                    result = generate(attached.student, prompts, max_new_tokens=self.max_new_tokens,
+                                      batch_size=self.batch_size, guidance=attached.guidance,
+                                      soft_prompt=attached.soft_prompt)
             except Exception as error:  # the trace goes to the server's log, not to the client
                 logger.exception("PILOT failed on a request of %d questions", len(questions))
                 raise RequestError(f"The model failed on this request ({type(error).__name__}); the server's log "

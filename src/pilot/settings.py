@@ -3,14 +3,7 @@
 import os
 import warnings
 
-# OpenMP threads with no work sleep instead of spinning. The OpenMP runtime reads this once, when torch
-# loads it (first imported just below, by the hooks), so it is set here, before. On the project's
-# 2-core machine beside other busy processes, spinning threads made `threads: null` (every core) train
-# 5-24x slower than sleeping ones (BENCHMARKS.md, "Threads: idle and under load"). A value already
-# in the environment is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from pilot.framework.hooks import MemoryHooks, PreflightHooks, RunRecordHooks, SharedReportHooks  # noqa: E402
+from pilot.framework.hooks import MemoryHooks, PreflightHooks, RunRecordHooks, SharedReportHooks
 
 # Deprecation noise from Kedro's and kedro-mlflow's use of OmegaConf, not actionable here.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")

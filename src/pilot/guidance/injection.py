@@ -159,7 +159,7 @@ class GuidanceInjector:
 
 @dataclass
 class Guidance:
-    """What to inject while generating: a hyper-network, or fixed vectors (one per prompt)."""
+    """What to inject while generating: a hyper-network, or fixed vectors (one per prompt, or one for all)."""
 
     injector: GuidanceInjector
     hypernet: HyperNetwork | None = None

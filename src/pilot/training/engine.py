@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from pilot import distributed
 from pilot.checkpoint import CheckpointManager
+from pilot.runtime import share_cores
 from pilot.tracking import metric_records
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class ProgressLog:
         self.history.append(row)
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]}, refresh=False)
         self.bar.update(1)
+        share_cores()  # the thread count follows the machine's load (pilot.runtime)
 
     def close(self, summary: str = "") -> float:
         self.bar.close()

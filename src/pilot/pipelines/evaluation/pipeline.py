@@ -1,17 +1,14 @@
 from kedro.pipeline import Node, Pipeline
 
+from pilot.methods.registry import compared_methods
+
 from .nodes import (
     build_report,
     describe_methods,
-    evaluate_caa,
-    evaluate_lora,
-    evaluate_pause_tokens,
-    evaluate_pilot_stage1,
-    evaluate_pilot_stage2,
-    evaluate_plan_in_context,
-    evaluate_reft,
-    evaluate_soft_thoughts,
-    evaluate_zero_shot,
+    describe_training_data,
+    evaluate_method,
+    gather_methods,
+    gather_predictions,
     log_method_runs,
     log_trained_model,
     measure_method_latency,
@@ -19,55 +16,55 @@ from .nodes import (
     plot_training,
 )
 
+MAX_INPUTS = 8   # no node reads more: a list longer than this is gathered in parts
+
+
+def _gathered(gather, parts: list[str], output: str) -> list[Node]:
+    """Nodes gathering the datasets ``parts`` into ``output``, in order, none with more than eight inputs."""
+    if len(parts) <= MAX_INPUTS:
+        return [Node(gather, inputs=parts, outputs=output, name=f"gather_{output}_node")]
+    count = -(-len(parts) // MAX_INPUTS)   # as few parts as will do, as even as they can be
+    size = -(-len(parts) // count)
+    groups = [parts[start:start + size] for start in range(0, len(parts), size)]
+    names = [f"part_{number}_of_{output}" for number in range(1, len(groups) + 1)]
+    return [Node(gather, inputs=group, outputs=name, name=f"gather_{name}_node") for group, name in zip(groups, names)] \
+        + _gathered(gather, names, output)
+
 
 def create_pipeline(**kwargs) -> Pipeline:
-    test = ["tasks_test", "params:generation"]
+    """One node builds each compared method (:mod:`pilot.methods.registry`) from its inputs and one
+    answers the test split with it; latency, settings and the report take them all."""
+    methods = compared_methods()
+    per_method = []
+    for name, method in methods.items():
+        per_method += [
+            Node(method, inputs=list(method.inputs) or None, outputs=f"method_{name}", name=f"method_{name}_node"),
+            Node(evaluate_method, inputs=[f"method_{name}", "student_model", "tasks_test", "params:generation"],
+                 outputs=f"predictions_{name}", name=f"evaluate_{name}_node"),
+        ]
     return Pipeline(
         [
-            Node(evaluate_zero_shot, inputs=["student_model", *test], outputs="predictions_zero_shot",
-                 name="evaluate_zero_shot_node"),
-            Node(evaluate_plan_in_context, inputs=["student_model", "tasks_test", "teacher_plans", "params:generation"],
-                 outputs="predictions_plan_in_context", name="evaluate_plan_in_context_node"),
-            Node(evaluate_lora, inputs=["student_model", "lora_adapter", *test], outputs="predictions_lora",
-                 name="evaluate_lora_node"),
-            Node(evaluate_reft, inputs=["student_model", "reft_interventions", *test], outputs="predictions_reft",
-                 name="evaluate_reft_node"),
-            Node(evaluate_pause_tokens, inputs=["student_model", "pause_tokens", *test],
-                 outputs="predictions_pause_tokens", name="evaluate_pause_tokens_node"),
-            Node(evaluate_soft_thoughts, inputs=["student_model", "teacher_model", "soft_thoughts", *test],
-                 outputs="predictions_soft_thoughts", name="evaluate_soft_thoughts_node"),
-            Node(evaluate_caa, inputs=["student_model", "steering_vector", "caa_config", "tasks_test",
-                                       "params:guidance", "params:generation"],
-                 outputs="predictions_caa", name="evaluate_caa_node"),
-            Node(evaluate_pilot_stage1, inputs=["student_model", "hypernet_stage1", *test],
-                 outputs="predictions_pilot_stage1", name="evaluate_pilot_stage1_node"),
-            Node(evaluate_pilot_stage2, inputs=["student_model", "hypernet_stage2", *test],
-                 outputs="predictions_pilot_stage2", name="evaluate_pilot_stage2_node"),
+            *per_method,
+            *_gathered(gather_methods, [f"method_{name}" for name in methods], "methods"),
+            *_gathered(gather_predictions, [f"predictions_{name}" for name in methods], "predictions"),
             Node(measure_method_latency,
-                 inputs=["student_model", "teacher_model", "tasks_test", "teacher_plans", "lora_adapter",
-                         "reft_interventions", "steering_vector", "caa_config", "pause_tokens", "soft_thoughts",
-                         "hypernet_stage1", "hypernet_stage2", "params:guidance", "params:generation",
-                         "params:evaluation"],
+                 inputs=["methods", "student_model", "tasks_test", "params:generation", "params:evaluation"],
                  outputs="latency_table", name="measure_latency_node"),
-            Node(build_report,
-                 inputs=["latency_table", "predictions_zero_shot", "predictions_plan_in_context", "predictions_lora",
-                         "predictions_reft", "predictions_caa", "predictions_pause_tokens", "predictions_soft_thoughts",
-                         "predictions_pilot_stage1", "predictions_pilot_stage2"],
-                 outputs=["predictions", "results_table", "results_markdown", "results_metrics"],
-                 name="build_report_node"),
+            Node(build_report, inputs=["latency_table", "predictions"],
+                 outputs=["results_table", "results_markdown", "results_metrics"], name="build_report_node"),
             Node(plot_results, inputs="results_table", outputs=["accuracy_plot", "latency_plot"],
                  name="plot_results_node"),
             Node(plot_training, inputs=["stage1_history", "stage1_validation", "stage2_history", "stage2_validation"],
                  outputs="training_curves_plot", name="plot_training_node"),
-            Node(describe_methods,
-                 inputs=["hypernet_stage1", "hypernet_stage2", "lora_adapter", "reft_interventions", "pause_tokens",
-                         "soft_thoughts", "caa_config", "steering_vector",
-                         "teacher_plans", "tasks_train", "tasks_val", "params:guidance", "params:latents",
-                         "params:stage1", "params:stage2", "params:baselines", "params:seed"],
-                 outputs="method_settings", name="describe_methods_node"),
+            Node(describe_training_data,
+                 inputs=["teacher_plans", "tasks_train", "tasks_val", "params:latents", "params:seed"],
+                 outputs="training_data", name="describe_training_data_node"),
+            Node(describe_methods, inputs=["methods", "training_data"], outputs="method_settings",
+                 name="describe_methods_node"),
             Node(log_method_runs, inputs=["results_table", "method_settings"], outputs="method_runs",
                  name="log_method_runs_node"),
-            Node(log_trained_model, inputs=["student_model", "hypernet_stage2", "params:generation", "params:evaluation"],
+            Node(log_trained_model,
+                 inputs=["method_pilot_stage2", "student_model", "params:generation", "params:evaluation"],
                  outputs="trained_model", name="log_trained_model_node"),
         ],
         tags=["evaluation"],

@@ -1,0 +1,103 @@
+"""What a compared method is: one object that says how it answers and what it is.
+
+A method is a dataclass built from the artefacts and parameter blocks it names in
+:attr:`Method.inputs` (catalog entries, ``params:<block>``), in the order of its fields. It
+answers through the one generation path: :meth:`Method.attach` puts it on the student for as long
+as a ``with`` block lasts and yields an :class:`Attached` (the model that answers, and the guidance
+or soft prompt generation takes); :meth:`Method.row_inputs` gives what it adds per question (a plan
+in context, time paid outside the student). :attr:`Method.trainable_parameters` and
+:meth:`Method.settings` say what it is, under the same keys for every method
+(:data:`METHOD_SETTINGS`), so MLflow's compare view lines the methods up.
+
+Evaluation, latency, the MLflow child runs, the results table and the served model loop over
+methods; which methods are compared is :mod:`pilot.methods.registry`. This module imports nothing
+heavy, so the served model (:mod:`pilot.serving`) can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pilot.config import AdapterTrainingParams, Stage1Params
+    from pilot.guidance import Guidance
+    from pilot.guidance.soft_tokens import SoftPrompt
+    from pilot.models import CausalLM
+
+# What every method's MLflow run records, with the same keys for all (empty where a setting does
+# not apply), so MLflow's compare view and parallel-coordinates plot line the methods up.
+METHOD_SETTINGS = ("method", "trainable_parameters", "guidance_reader", "guidance_read_layer",
+                   "guidance_inject_layer", "guidance_scale", "training_steps", "training_data_rows", "seed")
+
+
+def method_settings(method: str, **settings: object) -> dict[str, str]:
+    """``method``'s row of :data:`METHOD_SETTINGS` as strings; settings left out are ``""``."""
+    unknown = sorted(set(settings) - set(METHOD_SETTINGS))
+    if unknown:
+        raise ValueError(f"Unknown method setting(s) {unknown}; the shared keys are {list(METHOD_SETTINGS)}.")
+    values = {**settings, "method": method}
+    return {key: "" if values.get(key) is None else str(values[key]) for key in METHOD_SETTINGS}
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the methods' settings refer to: the run's seed and the rows the methods learn from."""
+
+    seed: int
+    training_rows: int   # the training split: LoRA, ReFT, pause tokens, soft thoughts, PILOT stage 2
+    cached_rows: int     # the kept teacher plans in the latent cache: PILOT stage 1, CAA
+
+
+@dataclass
+class Attached:
+    """A method on the student: the model that answers (an adapted copy for LoRA), and the guidance
+    or soft prompt that :func:`pilot.generation.generate` takes."""
+
+    student: CausalLM
+    guidance: Guidance | None = None
+    soft_prompt: SoftPrompt | None = None
+
+
+class Method:
+    """One compared method. Subclasses are dataclasses whose fields are built from :attr:`inputs`."""
+
+    name: ClassVar[str]
+    # The catalog entries and ``params:<block>`` it is built from, in the order of its fields.
+    inputs: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, student: CausalLM) -> None:
+        """One-time work before answering, not part of any question's time (moving trained parts to
+        the student's device, building an adapted copy). Idempotent."""
+
+    @contextmanager
+    def attach(self, student: CausalLM) -> Iterator[Attached]:
+        """The method on ``student`` while inside (hooks removed however the block ends)."""
+        self.prepare(student)
+        yield Attached(student)
+
+    def row_inputs(self, rows: pd.DataFrame) -> dict[str, list]:
+        """What the method adds to each of ``rows`` (``plans``, ``extra_seconds``), in their order."""
+        return {}
+
+    @property
+    def trainable_parameters(self) -> int:
+        return 0
+
+    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
+        """Its values of :data:`METHOD_SETTINGS` besides the name, parameter count and seed."""
+        return {}
+
+    def settings(self, data: TrainingData) -> dict[str, str]:
+        """Its row of :data:`METHOD_SETTINGS`, as MLflow records it."""
+        return method_settings(self.name, trainable_parameters=self.trainable_parameters, seed=data.seed,
+                               **self.comparable_settings(data))
+
+
+def adapter_settings(training: AdapterTrainingParams, stage1: Stage1Params, data: TrainingData) -> dict[str, Any]:
+    """A trained baseline's protocol (LoRA's): its configured steps (stage 1's by default) on the training split."""
+    return {"training_steps": training.steps or stage1.training.steps, "training_data_rows": data.training_rows}
