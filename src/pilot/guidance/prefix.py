@@ -249,7 +249,7 @@ class PromptCache:
     prefix_lengths: torch.Tensor                      # (B,) prompt positions before the first answer position
 
     def repeat_interleave(self, k: int) -> PromptCache:
-        """Each row ``k`` times in a row (a group of replies per question): views, no copies of the states."""
+        """Each row ``k`` times in a row (a group of replies per question)."""
         index = torch.arange(len(self.prefix_lengths), device=self.prefix_lengths.device).repeat_interleave(k)
         return self.select(index)
 

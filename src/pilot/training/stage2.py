@@ -46,6 +46,7 @@ from pilot.checkpoint import CheckpointManager, run_fingerprint
 from pilot.config import GenerationParams, Stage2Config
 from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork
+from pilot.guidance.prefix import PromptCache
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import (
@@ -81,6 +82,7 @@ class Rollouts:
     reference_log_probs: torch.Tensor | None = None  # (tokens,) under the stage-1 hyper-network
     completion_length: float = 0.0
     metrics: dict[str, float] | None = None
+    prompts: PromptCache | None = None               # the questions' keys and values, one row per reply
 
 
 def rollout_metrics(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -196,7 +198,10 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         terms: dict[str, torch.Tensor] = {"anchor": (means - guidance_of(index, reference).detach()).pow(2).mean()}
         owner = torch.arange(groups, device=device).repeat_interleave(k)
         questions = [questions_all[i] for i in index for _ in range(k)]
-        batch, logits, _ = guided.teacher_forced(questions, rollouts.replies, means[owner], [])
+        if rollouts.prompts is None:   # read each prompt once per batch of rollouts; only the replies run after
+            rollouts.prompts = guided.prompt_cache([questions_all[i] for i in index]).repeat_interleave(k)
+        batch, logits, _ = guided.teacher_forced_after_prompt(rollouts.prompts, questions, rollouts.replies,
+                                                              means[owner])
         targets = batch.next_tokens()
         # The sampling policy is softmax(logits / T) (as TRL scores it); self-supervision is plain LM at T = 1.
         log_probs, entropy = token_log_probs(logits / temperature, targets)
@@ -204,8 +209,8 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         if first_update:   # the policy that sampled them is this one: ratio 1 (TRL's num_iterations=1)
             rollouts.old_log_probs = log_probs.detach()
             with torch.no_grad():
-                _, reference_logits, _ = guided.teacher_forced(questions, rollouts.replies,
-                                                               guidance_of(index, reference)[owner], [])
+                _, reference_logits, _ = guided.teacher_forced_after_prompt(
+                    rollouts.prompts, questions, rollouts.replies, guidance_of(index, reference)[owner])
                 rollouts.reference_log_probs, _ = token_log_probs(reference_logits / temperature, targets)
         advantages = group_advantages(rollouts.rewards, scale=config.scale_rewards).reshape(-1)
         terms["policy"], terms["clip_ratio"] = token_policy_loss(
