@@ -21,10 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pilot.config import BaselinesParams, Stage1Params
+
 if TYPE_CHECKING:
     import pandas as pd
 
-    from pilot.config import AdapterTrainingParams, Stage1Params
     from pilot.guidance import Guidance
     from pilot.guidance.soft_tokens import SoftPrompt
     from pilot.models import CausalLM
@@ -98,6 +99,16 @@ class Method:
                                **self.comparable_settings(data))
 
 
-def adapter_settings(training: AdapterTrainingParams, stage1: Stage1Params, data: TrainingData) -> dict[str, Any]:
-    """A trained baseline's protocol (LoRA's): its configured steps (stage 1's by default) on the training split."""
-    return {"training_steps": training.steps or stage1.training.steps, "training_data_rows": data.training_rows}
+@dataclass
+class TrainedBaseline(Method):
+    """A baseline trained on LoRA's protocol (``baselines.<name>``): its configured steps (stage 1's
+    by default) on the training split. Subclasses list ``params:baselines`` and ``params:stage1``
+    first in their inputs, then their own."""
+
+    baselines: BaselinesParams
+    stage1: Stage1Params
+
+    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
+        training = getattr(self.baselines, self.name).training
+        return {"training_steps": training.steps or self.stage1.training.steps,
+                "training_data_rows": data.training_rows}

@@ -5,23 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pilot.baselines.lora import LoraAdapter
-from pilot.config import BaselinesParams, Stage1Params
-from pilot.methods.base import Attached, Method, TrainingData, adapter_settings
+from pilot.methods.base import Attached, TrainedBaseline
 from pilot.models import CausalLM
 
 
 @dataclass
-class Lora(Method):
+class Lora(TrainedBaseline):
     """LoRA at the hyper-network's parameter budget (peft)."""
 
     name: ClassVar[str] = "lora"
-    inputs: ClassVar[tuple[str, ...]] = ("lora_adapter", "params:baselines", "params:stage1")
+    inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "lora_adapter")
     lora_adapter: LoraAdapter
-    baselines: BaselinesParams
-    stage1: Stage1Params
     _adapted: tuple[CausalLM, CausalLM] | None = field(default=None, init=False, repr=False)
 
     def prepare(self, student: CausalLM) -> None:
@@ -36,6 +33,3 @@ class Lora(Method):
     @property
     def trainable_parameters(self) -> int:
         return self.lora_adapter.num_parameters
-
-    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
-        return adapter_settings(self.baselines.lora.training, self.stage1, data)

@@ -10,20 +10,17 @@ from typing import Any, ClassVar
 import torch
 
 from pilot.baselines.reft import Reft as ReftInterventions
-from pilot.config import BaselinesParams, Stage1Params
-from pilot.methods.base import Attached, Method, TrainingData, adapter_settings
+from pilot.methods.base import Attached, TrainedBaseline, TrainingData
 from pilot.models import CausalLM
 
 
 @dataclass
-class Reft(Method):
+class Reft(TrainedBaseline):
     """LoReFT at the injection layer and after, at the hyper-network's budget (capped)."""
 
     name: ClassVar[str] = "reft"
-    inputs: ClassVar[tuple[str, ...]] = ("reft_interventions", "params:baselines", "params:stage1")
+    inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "reft_interventions")
     reft_interventions: ReftInterventions
-    baselines: BaselinesParams
-    stage1: Stage1Params
 
     def prepare(self, student: CausalLM) -> None:
         # each rotation computed once, like loading it: not part of a question's time
@@ -42,5 +39,5 @@ class Reft(Method):
         return self.reft_interventions.num_parameters
 
     def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
-        return {**adapter_settings(self.baselines.reft.training, self.stage1, data),
+        return {**super().comparable_settings(data),
                 "guidance_inject_layer": ",".join(map(str, self.reft_interventions.layers))}

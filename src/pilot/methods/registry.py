@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 
 from pilot.methods.base import Method
 from pilot.methods.caa import Caa
@@ -29,6 +30,11 @@ def compared_methods() -> dict[str, type[Method]]:
     methods = {method.name: method for method in COMPARED}
     if len(methods) != len(COMPARED):
         raise ValueError(f"Two compared methods share a name: {[method.name for method in COMPARED]}.")
+    for method in COMPARED:
+        built_from = [field.name for field in fields(method) if field.init]
+        if len(built_from) != len(method.inputs):
+            raise ValueError(f"Method '{method.name}' lists inputs {list(method.inputs)} for its fields {built_from}; "
+                             "give one input per field, in order.")
     return methods
 
 

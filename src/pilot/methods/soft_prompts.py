@@ -5,21 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pilot.baselines.modules import TrainedModule
 from pilot.baselines.soft_prompts import AttachedSoftPrompt
-from pilot.config import BaselinesParams, Stage1Params
-from pilot.methods.base import Attached, Method, TrainingData, adapter_settings
+from pilot.methods.base import Attached, TrainedBaseline
 from pilot.models import CausalLM
 
 
-class SoftPromptMethod(Method):
+class SoftPromptMethod(TrainedBaseline):
     """A soft-token module (:mod:`pilot.baselines.soft_prompts`) around every prompt."""
 
     module: TrainedModule
-    baselines: BaselinesParams
-    stage1: Stage1Params
     assistant: CausalLM | None = None
 
     def prepare(self, student: CausalLM) -> None:
@@ -35,19 +32,14 @@ class SoftPromptMethod(Method):
     def trainable_parameters(self) -> int:
         return self.module.num_parameters
 
-    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
-        return adapter_settings(getattr(self.baselines, self.name).training, self.stage1, data)
-
 
 @dataclass
 class PauseTokens(SoftPromptMethod):
     """The same learned pause tokens after every prompt."""
 
     name: ClassVar[str] = "pause_tokens"
-    inputs: ClassVar[tuple[str, ...]] = ("pause_tokens", "params:baselines", "params:stage1")
+    inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "pause_tokens")
     module: TrainedModule
-    baselines: BaselinesParams
-    stage1: Stage1Params
 
 
 @dataclass
@@ -55,8 +47,6 @@ class SoftThoughts(SoftPromptMethod):
     """Soft thoughts: the teacher reads each prompt at run time (its time is in the latency)."""
 
     name: ClassVar[str] = "soft_thoughts"
-    inputs: ClassVar[tuple[str, ...]] = ("soft_thoughts", "params:baselines", "params:stage1", "teacher_model")
+    inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "soft_thoughts", "teacher_model")
     module: TrainedModule
-    baselines: BaselinesParams
-    stage1: Stage1Params
     assistant: CausalLM
