@@ -96,3 +96,17 @@ def test_max_new_tokens_has_one_default_the_generation_blocks():
         assert parameter.default is inspect.Parameter.empty, f"{function.__name__} has its own default"
     with pytest.raises(TypeError, match="max_new_tokens"):
         generate(None, ["Q: 1+1"])
+
+
+def test_the_hyper_network_is_built_from_the_guidance_parameters_and_shares_their_defaults():
+    from dataclasses import fields
+
+    from pilot.guidance.hypernet import HyperNetConfig
+
+    site = {f.name for f in fields(HyperNetConfig)} - {"hidden_size", "num_layers"}
+    assert site <= set(GuidanceParams.model_fields), site - set(GuidanceParams.model_fields)
+    assert HyperNetConfig.from_site(GuidanceParams(), 32, 4) == HyperNetConfig(32, 4, read_layer=GuidanceParams().read_layer % 4)
+    chosen = GuidanceParams(read_layer=-1, reader="mean", modulation="add", extra_inject_layers=[2], prior=True)
+    config = HyperNetConfig.from_site(chosen, 32, 4)
+    assert (config.read_layer, config.reader, config.modulation, config.extra_inject_layers, config.prior) == \
+        (3, "mean", "add", [2], True)

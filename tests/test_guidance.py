@@ -22,7 +22,7 @@ from pilot.sequences import encode_pairs
 def _hypernet(lm, reader="mean", inject_layer=0, scale=1.0):
     return HyperNetwork(HyperNetConfig(hidden_size=lm.hidden_size, num_layers=lm.num_layers, read_layer=-1,
                                        inject_layer=inject_layer, reader=reader, mlp_hidden=16,
-                                       attention_heads=2, guidance_scale=scale))
+                                       attention_heads=2, guidance_scale=scale, modulation="add"))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -198,7 +198,9 @@ def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny
 
 
 # ------------------------------------------------------------------------------ the paper's components
-OPTIONS = {"film": {"modulation": "film"}, "prior": {"prior": True}, "two layers": {"extra_inject_layers": [1]}}
+# Each component on its own, beside a plain added vector at one site.
+OPTIONS = {"film": {"modulation": "film"}, "prior": {"prior": True, "modulation": "add"},
+           "two layers": {"extra_inject_layers": [1], "modulation": "add"}}
 
 
 def _guided_logits(lm, hypernet, questions, answers):

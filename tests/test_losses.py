@@ -23,8 +23,8 @@ from pilot.training.stage1 import imitation_terms, stage1_objective
 
 
 def _policy(hidden_size: int = 4, init_log_std: float = -1.0) -> HyperNetwork:
-    return HyperNetwork(HyperNetConfig(hidden_size=hidden_size, num_layers=2, mlp_hidden=8,
-                                       init_log_std=init_log_std))
+    return HyperNetwork(HyperNetConfig(hidden_size=hidden_size, num_layers=2, mlp_hidden=8, reader="mean",
+                                       modulation="add", init_log_std=init_log_std))
 
 
 # ------------------------------------------------------------------------------ alignment

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -36,22 +36,34 @@ Reader = Literal["mean", "attention"]
 Modulation = Literal["add", "film"]
 
 
+# The guidance parameters' defaults (conf/base, checked by tests/test_defaults.py) are the only ones.
+_SITE = GuidanceParams()
+
+
 @dataclass
 class HyperNetConfig:
-    """Shape and placement of the guidance. ``hidden_size``/``num_layers`` are the student's."""
+    """Shape and placement of the guidance. ``hidden_size``/``num_layers`` are the student's; the
+    rest is the guidance parameters' (:meth:`from_site`), their defaults included."""
 
     hidden_size: int
     num_layers: int
-    read_layer: int = -1
-    inject_layer: int = 0
-    reader: Reader = "mean"
-    mlp_hidden: int = 256
-    attention_heads: int = 4
-    guidance_scale: float = 1.0
-    init_log_std: float = -1.0
-    extra_inject_layers: list[int] = field(default_factory=list)
-    modulation: Modulation = "add"
-    prior: bool = False
+    read_layer: int = _SITE.read_layer
+    inject_layer: int = _SITE.inject_layer
+    reader: Reader = _SITE.reader
+    mlp_hidden: int = _SITE.mlp_hidden
+    attention_heads: int = _SITE.attention_heads
+    guidance_scale: float = _SITE.guidance_scale
+    init_log_std: float = _SITE.init_log_std
+    extra_inject_layers: list[int] = field(default_factory=lambda: list(_SITE.extra_inject_layers))
+    modulation: Modulation = _SITE.modulation
+    prior: bool = _SITE.prior
+
+    @classmethod
+    def from_site(cls, site: GuidanceParams, hidden_size: int, num_layers: int) -> HyperNetConfig:
+        """The configured site's hyper-network for a student of this shape (the read layer made non-negative)."""
+        shape = {"hidden_size": hidden_size, "num_layers": num_layers}
+        values = site.model_dump(include={f.name for f in fields(cls)} - shape.keys())
+        return cls(**shape, **{**values, "read_layer": site.read_layer % num_layers})
 
     @property
     def inject_layers(self) -> list[int]:
@@ -231,9 +243,4 @@ class HyperNetwork(nn.Module):
 def make_hypernet(site: GuidanceParams, hidden_size: int, num_layers: int, seed: int) -> HyperNetwork:
     """A fresh hyper-network for a student of this shape, at the configured read/injection site."""
     torch.manual_seed(seed)
-    return HyperNetwork(HyperNetConfig(
-        hidden_size=hidden_size, num_layers=num_layers, read_layer=site.read_layer % num_layers,
-        inject_layer=site.inject_layer, reader=site.reader, mlp_hidden=site.mlp_hidden,
-        attention_heads=site.attention_heads, guidance_scale=site.guidance_scale, init_log_std=site.init_log_std,
-        extra_inject_layers=list(site.extra_inject_layers), modulation=site.modulation, prior=site.prior,
-    ))
+    return HyperNetwork(HyperNetConfig.from_site(site, hidden_size, num_layers))
