@@ -27,7 +27,7 @@ from torch.nn.utils import parametrizations
 from pilot.baselines.modules import TrainedModule
 from pilot.config import GenerationParams, LMTrainConfig
 from pilot.evaluation import validator
-from pilot.guidance.injection import check_site_free, interventions, layer_hidden, with_hidden
+from pilot.guidance.injection import Intervention, layer_hidden, with_hidden
 from pilot.models import CausalLM, decoder_layers, freeze
 from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
 from pilot.training.engine import Objective, TrainingResult, train
@@ -82,19 +82,11 @@ class Reft(TrainedModule):
                              f"student has hidden size {student.hidden_size} and {len(blocks)} layers. Retrain it "
                              "(`kedro run --pipelines baselines`).")
         sites = [layer % len(blocks) for layer in self.layers]
-        check_site_free(student.model, name, sites)
-        site = _Site(name, sites)
-        interventions(student.model)[name] = site
-
-        handles = [blocks[layer].register_forward_hook(
-                       lambda module, args, output, edit=intervention: with_hidden(output, edit(layer_hidden(output))))
-                   for layer, intervention in zip(sites, self.interventions)]
-        try:
+        with Intervention(student.model, name, sites) as site:
+            for layer, intervention in zip(sites, self.interventions):
+                site.hook(blocks[layer].register_forward_hook(
+                    lambda module, args, output, edit=intervention: with_hidden(output, edit(layer_hidden(output)))))
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-            interventions(student.model).pop(name, None)
 
     def fix_rotations(self) -> Reft:
         """Compute each rotation once (the Cayley map solves a hidden x hidden system) and use it for
@@ -118,13 +110,6 @@ class Reft(TrainedModule):
     @classmethod
     def from_config(cls, config: dict) -> Reft:
         return cls(config["hidden_size"], config["rank"], config["layers"])
-
-
-class _Site:
-    """ReFT's entry in the student's intervention registry (its name and the layers it holds)."""
-
-    def __init__(self, name: str, layers: list[int]) -> None:
-        self.name, self.layers = name, layers
 
 
 def reft_layers(configured: Sequence[int] | None, inject_layer: int, num_layers: int) -> list[int]:

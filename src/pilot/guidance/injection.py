@@ -1,10 +1,12 @@
-"""Injecting guidance into the frozen student: an intervention, as in pyvene / pyreft.
+"""Interventions on the frozen student, as in pyvene / pyreft, and the one that injects guidance.
 
-A :class:`GuidanceInjector` has a name and its sites (decoder layers). It is registered on the
-model under its name, refuses to share a site with another injector unless asked, adds
-nothing unless a :meth:`~GuidanceInjector.guide` block hands it vectors, can be switched off,
-and is removed on leaving its ``with`` block -- on success, pruning, a NaN stop or an error.
-The backbone's weights are never touched.
+An :class:`Intervention` has a name and its sites (decoder layers). It is registered on the model
+under its name, refuses to share a site with another one unless asked, and is removed with its
+hooks on leaving its ``with`` block -- on success, pruning, a NaN stop or an error. The backbone's
+weights are never touched. Every intervention is one: PILOT's and CAA's :class:`GuidanceInjector`
+(adds nothing unless a :meth:`~GuidanceInjector.guide` block hands it vectors; can be switched
+off), ReFT's edits (:meth:`pilot.baselines.reft.Reft.attached`) and the soft-token slots
+(:class:`pilot.guidance.soft_tokens.SoftTokenSlots`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ class InterventionError(RuntimeError):
     """Two interventions on one site (or one name), or an intervention used after removal."""
 
 
-def interventions(model: nn.Module) -> dict[str, object]:
-    """The injectors attached to ``model``, by name."""
+def interventions(model: nn.Module) -> dict[str, Intervention]:
+    """The interventions attached to ``model``, by name."""
     return model.__dict__.setdefault(_REGISTRY, {})
 
 
@@ -62,7 +64,51 @@ def check_site_free(model: nn.Module, name: str, layers: list[int] | tuple[int, 
         )
 
 
-class GuidanceInjector:
+class Intervention:
+    """A named intervention on ``model`` at decoder ``layers`` (none: the input embeddings).
+
+    Registered in :func:`interventions` on construction (after :func:`check_site_free`); the hooks
+    it adds with :meth:`hook` go with it when it is removed (:meth:`remove`, or leaving its ``with``
+    block).
+    """
+
+    def __init__(self, model: nn.Module, name: str, layers: list[int] | tuple[int, ...] = (),
+                 allow_shared_site: bool = False) -> None:
+        check_site_free(model, name, layers, allow_shared_site)
+        self.name = name
+        self.layers = list(layers)
+        self._model = model
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        interventions(model)[name] = self
+
+    def hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        """Keep a hook's handle: it is removed with the intervention."""
+        self._handles.append(handle)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def check_attached(self) -> None:
+        if not self.attached:
+            raise InterventionError(f"The intervention '{self.name}' was removed; attach a new one.")
+
+    def remove(self) -> None:
+        """Detach from the model (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if interventions(self._model).get(self.name) is self:
+            del interventions(self._model)[self.name]
+
+    def __enter__(self) -> Intervention:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class GuidanceInjector(Intervention):
     """Adds ``guidance_scale * rms(h) * g`` to the residual stream at decoder layer ``inject_layer``.
 
     Energy-aligned: the vector is scaled by the RMS norm of the hidden state it is added to,
@@ -76,22 +122,17 @@ class GuidanceInjector:
     def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float, *,
                  name: str = "pilot_guidance", allow_shared_site: bool = False,
                  extra_layers: list[int] | tuple[int, ...] = (), modulation: str = "add") -> None:
-        layers = [inject_layer, *extra_layers]
-        check_site_free(model, name, layers, allow_shared_site)
-        self.name = name
+        super().__init__(model, name, [inject_layer, *extra_layers], allow_shared_site)
         self.inject_layer = inject_layer
-        self.layers = layers
         self.modulation = modulation
         self.guidance_scale = guidance_scale
         self.enabled = True
-        self._model = model
         self._vectors: torch.Tensor | None = None
         self._position_mask: torch.Tensor | None = None
         blocks = decoder_layers(model)
-        self._handles = [blocks[layer].register_forward_hook(lambda module, args, output, site=site:
-                                                             self._hook(site, output))
-                         for site, layer in enumerate(layers)]
-        interventions(model)[name] = self
+        for site, layer in enumerate(self.layers):
+            self.hook(blocks[layer].register_forward_hook(lambda module, args, output, site=site:
+                                                          self._hook(site, output)))
 
     def _site_vectors(self, site: int, hidden_size: int) -> torch.Tensor:
         """This site's part of g: (B, 1, d) to add, or (B, 2, d) scale and shift with FiLM."""
@@ -125,36 +166,17 @@ class GuidanceInjector:
             delta = delta * self._position_mask[..., None].to(device=hidden.device, dtype=hidden.dtype)
         return hidden + delta
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     @contextmanager
     def guide(self, vectors: torch.Tensor | None, position_mask: torch.Tensor | None = None):
         """Inject ``vectors`` (one per batch row) while inside; ``position_mask`` (B, T) limits
         a full-sequence pass to the answer positions. ``None`` vectors guide nothing."""
-        if not self.attached:
-            raise InterventionError(f"The intervention '{self.name}' was removed; attach a new one.")
+        self.check_attached()
         previous = self._vectors, self._position_mask
         self._vectors, self._position_mask = vectors, position_mask
         try:
             yield self
         finally:
             self._vectors, self._position_mask = previous
-
-    def remove(self) -> None:
-        """Detach from the model (idempotent)."""
-        if self._handles:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-            interventions(self._model).pop(self.name, None)
-
-    def __enter__(self) -> GuidanceInjector:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from pilot.guidance.injection import InterventionError, check_site_free, interventions
+from pilot.guidance.injection import Intervention, InterventionError
 
 
 def placeholder_ids(num_tokens: int) -> list[int]:
@@ -25,26 +25,21 @@ def placeholder_ids(num_tokens: int) -> list[int]:
     return [-1 - j for j in range(num_tokens)]
 
 
-class SoftTokenSlots:
-    """An intervention on ``model``'s input embeddings: placeholder positions get soft tokens.
+class SoftTokenSlots(Intervention):
+    """An intervention on ``model``'s input embeddings (no decoder layer): placeholder positions get soft tokens.
 
     Inside ``fill(embeddings)`` (``(B, k, d)``, one row per batch row, or ``(k, d)`` for every
     row), a placeholder ``-1 - j`` in row ``b`` is embedded as ``embeddings[b, j]``. A placeholder
     outside a ``fill`` block is an error, not a silent lookup. Use it as a context manager.
     """
 
-    layers: tuple[int, ...] = ()   # no decoder layer: the site is the input embeddings
-
     def __init__(self, model: nn.Module, name: str = "soft_tokens") -> None:
-        check_site_free(model, name, self.layers)
-        self.name = name
-        self._model = model
+        super().__init__(model, name)
         self._embeddings: torch.Tensor | None = None
         self._slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         layer = model.get_input_embeddings()
-        self._handles = [layer.register_forward_pre_hook(self._read_placeholders),
-                         layer.register_forward_hook(self._embed_placeholders)]
-        interventions(model)[name] = self
+        self.hook(layer.register_forward_pre_hook(self._read_placeholders))
+        self.hook(layer.register_forward_hook(self._embed_placeholders))
 
     def _read_placeholders(self, module: nn.Module, args: tuple):
         ids = args[0]
@@ -77,26 +72,12 @@ class SoftTokenSlots:
     @contextmanager
     def fill(self, embeddings: torch.Tensor):
         """Embed placeholders with ``embeddings`` while inside."""
-        if not self._handles:
-            raise InterventionError(f"The intervention '{self.name}' was removed; attach a new one.")
+        self.check_attached()
         previous, self._embeddings = self._embeddings, embeddings
         try:
             yield self
         finally:
             self._embeddings = previous
-
-    def remove(self) -> None:
-        """Detach from the model (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        interventions(self._model).pop(self.name, None)
-
-    def __enter__(self) -> SoftTokenSlots:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 class SoftPrompt(Protocol):
