@@ -23,7 +23,7 @@ from pilot.config import LMTrainConfig
 from pilot.evaluation import answer_and_score
 from pilot.generation import generate, stop_token_ids
 from pilot.guidance import GuidanceInjector, InterventionError, interventions
-from pilot.guidance.soft_tokens import SoftTokenSlots, placeholder_ids, placeholders
+from pilot.baselines.soft_tokens import SoftTokenSlots, placeholder_ids, placeholders
 from pilot.models import build_causal_lm
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs

@@ -13,7 +13,7 @@ import pandas as pd
 from pilot.answers import extract_answer
 from pilot.config import GenerationParams
 from pilot.generation import Guidance, generate
-from pilot.guidance.soft_tokens import SoftPrompt
+from pilot.baselines.soft_tokens import SoftPrompt
 from pilot.methods.base import Method
 from pilot.models import CausalLM
 from pilot.prompts import prompt_format
@@ -48,7 +48,7 @@ def answer_and_score(
     the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
     cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
     Replies are greedy unless ``temperature > 0`` (sampled from ``seed``). ``soft_prompt`` puts
-    a soft-token method's tokens around every prompt (:mod:`pilot.guidance.soft_tokens`).
+    a soft-token method's tokens around every prompt (:mod:`pilot.baselines.soft_tokens`).
     """
     questions = rows["question"].tolist()
     fmt = prompt_format(student.tokenizer)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pilot.guidance import Guidance, capture_layers
-from pilot.guidance.soft_tokens import SoftPrompt, placeholders
+from pilot.baselines.soft_tokens import SoftPrompt, placeholders
 from pilot.models import CausalLM
 from pilot.prompts import first_line, prompt_format
 from pilot.runtime import share_cores

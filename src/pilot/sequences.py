@@ -91,7 +91,7 @@ def encode_pairs(
     """Tokenise ``prompt + target + eos``; the loss (labels) covers target and eos only.
 
     ``prompt_prefix`` / ``prompt_suffix`` (token ids) start / end every prompt: the placeholders
-    of soft tokens (:mod:`pilot.guidance.soft_tokens`), which count as prompt.
+    of soft tokens (:mod:`pilot.baselines.soft_tokens`), which count as prompt.
     """
     if len(prompts) != len(targets):
         raise ValueError("encode_pairs needs as many targets as prompts.")

@@ -5,6 +5,8 @@ same training rows, steps, batch size, seed and best-validation-step rule):
 - :mod:`.reft`: LoReFT interventions on hidden states, rank matched to the budget;
 - :mod:`.soft_prompts`: pause tokens after every prompt, and soft thoughts (an assistant reads the
   prompt, a projection sized to the budget turns its states into soft tokens before it);
+  :mod:`.soft_tokens` puts soft tokens in a prompt (placeholders the trained module embeds), which
+  the one generation path takes;
 - :mod:`.caa`: the static steering vector and its validation-chosen scale.
 
 :mod:`.modules` saves the trained parts of ReFT and the soft prompts (safetensors + JSON).

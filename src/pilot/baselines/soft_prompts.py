@@ -12,7 +12,7 @@
   tokens (its learned ``slots``).
 
 Both train on question -> answer through :func:`pilot.training.base_lm.answer_loss_terms` with the
-soft tokens in their slots (:mod:`pilot.guidance.soft_tokens`), and answer through the one
+soft tokens in their slots (:mod:`pilot.baselines.soft_tokens`), and answer through the one
 generation path with ``soft_prompt=``.
 """
 
@@ -31,7 +31,7 @@ from pilot.config import GenerationParams, LMTrainConfig
 from pilot.evaluation import validator
 from pilot.generation import left_pad
 from pilot.guidance import capture_layers
-from pilot.guidance.soft_tokens import SoftTokenSlots, placeholders
+from pilot.baselines.soft_tokens import SoftTokenSlots, placeholders
 from pilot.models import CausalLM, freeze
 from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
 from pilot.training.engine import Objective, TrainingResult, train
@@ -132,7 +132,7 @@ def assistant_reading(assistant: CausalLM, prompts: Sequence[str], num_tokens: i
 
 
 class AttachedSoftPrompt:
-    """A soft-token module in its slots on the student (the :class:`~pilot.guidance.soft_tokens.SoftPrompt`
+    """A soft-token module in its slots on the student (the :class:`~pilot.baselines.soft_tokens.SoftPrompt`
     that generation takes); soft thoughts also hold the assistant that reads each prompt."""
 
     def __init__(self, module: PauseTokens | SoftThoughts, student: CausalLM, assistant: CausalLM | None = None) -> None:

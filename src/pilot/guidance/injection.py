@@ -6,7 +6,7 @@ hooks on leaving its ``with`` block -- on success, pruning, a NaN stop or an err
 weights are never touched. Every intervention is one: PILOT's and CAA's :class:`GuidanceInjector`
 (adds nothing unless a :meth:`~GuidanceInjector.guide` block hands it vectors; can be switched
 off), ReFT's edits (:meth:`pilot.baselines.reft.Reft.attached`) and the soft-token slots
-(:class:`pilot.guidance.soft_tokens.SoftTokenSlots`).
+(:class:`pilot.baselines.soft_tokens.SoftTokenSlots`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pilot.guidance import Guidance
-    from pilot.guidance.soft_tokens import SoftPrompt
+    from pilot.baselines.soft_tokens import SoftPrompt
     from pilot.models import CausalLM
 
 # What every method's MLflow run records, with the same keys for all (empty where a setting does
