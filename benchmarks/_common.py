@@ -129,7 +129,7 @@ def stage1_seconds_per_step(student, latents, examples, site, config, generation
     after ``warmup_steps`` untimed steps, for any source of latents (cached or recomputed)."""
     from pilot.guidance import GuidedStudent, make_hypernet
     from pilot.training.engine import train
-    from pilot.training.stage1 import loop_settings, stage1_objective
+    from pilot.training.stage1 import stage1_objective
 
     align_layers = site.resolved_align_layers(student.num_layers)
     seconds = []
@@ -141,7 +141,7 @@ def stage1_seconds_per_step(student, latents, examples, site, config, generation
         with GuidedStudent(student, hypernet) as guided:
             objective = stage1_objective(guided, latents, examples, align_layers, run, generation)
             started = time.perf_counter()
-            train(hypernet, objective, loop_settings(run), name="timed stage-1 steps")
+            train(hypernet, objective, run, name="timed stage-1 steps")
             if student.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append((time.perf_counter() - started) / steps)

@@ -29,7 +29,7 @@ def main() -> None:
     from pilot import distributed
     from pilot.guidance import GuidedStudent, make_hypernet
     from pilot.training.engine import Objective, train
-    from pilot.training.stage1 import loop_settings, stage1_objective
+    from pilot.training.stage1 import stage1_objective
 
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -51,7 +51,7 @@ def main() -> None:
             stamps.append(time.perf_counter())
             yield from objective.step_terms(step)
 
-        train(hypernet, Objective(timed, objective.weights), loop_settings(config), name="timed stage-1 steps")
+        train(hypernet, Objective(timed, objective.weights), config, name="timed stage-1 steps")
     per_step = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])]
     if ranks.is_main:
         print(f"processes={ranks.size} global_batch={config.batch_size} "

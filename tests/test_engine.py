@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pilot.checkpoint import CheckpointManager
+from pilot.config import LoopParams
 from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork, interventions
 from pilot.models import decoder_layers
 from pilot.sequences import next_token_loss
 from pilot.training.engine import (
-    LoopSettings,
     NonFiniteLossError,
     Objective,
     learning_rate,
@@ -71,7 +71,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
 
 def test_without_validate_the_last_weights_are_returned_as_a_plain_adamw_loop_gives_them():
     model = _model()
-    loop = LoopSettings(steps=6, learning_rate=0.05, warmup_steps=2)
+    loop = LoopParams(steps=6, learning_rate=0.05, warmup_steps=2)
     result = train(model, _fit(model), loop, name="fit")
     assert result.model is model and result.best_step == -1 and result.validation == []
     assert [row["step"] for row in result.history] == [1, 2, 3, 4, 5, 6]
@@ -108,7 +108,7 @@ def test_with_validate_the_best_validation_steps_weights_are_returned(accuracies
         modes.append(model.training)
         return accuracies[call]
 
-    result = train(model, _fit(model), LoopSettings(steps=4, learning_rate=0.05, eval_every=2), name="fit",
+    result = train(model, _fit(model), LoopParams(steps=4, learning_rate=0.05, eval_every=2), name="fit",
                    validate=validate)
     assert sorted(snapshots) == [0, 2, 4] and modes == [False, False, False]
     assert torch.equal(snapshots[0]["weight"], initial["weight"])
@@ -125,7 +125,7 @@ def test_with_validate_the_best_validation_steps_weights_are_returned(accuracies
 def test_validation_also_runs_after_the_last_step_when_it_is_off_the_grid():
     model = _model()
     steps_seen = []
-    result = train(model, _fit(model), LoopSettings(steps=5, learning_rate=0.05, eval_every=2), name="fit",
+    result = train(model, _fit(model), LoopParams(steps=5, learning_rate=0.05, eval_every=2), name="fit",
                    validate=lambda: 0.0, on_validation=lambda step, value: steps_seen.append(step))
     assert steps_seen == [0, 2, 4, 5] == [row["step"] for row in result.validation]
 
@@ -140,7 +140,7 @@ def test_terms_outside_the_weights_are_logged_but_do_not_train():
 
     before = _state(model)
     grads = _capture_grads(model)
-    result = train(model, Objective(step_terms, {"fit": 0.0}), LoopSettings(steps=3, learning_rate=0.1),
+    result = train(model, Objective(step_terms, {"fit": 0.0}), LoopParams(steps=3, learning_rate=0.1),
                    name="fit")
     assert _equal(_state(model), before)                     # the only trained term has weight 0
     assert all(torch.count_nonzero(g) == 0 for gs in grads.values() for g in gs)
@@ -155,8 +155,8 @@ def test_terms_outside_the_weights_are_logged_but_do_not_train():
     def with_huge(step):
         yield {"fit": F.mse_loss(trained(x), y), "huge": 1e6 * trained.weight.pow(2).sum()}
 
-    train(trained, Objective(with_huge, {"fit": 1.0}), LoopSettings(steps=3, learning_rate=0.1), name="fit")
-    train(plain, _fit(plain), LoopSettings(steps=3, learning_rate=0.1), name="fit")
+    train(trained, Objective(with_huge, {"fit": 1.0}), LoopParams(steps=3, learning_rate=0.1), name="fit")
+    train(plain, _fit(plain), LoopParams(steps=3, learning_rate=0.1), name="fit")
     assert _equal(_state(trained), _state(plain)) and not _equal(_state(trained), before)
 
 
@@ -166,7 +166,7 @@ def test_weights_scale_the_gradient():
     reference = copy.deepcopy(model)
     F.mse_loss(reference(x), y).backward()
     grads = _capture_grads(model)
-    train(model, _fit(model, {"fit": 3.0}), LoopSettings(steps=1, learning_rate=0.1, clip_norm=1e9), name="fit")
+    train(model, _fit(model, {"fit": 3.0}), LoopParams(steps=1, learning_rate=0.1, clip_norm=1e9), name="fit")
     for name, parameter in reference.named_parameters():
         assert len(grads[name]) == 1
         torch.testing.assert_close(grads[name][0], 3.0 * parameter.grad)
@@ -183,10 +183,10 @@ def test_each_terms_gradient_norm_is_logged_on_its_steps_and_leaves_the_update_u
 
     measured, plain = _model(), _model()
     reference = copy.deepcopy(measured)
-    result = train(measured, objective(measured), LoopSettings(steps=4, learning_rate=0.1, grad_norm_every=2),
+    result = train(measured, objective(measured), LoopParams(steps=4, learning_rate=0.1, grad_norm_every=2),
                    name="measured", validate=lambda: 0.0)
     assert "measured: no validation step beat step 0" in caplog.text  # the run's name, not a term's
-    train(plain, objective(plain), LoopSettings(steps=4, learning_rate=0.1), name="plain")
+    train(plain, objective(plain), LoopParams(steps=4, learning_rate=0.1), name="plain")
     assert _equal(_state(measured), _state(plain))  # measuring reads the gradients, never changes them
 
     def norm_of(loss):
@@ -220,7 +220,7 @@ def test_micro_batches_give_the_step_of_one_batch_with_the_summed_loss():
             else:  # only the first micro-batch: what a lost micro-batch would give
                 yield {"fit": F.mse_loss(model(x[:3]), y[:3], reduction="sum") / 16}
 
-        result = train(model, Objective(step_terms, {"fit": 1.0}), LoopSettings(steps=3, learning_rate=0.1),
+        result = train(model, Objective(step_terms, {"fit": 1.0}), LoopParams(steps=3, learning_rate=0.1),
                        name=split)
         summed = {name: torch.stack(g).sum(0) for name, g in grads.items()}
         return _state(model), result.history, summed
@@ -247,7 +247,7 @@ def test_micro_batches_sum_the_trained_terms_and_average_the_metrics():
         yield {"fit": F.mse_loss(model(x[3:]), y[3:], reduction="sum") / 16, "reward": torch.tensor(0.75)}
 
     reference = copy.deepcopy(model)
-    first = train(model, Objective(step_terms, {"fit": 1.0}), LoopSettings(steps=1, learning_rate=0.1),
+    first = train(model, Objective(step_terms, {"fit": 1.0}), LoopParams(steps=1, learning_rate=0.1),
                   name="micro").history[0]
     with torch.no_grad():
         whole = float(F.mse_loss(reference(x), y, reduction="sum") / 16)
@@ -275,7 +275,7 @@ def test_a_non_finite_term_stops_naming_it_and_the_step_without_taking_the_step(
 
     checkpoints = CheckpointManager(tmp_path / "ckpt", every=1, keep=5)
     with pytest.raises(NonFiniteLossError, match=rf"'{bad_term}' became {value} at step 2"):
-        train(model, Objective(step_terms, {"fit": 1.0}), LoopSettings(steps=5, learning_rate=0.1), name="fit",
+        train(model, Objective(step_terms, {"fit": 1.0}), LoopParams(steps=5, learning_rate=0.1), name="fit",
               checkpoints=checkpoints)
     assert before_step_2 and _equal(_state(model), before_step_2)
     assert [p.name for p in checkpoints.list()] == ["step-00000001", "step-00000002"]
@@ -315,7 +315,7 @@ def test_the_injector_comes_off_however_training_ends(tiny_lm, task_table, endin
                 yield {"lm": loss * (float("nan") if ending == "nan" and step == 1 else 1.0)}
 
             result = train(hypernet, Objective(step_terms, {"lm": 1.0}),
-                           LoopSettings(steps=3, learning_rate=0.01, eval_every=1), name="guided",
+                           LoopParams(steps=3, learning_rate=0.01, eval_every=1), name="guided",
                            validate=lambda: 0.5, on_validation=on_validation)
         assert expected is None and len(result.history) == 3
     except (NonFiniteLossError, optuna.TrialPruned, _Stop) as error:
@@ -331,7 +331,7 @@ class _Interrupted(RuntimeError):
 
 
 def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
-    loop = LoopSettings(steps=6, learning_rate=0.05, warmup_steps=1, eval_every=2)
+    loop = LoopParams(steps=6, learning_rate=0.05, warmup_steps=1, eval_every=2)
     x_val, y_val = _data()
 
     def objective(model, stop_at=None):
@@ -373,7 +373,7 @@ def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit_for_
 
 
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
-    loop = LoopSettings(steps=4, learning_rate=0.05)
+    loop = LoopParams(steps=4, learning_rate=0.05)
     first = _model()
     train(first, _fit(first), loop, name="x", checkpoints=CheckpointManager(tmp_path, every=2, fingerprint="x"))
     other = _model()

@@ -68,7 +68,7 @@ def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_i
     from pilot.guidance import GuidedStudent, interventions, make_hypernet
     from pilot.latents import CachedLatents
     from pilot.training.engine import train
-    from pilot.training.stage1 import loop_settings, stage1_objective
+    from pilot.training.stage1 import stage1_objective
 
     plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)
     cache = LatentCache(tmp_path / "cache").load()
@@ -79,7 +79,7 @@ def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_i
     with pytest.raises(NonFiniteLossError, match=r"'alignment' became (nan|inf) at step 0"):
         with GuidedStudent(tiny_lm, hypernet) as guided:
             objective = stage1_objective(guided, CachedLatents(cache), examples.reset_index(drop=True), [1], config, GEN)
-            train(hypernet, objective, loop_settings(config), name="stage1",
+            train(hypernet, objective, config, name="stage1",
                   checkpoints=CheckpointManager(tmp_path / "ckpt", every=2))
     assert interventions(tiny_lm.model) == {}
     assert not any(layer._forward_hooks for layer in tiny_lm.model.model.layers)

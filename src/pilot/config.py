@@ -207,8 +207,24 @@ class DataParams(Params):
     tasks: list[TaskParams] = Field(min_length=1)
 
 
+# ---------------------------------------------------------------------------------- the loop
+class LoopParams(Params):
+    """How long and how fast to train: what the training engine (:func:`pilot.training.engine.train`)
+    reads. Every stage's and model's training block is one of these, with its own defaults."""
+
+    steps: PositiveInt
+    learning_rate: Positive
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: NonNegative = 0.0
+    seed: int = 0
+    eval_every: NonNegativeInt = 0           # validate every N steps (0: only before the first and after the last)
+    grad_norm_every: NonNegativeInt = 0      # log each term's gradient norm every N steps (0: never)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)   # AdamW's
+    clip_norm: Positive = 1.0                # the gradient's global norm is clipped to this
+
+
 # ---------------------------------------------------------------------------------- base
-class LMTrainConfig(Params):
+class LMTrainConfig(LoopParams):
     """Next-token training of a whole model or adapter (base models, LoRA)."""
 
     steps: PositiveInt = 900
@@ -217,7 +233,7 @@ class LMTrainConfig(Params):
     warmup_steps: NonNegativeInt = 50
     weight_decay: NonNegative = 0.01
     length_buckets: PositiveInt = 4   # sub-batches of similar length per step (same gradient, less padding)
-    seed: int = 0
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
 
 
 class AdaptParams(LMTrainConfig):
@@ -377,7 +393,7 @@ class LatentsParams(Params):
 
 
 # ---------------------------------------------------------------------------------- stages
-class Stage1Config(Params):
+class Stage1Config(LoopParams):
     """Stage-1 loop settings; the loss weights carry the paper's names."""
 
     steps: PositiveInt = 3000
@@ -407,7 +423,7 @@ class Stage1Params(Params):
     training: Stage1Config = Stage1Config()
 
 
-class Stage2Config(Params):
+class Stage2Config(LoopParams):
     """Stage-2 loop settings (:mod:`pilot.training.stage2`); the loss names follow TRL's GRPO."""
 
     # token: the guided student's reply tokens are the actions (their log-probabilities reach the

@@ -21,7 +21,7 @@ from pilot.models import CausalLM
 from pilot.prompts import TOY, PromptFormat, prompt_format
 from pilot.tasks import reply_targets
 from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
-from pilot.training.engine import LoopSettings, Objective, TrainingResult, sample_batch, train
+from pilot.training.engine import Objective, TrainingResult, sample_batch, train
 
 
 def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFormat = TOY) -> list[tuple[str, str]]:
@@ -86,10 +86,9 @@ def answer_loss_terms(lm: CausalLM, examples: list[tuple[str, str]], config: LMT
     return step_terms
 
 
-def lm_loop(config: LMTrainConfig, eval_every: int = 0) -> LoopSettings:
-    """The engine's loop for next-token training with ``config`` (shared by every adapter baseline)."""
-    return LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=config.weight_decay, seed=config.seed, betas=(0.9, 0.98), eval_every=eval_every)
+def lm_loop(config: LMTrainConfig, eval_every: int = 0) -> LMTrainConfig:
+    """``config`` validated every ``eval_every`` steps (the adapter baselines pass stage 1's interval)."""
+    return config.model_copy(update={"eval_every": eval_every})
 
 
 def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig, name: str,

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from pilot import distributed
 from pilot.checkpoint import CheckpointManager
+from pilot.config import LoopParams
 from pilot.runtime import share_cores
 from pilot.tracking import metric_records
 
@@ -144,21 +145,6 @@ class ProgressLog:
 
 
 # ------------------------------------------------------------------------------ the loop
-@dataclass(frozen=True)
-class LoopSettings:
-    """How long and how fast to train; every stage's config maps onto this."""
-
-    steps: int
-    learning_rate: float
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    seed: int = 0
-    eval_every: int = 0                      # 0: validate only before the first and after the last step
-    grad_norm_every: int = 0                 # per-term gradient norms every N steps (0: never)
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_norm: float = 1.0
-
-
 @dataclass
 class Objective:
     """A stage's part of training: its loss terms for one step, and which of them train.
@@ -256,7 +242,7 @@ def reduce_step(parameters: list[nn.Parameter], logged: dict[str, torch.Tensor |
     logged.update({name: value[0] for name, value in zip(names, values)})
 
 
-def train(model: nn.Module, objective: Objective, loop: LoopSettings, *, name: str,
+def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str,
           validate: Callable[[], float] | None = None,
           checkpoints: CheckpointManager | None = None,
           saved_with_model: Mapping[str, nn.Module] | None = None,

@@ -32,7 +32,6 @@ from pilot.models import CausalLM
 from pilot.sequences import next_token_loss
 from pilot.tasks import reply_targets
 from pilot.training.engine import (
-    LoopSettings,
     Objective,
     TrainingResult,
     sample_batch,
@@ -165,12 +164,6 @@ def stage1_objective(guided: GuidedStudent, latents: CachedLatents, examples: pd
                                           "lm": config.lm_weight, "latent_rl": config.rl_weight})
 
 
-def loop_settings(config: Stage1Config) -> LoopSettings:
-    return LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=config.weight_decay, seed=config.seed, eval_every=config.eval_every,
-                        grad_norm_every=config.grad_norm_every)
-
-
 def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
                val_rows: pd.DataFrame, site: GuidanceParams, latents: LatentsParams, config: Stage1Config,
                generation: GenerationParams, checkpoint_dir: str | None = None, resume: bool = True,
@@ -200,7 +193,7 @@ def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFram
                 batch_size=generation.batch_size, stop_strings=generation.stop))
 
         objective = stage1_objective(guided, cached, examples, list(build.settings.align_layers), config, generation)
-        result = train(hypernet, objective, loop_settings(config), name="stage1", validate=validate,
+        result = train(hypernet, objective, config, name="stage1", validate=validate,
                        checkpoints=checkpoints, on_validation=on_validation)
     result.model.cpu()
     return result

@@ -50,7 +50,6 @@ from pilot.guidance.prefix import PromptCache
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import (
-    LoopSettings,
     Objective,
     TrainingResult,
     sample_batch,
@@ -323,9 +322,6 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
     checkpoints = CheckpointManager(checkpoint_dir, config.checkpoint_every, fingerprint=fingerprint)
     if not resume:
         checkpoints.clear()
-    loop = LoopSettings(steps=config.steps, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                        weight_decay=0.0, seed=config.seed, eval_every=config.eval_every,
-                        grad_norm_every=config.grad_norm_every)
     with GuidedStudent(student, hypernet) as guided:
         def validate() -> float:  # each data-parallel process scores its shard of the rows
             return sharded_score(val_rows, lambda shard: accuracy(
@@ -336,7 +332,7 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
             hypernet.eval()
             rows = select_training_questions(guided, rows, config, generation)
         objective = stage2_objective(guided, reference, rows, config, generation)
-        result = train(hypernet, objective, loop, name="stage2", validate=validate, checkpoints=checkpoints,
+        result = train(hypernet, objective, config, name="stage2", validate=validate, checkpoints=checkpoints,
                        saved_with_model={"reference": reference}, on_validation=on_validation)
     result.model.cpu()
     return result
