@@ -107,3 +107,27 @@ def test_a_reading_is_taken_at_most_once_an_interval_and_a_fixed_count_is_left_a
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_default_students_training_is_bitwise_the_same_with_one_thread_and_two(tokenizer, task_table):
+    """`threads: null` may change the thread count within a run; the default run stays reproducible
+    because its student's steps do not depend on it (large reductions elsewhere can, in the last bit)."""
+    from pilot.config import LMTrainConfig
+    from pilot.models import build_causal_lm
+    from pilot.prompts import TOY
+    from pilot.training.base_lm import student_examples, train_causal_lm
+
+    examples = student_examples(task_table[task_table["split"] == "train"].to_dict("records"), True, TOY)
+    config = LMTrainConfig(steps=3, batch_size=64, warmup_steps=0)   # conf/base's student: 128 wide, 2 layers
+    before, weights = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            lm = build_causal_lm(tokenizer, family="llama", hidden_size=128, num_layers=2, num_heads=4, seed=0)
+            train_causal_lm(lm, examples, config, f"{threads} thread(s)")
+            weights.append({name: p.detach().clone() for name, p in lm.model.named_parameters()})
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    differing = [name for name in weights[0] if not torch.equal(weights[0][name], weights[1][name])]
+    assert not differing, differing
