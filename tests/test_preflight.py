@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from pilot.config import BaselinesParams, GuidanceParams, ParameterError, ReftParams, Stage1Params, TuneParams, validate
-from pilot.framework.hooks import _unmergeable_override
+from pilot.framework.parameters import _unmergeable_override
 from tests.conftest import make_project, run, same_code_env
 
 

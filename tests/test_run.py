@@ -76,7 +76,7 @@ def test_mlflow_holds_the_run_its_parameters_metrics_and_method_runs(finished_ru
 def test_memory_hooks_list_only_the_nodes_that_raised_the_peak(caplog):
     from types import SimpleNamespace
 
-    from pilot.framework.hooks import MemoryHooks
+    from pilot.framework.memory import MemoryHooks
 
     readings = iter([1.0, 1.02, 1.5, 1.5, 2.0, 2.0])  # start, then after each node, then the run's end
     hooks = MemoryHooks(step=0.05, measure=lambda: next(readings))
@@ -96,7 +96,7 @@ def test_tune_report_saves_hold_one_lock_that_other_processes_wait_for(tmp_path)
     import threading
     from types import SimpleNamespace
 
-    from pilot.framework.hooks import SharedReportHooks
+    from pilot.framework.report_locks import SharedReportHooks
 
     hooks = SharedReportHooks()
     hooks.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader={"globals": {"data_root": "d"}}))

@@ -3,14 +3,17 @@
 import os
 import warnings
 
-from pilot.framework.hooks import MemoryHooks, PreflightHooks, RunRecordHooks, SharedReportHooks
+from pilot.framework.hooks import PreflightHooks
+from pilot.framework.memory import MemoryHooks
+from pilot.framework.report_locks import SharedReportHooks
+from pilot.framework.run_record import RunRecordHooks
 
 # Deprecation noise from Kedro's and kedro-mlflow's use of OmegaConf, not actionable here.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 
 # kedro-mlflow registers its own hook through its entry point. Ours: parameter validation and the
 # tracking-store check before any node, the run record, peak memory, and one lock for the tune
-# reports that parallel workers share (see pilot.framework.hooks).
+# reports that parallel workers share (pilot.framework: hooks, run_record, memory, report_locks).
 HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks())
 
 CONFIG_LOADER_ARGS = {

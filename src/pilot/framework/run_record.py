@@ -1,0 +1,27 @@
+"""The run record: each tracked run keeps its fully resolved parameters as one YAML artifact
+(``resolved_parameters.yml``), enough to re-create it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import yaml
+from kedro.framework.hooks import hook_impl
+
+from pilot import tracking
+from pilot.framework.parameters import as_plain
+
+
+class RunRecordHooks:
+    """Records what a tracked run was: its fully resolved parameters, as one YAML artifact."""
+
+    @hook_impl(trylast=True)  # after kedro-mlflow has opened the run
+    def before_pipeline_run(self, run_params: dict[str, Any], catalog) -> None:
+        if mlflow.active_run() is None:
+            return
+        tracking.mark_model_training()  # experiments created before conf/base/mlflow.yml set the tag, too
+        header = {key: run_params.get(key) for key in ("env", "pipeline_names", "runtime_params", "session_id")}
+        document = {"run": header, "parameters": as_plain(catalog.load("parameters"))}
+        mlflow.log_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
+                        "resolved_parameters.yml")
