@@ -7,24 +7,29 @@ every wait is bounded, so a hang fails the test instead of stalling the suite.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pilot.checkpoint import find_checkpoints
-from pilot.distributed import World, per_device_batch, shard, shard_positions
-from tests.conftest import same_code_env, stage1_inputs
+from pilot.distributed import World, my_batches, per_device_batch, shard, shard_positions
+from tests.conftest import make_project, run, same_code_env, stage1_inputs
 
 JOB = Path(__file__).parent / "jobs" / "distributed_job.py"
 STAGE1_STEPS = 8
 LORA_STEPS = 6
+STAGE2_STEPS = 4
 TIMEOUT_S = 180
 
 
@@ -89,6 +94,14 @@ def test_shards_partition_a_global_batch_whatever_the_number_of_processes():
         assert [batch[p] for p in shard_positions(len(batch), World(size - 1, size))] == parts[-1]
 
 
+def test_batches_are_one_process_batches_dealt_round_robin():
+    for size in (1, 2, 3):
+        parts = [my_batches(10, 3, World(rank, size)) for rank in range(size)]
+        dealt = sorted((b for part in parts for b in part), key=lambda b: b.start)
+        assert dealt == [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]   # one process's cut, each once
+        assert parts[0][0] == range(0, 3) and (size == 1 or parts[1][0] == range(3, 6))
+
+
 def test_stage1_with_two_processes_trains_the_losses_and_weights_of_one(workdir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     finish(launch("stage1", workdir, one, STAGE1_STEPS, 1))
@@ -107,6 +120,20 @@ def test_lora_with_two_processes_trains_the_losses_and_weights_of_one(workdir, t
     assert_same_training(one, two, ["lm", "total", "grad_norm"])
     history = trained(one)[1]["history"]
     assert history[-1]["lm"] < history[0]["lm"]
+
+
+def test_stage2_with_two_processes_and_greedy_rollouts_trains_the_losses_and_weights_of_one(workdir, tmp_path):
+    """With the same replies (greedy rollouts), every stage-2 term is the one-process term, self-supervision
+    included (weighted by the tokens of each rank's right replies). Sampled rollouts differ: each rank
+    samples with its own seed (docs/distributed.md)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch("stage2", workdir, one, STAGE2_STEPS, 1))
+    finish(launch("stage2", workdir, two, STAGE2_STEPS, 2))
+    assert_same_training(one, two, ["policy", "kl", "self_supervision", "anchor", "entropy", "total",
+                                    "rewards/mean", "completion_length"])
+    history = trained(one)[1]["history"]
+    assert all(row["self_supervision"] > 0 for row in history)      # right replies in every step's batch
+    assert history[-1]["anchor"] > 0                                 # it moved off the stage-1 guidance
 
 
 def test_a_killed_rank_fails_the_run_clearly_and_it_resumes_with_another_number_of_processes(workdir, tmp_path):
@@ -142,3 +169,98 @@ def test_a_killed_rank_fails_the_run_clearly_and_it_resumes_with_another_number_
         torch.testing.assert_close(weights_resumed[name], tensor, rtol=1e-4, atol=1e-5)
     for row_resumed, row_reference in zip(record_resumed["history"], record_reference["history"]):
         assert row_resumed["total"] == pytest.approx(row_reference["total"], rel=1e-4, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ the Kedro launcher
+TINY_DATA = """data:
+  val_per_task: 4
+  test_per_task: 4
+  ood_per_task: 2
+  tasks:
+    - name: chain_sum
+      size: 48
+      kwargs: {min_terms: 3, max_terms: 4, min_digits: 1, max_digits: 1}
+      ood_kwargs: {min_terms: 5, max_terms: 6}
+    - name: basic_arithmetic
+      size: 48
+      kwargs: {min_terms: 3, max_terms: 3, min_digits: 1, max_digits: 1, operators: ["+", "-"], allow_negation: false}
+"""
+# Batches of 16 and shards of 32 rows: several generation batches and three cache shards, so the two
+# processes get unequal shares (one takes two shards, the other one) and a round with nothing for rank 1.
+LAUNCH_PARAMS = {"generation": {"batch_size": 16}, "latents": {"shard_size": 32},
+                 "stage1": {"training": {"steps": 4, "batch_size": 8, "rl_every": 2, "rl_batch": 2,
+                                         "eval_every": 2, "checkpoint_every": 2}}}
+LAUNCH_PIPELINES = "plans,latents,stage1"
+
+
+def _flat(params: dict, prefix: str = "") -> list[str]:
+    return [item for key, value in params.items()
+            for item in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])]
+
+
+def _runs(project: Path) -> list[str]:
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return [row[0] for row in db.execute("SELECT run_uuid FROM runs ORDER BY start_time")]
+
+
+def _metric_keys(project: Path, run_id: str) -> set[str]:
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return {row[0] for row in db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,))}
+
+
+def test_the_kedro_launcher_runs_plans_latents_and_stage1_as_one_run_with_one_process_outputs(tmp_path, monkeypatch):
+    """torchrun --nproc-per-node 2 -m pilot.framework.launch: one MLflow run, every output written once
+    and equal to a one-process `kedro run` of the same pipelines (plans and cache exactly)."""
+    (tmp_path / "one").mkdir()
+    one = make_project(tmp_path / "one")
+    (one / "conf" / "test" / "parameters_data.yml").write_text(TINY_DATA)
+    try:
+        run(one, monkeypatch, "data")
+        run(one, monkeypatch, "base", params={"base": {"student": {"training": {"steps": 20}},
+                                                        "teacher": {"training": {"steps": 20}}}})
+        two = tmp_path / "two" / "project"
+        shutil.copytree(one, two)   # the same data, base models and MLflow store so far
+        (two / "conf" / "test" / "mlflow.yml").write_text(f"server:\n  mlflow_tracking_uri: sqlite:///{two / 'mlflow.db'}\n")
+        runs_before = _runs(two)
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   "-m", "pilot.framework.launch", "--env", "test", "--pipelines", LAUNCH_PIPELINES,
+                   "--params", ",".join(_flat(LAUNCH_PARAMS)), "--timeout-s", "120"]
+        job = subprocess.Popen(command, cwd=two, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**same_code_env(), "OMP_NUM_THREADS": "1", "KEDRO_DISABLE_TELEMETRY": "1"})
+        try:
+            for pipeline in LAUNCH_PIPELINES.split(","):   # the same pipelines in one process, meanwhile
+                run(one, monkeypatch, pipeline, params=LAUNCH_PARAMS)
+        finally:
+            output = finish(job)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    new_runs = [r for r in _runs(two) if r not in runs_before]
+    assert len(new_runs) == 1, output[-3000:]                   # rank 0's run only
+    logged = _metric_keys(two, new_runs[0])   # every pipeline's metrics, in that one run
+    assert {"plans.train_chain_sum_kept_fraction", "latents.cache_examples", "stage1.total"} <= logged, sorted(logged)
+
+    plans_one = pd.read_parquet(one / "data/04_feature/teacher_plans.parquet")
+    plans_two = pd.read_parquet(two / "data/04_feature/teacher_plans.parquet")
+    assert len(plans_two) == len(plans_one) > 32                  # several generation batches
+    pd.testing.assert_frame_equal(plans_two.drop(columns="teacher_seconds"), plans_one.drop(columns="teacher_seconds"))
+
+    cache_one, cache_two = one / "data/05_model_input/latent_cache", two / "data/05_model_input/latent_cache"
+    shards = sorted(p.name for p in cache_one.iterdir())
+    assert sorted(p.name for p in cache_two.iterdir()) == shards   # no stray temp file from another rank
+    assert len([name for name in shards if name.startswith("shard-")]) == 3
+    manifest_one, manifest_two = (json.loads((c / "manifest.json").read_text()) for c in (cache_one, cache_two))
+    assert manifest_two["fingerprint"] == manifest_one["fingerprint"] and manifest_two["ids"] == manifest_one["ids"]
+    assert manifest_two["computed_shards"] == 3
+    for name in (n for n in shards if n.startswith("shard-")):
+        tensors_one, tensors_two = load_file(cache_one / name), load_file(cache_two / name)
+        assert tensors_two.keys() == tensors_one.keys()
+        for key, tensor in tensors_one.items():
+            torch.testing.assert_close(tensors_two[key], tensor, rtol=0, atol=0)
+
+    weights_one = load_file(one / "data/06_models/hypernet_stage1/hypernet.safetensors")
+    weights_two = load_file(two / "data/06_models/hypernet_stage1/hypernet.safetensors")
+    assert weights_two.keys() == weights_one.keys()
+    for key, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[key], tensor, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,10 @@ The one rule every stage follows (so one process and N processes train the same 
 - Only rank 0 writes: checkpoints, saved models, MLflow. Checkpoints hold no trace of N, so a run
   resumes with any number of processes.
 
+Embarrassingly parallel work (plans, the latent cache, evaluation's answers) is dealt out in the
+batches or shards one process would cut (:func:`my_batches`; batch b to rank ``b mod N``) and gathered
+back in order (:func:`gather_batches`, :func:`gather_to_main`), so its outputs are one process's.
+
 Without ``torchrun`` (no process group) every helper is the identity and :func:`world` is
 ``World(rank=0, size=1)``: the library runs exactly as before.
 """
@@ -245,3 +249,46 @@ def replicated_share(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world().parallel:
         dist.barrier()
+
+
+def broadcast_object_from_main(value: T) -> T:
+    """Rank 0's ``value`` (picklable plain data) on every rank; ``value`` itself in one process."""
+    if not world().parallel:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(value: T) -> list[T] | None:
+    """Every rank's ``value`` (picklable plain data, e.g. bytes), in rank order, on rank 0; None on the
+    other ranks. ``[value]`` in one process."""
+    current = world()
+    if not current.parallel:
+        return [value]
+    gathered: list | None = [None] * current.size if current.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+# ------------------------------------------------------------------------------ embarrassingly parallel work
+def my_batches(length: int, batch_size: int, current: World | None = None) -> list[range]:
+    """This rank's batches of ``length`` items cut as one process cuts them (``[0, batch_size)``,
+    ``[batch_size, 2 batch_size)``, ...): batch b goes to rank ``b mod N``. Every batch keeps one
+    process's composition and shapes, so what a rank computes for it is what one process computes.
+    All the batches in one process."""
+    current = current or world()
+    starts = range(0, length, batch_size)
+    return [range(start, min(start + batch_size, length)) for number, start in enumerate(starts)
+            if number % current.size == current.rank]
+
+
+def gather_batches(mine: list[T], length: int, batch_size: int) -> list[T]:
+    """Every batch's result on every rank, in batch order, from each rank's results for
+    :func:`my_batches` (the identity in one process)."""
+    current = world()
+    if not current.parallel:
+        return list(mine)
+    parts = all_gather_objects(mine)
+    count = -(-length // batch_size)
+    return [parts[number % current.size][number // current.size] for number in range(count)]

@@ -40,6 +40,7 @@ def answer_and_score(
     temperature: float = 0.0,
     seed: int | None = None,
     soft_prompt: SoftPrompt | None = None,
+    spread: bool = False,
 ) -> pd.DataFrame:
     """Answer every row (optionally with plans in context or guidance) and verify the answers.
 
@@ -48,14 +49,16 @@ def answer_and_score(
     the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
     cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
     Replies are greedy unless ``temperature > 0`` (sampled from ``seed``). ``soft_prompt`` puts
-    a soft-token method's tokens around every prompt (:mod:`pilot.baselines.soft_tokens`).
+    a soft-token method's tokens around every prompt (:mod:`pilot.baselines.soft_tokens`). ``spread``
+    shares the generation among data-parallel processes (:func:`pilot.generation.generate`); every
+    process gets the whole table.
     """
     questions = rows["question"].tolist()
     fmt = prompt_format(student.tokenizer)
     prompts = [fmt.answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
     result = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       guidance=guidance, progress=progress, stop_strings=stop_strings, temperature=temperature,
-                      seed=seed, soft_prompt=soft_prompt)
+                      seed=seed, soft_prompt=soft_prompt, spread=spread)
     rules = rows["extract"].tolist() if "extract" in rows else ["first_line"] * len(rows)
     answers = [extract_answer(text, rule) for text, rule in zip(result.answers, rules)]
     rewards = score_answers(rows["task"].tolist(), answers, rows["answer"].tolist(),
@@ -79,12 +82,14 @@ def answer_and_score(
 
 def answer_with(method: Method, student: CausalLM, rows: pd.DataFrame, generation: GenerationParams) -> pd.DataFrame:
     """``method``'s scored answers to ``rows`` (:func:`answer_and_score`): attached to ``student`` for the
-    whole table, with what it adds per row (plans, time paid outside the student) and the run's decoding."""
+    whole table, with what it adds per row (plans, time paid outside the student) and the run's decoding.
+    Data-parallel processes share the generation (each answers its batches; every one gets the table)."""
     inputs = method.row_inputs(rows)
     with method.attach(student) as attached:
         return answer_and_score(attached.student, rows, guidance=attached.guidance, soft_prompt=attached.soft_prompt,
                                 max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                                stop_strings=generation.stop, method=method.name, progress=method.name, **inputs)
+                                stop_strings=generation.stop, method=method.name, progress=method.name, spread=True,
+                                **inputs)
 
 
 def accuracy(student: CausalLM, rows: pd.DataFrame, **kwargs) -> float:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from pilot import distributed
 from pilot.guidance import Guidance, capture_layers
 from pilot.baselines.soft_tokens import SoftPrompt, placeholders
 from pilot.models import CausalLM
@@ -169,6 +170,7 @@ def generate(
     progress: str | None = None,
     stop_strings: Sequence[str] = (),
     soft_prompt: SoftPrompt | None = None,
+    spread: bool = False,
 ) -> GenerationResult:
     """Generate one continuation per prompt (greedy unless ``temperature > 0``).
 
@@ -178,15 +180,27 @@ def generate(
     A reply ends at end of sequence, at a newline in the toy format (:mod:`pilot.prompts`), at
     the first of ``stop_strings`` (cut off), or after ``max_new_tokens``. ``progress`` names a
     progress bar (hidden when None). Latency is measured per batch.
+
+    ``spread``: with data-parallel processes (:mod:`pilot.distributed`), each generates its share of
+    the batches one process would generate (:func:`~pilot.distributed.my_batches`) and every process
+    gets every reply back in order: the result is one process's, each batch timed where it ran. Greedy
+    decoding only; a sampled reply depends on every earlier batch's draws, so with ``temperature > 0``
+    every process generates them all (the same replies everywhere). Without a process group, or
+    for a caller that already holds only its rank's rows (validation during training), it changes
+    nothing.
     """
     was_training = lm.model.training
     lm.model.eval()
     generator = torch.Generator(device=lm.device).manual_seed(seed) if seed is not None else None
     result = GenerationResult(texts=[], new_tokens=[], line_answers=prompt_format(lm.tokenizer).line_answers)
-    vectors_out = []
-    bar = tqdm(total=len(prompts), desc=progress, unit="q", disable=progress is None, leave=False)
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start:start + batch_size])
+    spreading = spread and temperature == 0
+    batches = distributed.my_batches(len(prompts), batch_size) if spreading else \
+        distributed.my_batches(len(prompts), batch_size, distributed.World())   # all of them, in order
+    done = []   # per batch: texts, token counts, seconds, guidance vectors used
+    bar = tqdm(total=sum(map(len, batches)), desc=progress, unit="q", disable=progress is None, leave=False)
+    for rows in batches:
+        start = rows.start
+        batch = list(prompts[start:rows.stop])
         vectors = None
         if guidance is not None and guidance.vectors is not None:
             vectors = guidance.vectors[start:start + batch_size] if len(guidance.vectors) > 1 \
@@ -195,15 +209,18 @@ def generate(
         began = time.perf_counter()
         texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator,
                                               tuple(stop_strings), soft_prompt)
-        result.batch_seconds.append(time.perf_counter() - began)
-        result.batch_sizes.append(len(batch))
-        result.texts.extend(texts)
-        result.new_tokens.extend(counts)
-        if used is not None:
-            vectors_out.append(used.detach().cpu())
+        done.append((texts, counts, time.perf_counter() - began, used.detach().cpu() if used is not None else None))
         bar.update(len(batch))
         share_cores()
     bar.close()
+    if spreading:
+        done = distributed.gather_batches(done, len(prompts), batch_size)
+    for texts, counts, seconds, used in done:
+        result.batch_seconds.append(seconds)
+        result.batch_sizes.append(len(texts))
+        result.texts.extend(texts)
+        result.new_tokens.extend(counts)
+    vectors_out = [used for *_, used in done if used is not None]
     if vectors_out:
         result.guidance_vectors = torch.cat(vectors_out)
     lm.model.train(was_training)

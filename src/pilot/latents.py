@@ -37,9 +37,12 @@ from typing import Literal
 import pandas as pd
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pilot import distributed
 from pilot.config import GuidanceParams, LatentsParams
 from pilot.tasks import reply_targets
 from pilot.guidance import capture_layers
@@ -296,7 +299,16 @@ def cache_chunks(build: LatentCacheBuild, on_disk: dict[int, str | None],
 
     Shards on disk built for other inputs are recomputed (``on_stale="rebuild"``) or stop the
     build (``"error"``); corrupt ones are always recomputed.
+
+    With data-parallel processes (:mod:`pilot.distributed`) rank 0's ``on_disk`` decides what is
+    missing, the shards to compute are dealt round-robin (the i-th missing shard to rank ``i mod N``)
+    and each computed shard is sent to rank 0, which yields every shard, one process's tensors; the
+    other ranks yield only the manifest (for the catalog's ``latent_cache`` only rank 0 writes). The
+    stream ends with a barrier once the manifest is saved (the consumer saves a chunk before asking for
+    the next), so no rank reads the cache before it is complete.
     """
+    ranks = distributed.world()
+    on_disk = distributed.broadcast_object_from_main(on_disk)
     stale = sorted(i for i, fingerprint in on_disk.items() if fingerprint not in (build.fingerprint, None))
     if stale:
         if on_stale == "error":
@@ -304,13 +316,25 @@ def cache_chunks(build: LatentCacheBuild, on_disk: dict[int, str | None],
                 f"The latent cache holds {len(stale)} shards built for other inputs; rerun with "
                 "`--params latents.on_stale=rebuild` or delete the folder."
             )
-        logger.warning("The latent cache is stale (%d shards built for other inputs); rebuilding it.", len(stale))
+        if ranks.is_main:
+            logger.warning("The latent cache is stale (%d shards built for other inputs); rebuilding it.", len(stale))
     todo = [shard for shard in range(build.num_shards) if on_disk.get(shard) != build.fingerprint]
     examples_todo = sum(len(build.shard_range(s)) for s in todo)
+    mine = todo[ranks.rank::ranks.size]
     started = time.perf_counter()
-    with tqdm(total=examples_todo, desc="latent cache", unit="ex", dynamic_ncols=True) as bar:
-        for shard in todo:
-            yield LatentShard(shard, build.fingerprint, build.compute_shard(shard, progress=bar))
+    with tqdm(total=sum(len(build.shard_range(s)) for s in mine), desc="latent cache", unit="ex",
+              dynamic_ncols=True) as bar:
+        for first in range(0, len(todo), ranks.size):   # one round: one shard per rank
+            turn = first + ranks.rank
+            shard = LatentShard(todo[turn], build.fingerprint, build.compute_shard(todo[turn], progress=bar)) \
+                if turn < len(todo) else None
+            if not ranks.parallel:
+                yield shard
+                continue
+            received = distributed.gather_to_main(_shard_bytes(shard) if shard is not None else None)
+            for payload in received or []:   # rank 0 only
+                if payload is not None:
+                    yield _shard_from_bytes(payload)
     seconds = time.perf_counter() - started
     yield CacheManifest(
         fingerprint=build.fingerprint, num_examples=build.num_examples, ids=build.ids,
@@ -318,6 +342,17 @@ def cache_chunks(build: LatentCacheBuild, on_disk: dict[int, str | None],
         reused_shards=build.num_shards - len(todo), build_seconds=round(seconds, 3),
         examples_per_second=round(examples_todo / seconds, 2) if examples_todo and seconds > 0 else None,
     )
+    distributed.barrier()   # rank 0's manifest is on disk: every rank may read the cache
+
+
+def _shard_bytes(shard: LatentShard) -> tuple[int, str, bytes]:
+    """A computed shard for the wire to rank 0: its tensors as safetensors bytes (no pickled tensors)."""
+    return shard.index, shard.fingerprint, save_tensors(shard.tensors)
+
+
+def _shard_from_bytes(payload: tuple[int, str, bytes]) -> LatentShard:
+    index, fingerprint, tensors = payload
+    return LatentShard(index, fingerprint, load_tensors(tensors))
 
 
 def write_shard(directory: str | Path, shard: LatentShard) -> None:
@@ -399,9 +434,11 @@ def save_chunk(directory: str | Path, chunk: LatentShard | CacheManifest) -> dic
 def write_cache(build: LatentCacheBuild, directory: str | Path, on_stale: Literal["rebuild", "error"] = "rebuild") -> dict:
     """Build (or complete) the cache for ``build`` in ``directory`` outside Kedro; returns the manifest."""
     manifest = None
-    for chunk in cache_chunks(build, shard_fingerprints(directory), on_stale):
-        manifest = save_chunk(directory, chunk)
-    return manifest
+    writes = distributed.is_main_process()   # data-parallel processes: rank 0 writes what they all computed
+    for chunk in cache_chunks(build, shard_fingerprints(directory) if writes else {}, on_stale):
+        if writes:
+            manifest = save_chunk(directory, chunk)
+    return manifest if writes else read_manifest(Path(directory) / MANIFEST)
 
 
 class LatentCache:

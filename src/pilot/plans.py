@@ -52,7 +52,8 @@ class HFTeacher:
     def plans(self, questions: list[str], oracle_plans: list[str]) -> PlanBatch:
         fmt = prompt_format(self.lm.tokenizer)
         result = generate(self.lm, [fmt.plan_prompt(q) for q in questions], max_new_tokens=self.max_new_tokens,
-                          batch_size=self.batch_size, progress="teacher plans", stop_strings=self.stop_strings)
+                          batch_size=self.batch_size, progress="teacher plans", stop_strings=self.stop_strings,
+                          spread=True)   # data-parallel processes share the batches
         return PlanBatch([fmt.read_plan(t) for t in result.texts], result.seconds_per_query)
 
 
@@ -78,11 +79,12 @@ def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: 
 
     ``keep="verified"`` keeps a plan only when the student reached a verified-correct answer
     with it (construct-and-verify); ``keep="all"`` keeps every plan (an ablation, and the toy
-    test environment whose barely trained student verifies none).
+    test environment whose barely trained student verifies none). Data-parallel processes share the
+    teacher's and the student's generation (:func:`pilot.generation.generate`); every one gets the table.
     """
     batch = teacher.plans(tasks["question"].tolist(), tasks["oracle_plan"].tolist())
     scored = answer_and_score(student, tasks, plans=batch.plans, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, progress="verify plans", stop_strings=stop_strings)
+                              batch_size=batch_size, progress="verify plans", stop_strings=stop_strings, spread=True)
     verified = scored["correct"].tolist()
     frame = pd.DataFrame({
         "id": tasks["id"].to_numpy(),

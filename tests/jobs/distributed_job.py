@@ -1,7 +1,7 @@
 """A data-parallel training job for the tests, started by torchrun with any number of processes.
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/jobs/distributed_job.py \
-        {stage1,lora} WORKDIR OUT STEPS
+        {stage1,lora,stage2} WORKDIR OUT STEPS
 
 WORKDIR holds ``student/`` (a saved tiny model), ``tasks.parquet``, ``plans.parquet`` and ``cache/`` (the
 latent cache); the job trains with checkpoints in OUT/checkpoints (gloo, one thread per process) and rank
@@ -22,7 +22,11 @@ from pilot.baselines.lora import train_lora
 from pilot.config import GenerationParams, GuidanceParams, LatentsParams, LMTrainConfig, Stage1Config
 from pilot.latents import LatentCache
 from pilot.models import load_causal_lm
+from pilot.config import Stage2Config
+from pilot.guidance import make_hypernet
+from pilot.training import stage2
 from pilot.training.stage1 import run_stage1
+from pilot.training.stage2 import run_stage2
 
 GENERATION = GenerationParams(max_new_tokens=4, batch_size=16)
 SITE = GuidanceParams(read_layer=-1, reader="mean", modulation="add", init_log_std=-1.0, mlp_hidden=16,
@@ -44,6 +48,29 @@ def main() -> None:
         result = run_stage1(student, LatentCache(workdir / "cache"), plans, tasks, val_rows, SITE, LATENTS, config,
                             GENERATION, checkpoint_dir=str(out / "checkpoints"))
         last = sorted((out / "checkpoints").glob("*/step-*"))[-1]   # the last step's weights, not the best's
+        weights = {k[len("model."):]: v for k, v in load_file(last / "weights.safetensors").items()
+                   if k.startswith("model.")}
+    elif what == "stage2":
+        # Greedy rollouts (the same replies however the groups are dealt) in a stand-in environment: the tiny
+        # random student answers every question alike and never right, so each row's reply is cut to a length
+        # and scored by a rule of the row's id. Right replies of different lengths on each rank is what tests
+        # self-supervision's token weighting.
+        answer_and_score = stage2.answer_and_score
+
+        def stand_in_environment(student, rows, **kwargs):
+            scored = answer_and_score(student, rows, **kwargs)
+            code = [sum(map(ord, row_id)) for row_id in rows["id"]]
+            return scored.assign(reply=[reply[:1 + c % 4] for reply, c in zip(scored["reply"], code)],
+                                 correct=[c % 3 != 0 for c in code])
+
+        stage2.answer_and_score = stand_in_environment
+        config = Stage2Config(steps=steps, batch_size=6, group_size=2, rollout_temperature=0.0, dynamic_sampling=False,
+                              learning_rate=3e-2, warmup_steps=1, eval_every=steps, checkpoint_every=2,
+                              grad_norm_every=0, seed=5)
+        stage1 = make_hypernet(SITE, student.hidden_size, student.num_layers, seed=0)
+        result = run_stage2(student, stage1, tasks[tasks["split"] == "train"].head(24), val_rows, config, GENERATION,
+                            checkpoint_dir=str(out / "checkpoints"))
+        last = sorted((out / "checkpoints").glob("*/step-*"))[-1]
         weights = {k[len("model."):]: v for k, v in load_file(last / "weights.safetensors").items()
                    if k.startswith("model.")}
     else:

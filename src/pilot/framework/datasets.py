@@ -16,7 +16,7 @@ import torch
 from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
-from pilot import tracking
+from pilot import distributed, tracking
 from pilot.artifacts import atomic_folder, verify_file, write_file
 from pilot.guidance import HyperNetwork
 from pilot.baselines.lora import LoraAdapter
@@ -90,13 +90,21 @@ class HyperNetworkDataset(_FolderDataset):
 class LatentCacheDataset(_FolderDataset):
     """Sharded safetensors with a manifest, saved chunk by chunk as the ``latents`` node yields them:
     each :class:`~pilot.latents.LatentShard` is written atomically, the closing
-    :class:`~pilot.latents.CacheManifest` completes the cache."""
+    :class:`~pilot.latents.CacheManifest` completes the cache.
+
+    Under the data-parallel launcher (:mod:`pilot.framework.launch`) every rank keeps this dataset
+    (``main_rank_writes``; other outputs stay in memory off rank 0): the node sends every rank's shards
+    to rank 0, only rank 0 writes, and the others read the folder once the node's closing barrier says
+    the manifest is there (:func:`pilot.latents.cache_chunks`)."""
+
+    main_rank_writes = True
 
     def _load(self) -> LatentCache:
         return LatentCache(self._path)
 
     def _save(self, data: LatentShard | CacheManifest) -> None:
-        save_chunk(self._path, data)
+        if distributed.is_main_process():
+            save_chunk(self._path, data)
 
     def _exists(self) -> bool:
         return (self._path / "manifest.json").is_file()

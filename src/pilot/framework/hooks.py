@@ -203,9 +203,10 @@ class PreflightHooks:
         # Every folder the run writes to must take files before any compute, not at the last save.
         outputs = {name: dataset._describe() for name in pipeline.all_outputs()
                    if (dataset := catalog.get(name)) is not None}
-        if not distributed.is_main_process():   # only rank 0 writes: the other ranks' outputs stay in memory
-            for name in pipeline.all_outputs():
-                catalog[name] = MemoryDataset(copy_mode="assign")
+        if not distributed.is_main_process():   # only rank 0 writes: the other ranks' outputs stay in memory,
+            for name in pipeline.all_outputs():  # but for datasets that rank 0 writes for all (the latent cache)
+                if not getattr(catalog.get(name), "main_rank_writes", False):
+                    catalog[name] = MemoryDataset(copy_mode="assign")
             return
         check_writable(output_folders(outputs, as_plain(params), wanted))
 

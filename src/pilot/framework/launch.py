@@ -8,8 +8,10 @@ process (kedro-org/kedro#2049); its maintainers' advice is a launch script that 
 (:mod:`pilot.distributed`), then runs the same pipelines through its own session. Rank 0's session is
 the run: it logs to MLflow and writes every output. The other ranks' sessions track nothing and keep
 their outputs in memory (:class:`pilot.framework.hooks.PreflightHooks`), so one launch is still one
-Kedro run and one MLflow run. The training loops split every batch across the ranks; everything else
-runs the same in each process. A user error prints its one sentence, as ``kedro run`` does.
+Kedro run and one MLflow run. The training loops split every batch across the ranks; the teacher's
+plans, the latent cache and evaluation's answers are dealt out by batch or shard and gathered (one
+process's outputs); everything else runs the same in each process. A user error prints its one
+sentence, as ``kedro run`` does.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ class Rollouts:
     completion_length: float = 0.0
     metrics: dict[str, float] | None = None
     prompts: PromptCache | None = None               # the questions' keys and values, one row per reply
+    correct_tokens: int = 0                          # reply tokens of verified-correct replies (self-supervision's)
 
 
 def rollout_metrics(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -217,6 +218,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
             config.loss_type, generation.max_new_tokens + 1)
         terms["kl"] = token_kl(log_probs, rollouts.reference_log_probs)
         correct = (rollouts.rewards.reshape(-1) == 1.0)[token_rows]
+        rollouts.correct_tokens = int(correct.sum())
         if bool(correct.any()):
             terms["self_supervision"] = -token_log_probs(logits[correct], targets[correct])[0].mean()
         else:
@@ -283,12 +285,11 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
 
     def token_term_shares(terms: dict[str, torch.Tensor], mine: Rollouts, whole: Rollouts) -> dict[str, torch.Tensor]:
         """A rank's token terms (means over its groups' tokens or replies) as shares of the whole
-        batch's: token means weighted by token counts, per-reply and per-group means by counts of
-        replies. ``self_supervision`` is weighted by correct replies, not their tokens: exact when
-        correct replies are equally long (docs/distributed.md)."""
+        batch's: token means weighted by token counts (``self_supervision``'s by the tokens of correct
+        replies), per-reply and per-group means by counts of replies."""
         tokens = float(mine.old_log_probs.numel())
         all_tokens = distributed.global_count(tokens)
-        groups, correct = len(mine.index), float((mine.rewards == 1.0).sum())
+        groups, correct = len(mine.index), float(mine.correct_tokens)
         all_correct = distributed.global_count(correct)
         by_reply = groups / max(len(whole.index), 1)
         by_token = tokens / max(all_tokens, 1.0)
