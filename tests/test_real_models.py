@@ -181,7 +181,8 @@ def test_the_thread_count_is_set_from_the_parameter_or_the_machine(monkeypatch):
     try:
         assert configure_threads(1) == 1 and torch.get_num_threads() == 1
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert configure_threads(None) == available_cores() == torch.get_num_threads()
+        count = configure_threads(None)   # the cores other processes leave free (tests/test_threads.py)
+        assert 1 <= count <= available_cores() and count == torch.get_num_threads()
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert configure_threads(None) == 1
     finally:
