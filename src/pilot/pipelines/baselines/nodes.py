@@ -12,16 +12,16 @@ from pilot.baselines.lora import LoraAdapter, lora_settings, train_lora
 from pilot.baselines.modules import TrainedModule
 from pilot.baselines.reft import reft_layers, train_reft
 from pilot.baselines.soft_prompts import make_soft_prompt, train_soft_prompt
-from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, Stage1Params, adapter_loop
+from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, adapter_loop
 from pilot.guidance import make_hypernet
 from pilot.latents import LatentCache
 from pilot.models import CausalLM, count_parameters
+from pilot.pipelines.protocol import TrainingProtocol
 from pilot.tracking import metric_records
 
 
-def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame, tuned_lora: dict,
-                        guidance: GuidanceParams, params: BaselinesParams, stage1: Stage1Params,
-                        generation: GenerationParams, seed: int) -> tuple[LoraAdapter, pd.DataFrame, dict]:
+def train_lora_baseline(student: CausalLM, tuned_lora: dict, guidance: GuidanceParams, params: BaselinesParams,
+                        protocol: TrainingProtocol) -> tuple[LoraAdapter, pd.DataFrame, dict]:
     """LoRA on question -> answer: trainable parameters matched to the hyper-network's, (by
     default) the same number of optimizer steps and batch size as PILOT's stage 1, and selected
     by the same rule: the best validation step, validated as often as stage 1. With
@@ -30,6 +30,7 @@ def train_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val:
     Returns:
         ``lora_adapter``, its loss history, and the parameter counts and selected step for MLflow.
     """
+    tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     config, pilot = params.lora, stage1.training
     budget = _hypernet_budget(student, guidance, seed)
     training, alpha_ratio = lora_settings(config, pilot, seed, tuned_lora if config.use_tuned else None)
@@ -52,15 +53,15 @@ def _outputs(module: TrainedModule, result, budget: int) -> tuple[TrainedModule,
     return module, pd.DataFrame(result.history), metric_records(metrics)
 
 
-def train_reft_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                        guidance: GuidanceParams, params: BaselinesParams, stage1: Stage1Params,
-                        generation: GenerationParams, seed: int) -> tuple[TrainedModule, pd.DataFrame, dict]:
+def train_reft_baseline(student: CausalLM, guidance: GuidanceParams, params: BaselinesParams,
+                        protocol: TrainingProtocol) -> tuple[TrainedModule, pd.DataFrame, dict]:
     """LoReFT at the injection layer and every layer after it (or ``baselines.reft.layers``), its
     rank matched to the hyper-network's parameters (capped at the hidden size), on LoRA's protocol.
 
     Returns:
         ``reft_interventions``, its loss history, and its parameter count, budget ratio and selected step.
     """
+    tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     budget = _hypernet_budget(student, guidance, seed)
     layers = reft_layers(params.reft.layers, guidance.inject_layer, student.num_layers)
     reft, result = train_reft(student, tasks_train, budget, layers, params.reft.match_tolerance,
@@ -69,15 +70,15 @@ def train_reft_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val:
     return _outputs(reft, result, budget)
 
 
-def train_pause_tokens(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                       guidance: GuidanceParams, params: BaselinesParams, stage1: Stage1Params,
-                       generation: GenerationParams, seed: int) -> tuple[TrainedModule, pd.DataFrame, dict]:
+def train_pause_tokens(student: CausalLM, guidance: GuidanceParams, params: BaselinesParams,
+                       protocol: TrainingProtocol) -> tuple[TrainedModule, pd.DataFrame, dict]:
     """``baselines.pause_tokens.num_tokens`` learned embeddings after every prompt, on LoRA's protocol
     (their ``num_tokens x hidden`` parameters are reported beside the hyper-network's).
 
     Returns:
         ``pause_tokens``, its loss history, and its parameter count, budget ratio and selected step.
     """
+    tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     budget = _hypernet_budget(student, guidance, seed)
     config = params.pause_tokens
     module = make_soft_prompt("pause_tokens", student, config.num_tokens, budget, seed)
@@ -86,15 +87,15 @@ def train_pause_tokens(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: 
     return _outputs(module, result, budget)
 
 
-def train_soft_thoughts(student: CausalLM, teacher_model: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                        guidance: GuidanceParams, params: BaselinesParams, stage1: Stage1Params,
-                        generation: GenerationParams, seed: int) -> tuple[TrainedModule, pd.DataFrame, dict]:
+def train_soft_thoughts(student: CausalLM, teacher_model: CausalLM, guidance: GuidanceParams, params: BaselinesParams,
+                        protocol: TrainingProtocol) -> tuple[TrainedModule, pd.DataFrame, dict]:
     """Soft thoughts: the teacher reads each prompt and a projection sized to the hyper-network's
     budget maps its states into ``baselines.soft_thoughts.num_tokens`` soft tokens, on LoRA's protocol.
 
     Returns:
         ``soft_thoughts``, its loss history, and its parameter count, budget ratio and selected step.
     """
+    tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     budget = _hypernet_budget(student, guidance, seed)
     config = params.soft_thoughts
     module = make_soft_prompt("soft_thoughts", student, config.num_tokens, budget, seed, assistant=teacher_model)

@@ -1,5 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
+from pilot.pipelines.protocol import protocol_node
+
 from .nodes import (
     compute_steering_vector,
     train_lora_baseline,
@@ -11,13 +13,11 @@ from .nodes import (
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    protocol = ["tasks_train", "tasks_val", "params:guidance", "params:baselines", "params:stage1", "params:generation",
-                "params:seed"]
+    protocol = ["params:guidance", "params:baselines", "training_protocol"]
     return Pipeline(
         [
-            Node(train_lora_baseline,
-                 inputs=["student_model", "tasks_train", "tasks_val", "tuned_lora", "params:guidance", "params:baselines",
-                         "params:stage1", "params:generation", "params:seed"],
+            protocol_node(),
+            Node(train_lora_baseline, inputs=["student_model", "tuned_lora", *protocol],
                  outputs=["lora_adapter", "lora_history", "lora_metrics"], name="train_lora_node"),
             Node(train_reft_baseline, inputs=["student_model", *protocol],
                  outputs=["reft_interventions", "reft_history", "reft_metrics"], name="train_reft_node"),

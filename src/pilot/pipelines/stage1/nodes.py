@@ -6,20 +6,20 @@ import logging
 
 import pandas as pd
 
-from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Params, with_run_seed
+from pilot.config import GuidanceParams, LatentsParams, with_run_seed
 from pilot.guidance import HyperNetwork
 from pilot.latents import LatentCache
 from pilot.models import CausalLM
+from pilot.pipelines.protocol import TrainingProtocol
 from pilot.training.stage1 import run_stage1
 from pilot.tuning import apply_tuned
 
 logger = logging.getLogger(__name__)
 
 
-def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame,
-                 tasks_val: pd.DataFrame, student: CausalLM, tuned_loss_weights: dict, guidance: GuidanceParams,
-                 latents: LatentsParams, params: Stage1Params, generation: GenerationParams,
-                 seed: int) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
+def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, student: CausalLM, tuned_loss_weights: dict,
+                 guidance: GuidanceParams, latents: LatentsParams,
+                 protocol: TrainingProtocol) -> tuple[HyperNetwork, pd.DataFrame, pd.DataFrame, dict]:
     """Train the hyper-network on the cached plan-conditioned trajectories.
 
     With ``stage1.use_tuned_weights`` the contrastive/RL weights (and any tuned guidance scale)
@@ -29,10 +29,11 @@ def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_t
         ``hypernet_stage1`` (best validation checkpoint), the loss history, the validation curve
         and summary metrics.
     """
-    training, site = with_run_seed(params.training, seed), guidance
+    params, tasks_train, tasks_val = protocol.stage1, protocol.tasks_train, protocol.tasks_val
+    training, site = with_run_seed(params.training, protocol.seed), guidance
     if params.use_tuned_weights:
         training, site = apply_tuned(tuned_loss_weights, training, site)
         logger.info("Stage 1 uses the tuned weights %s", tuned_loss_weights)
     result = run_stage1(student, latent_cache, teacher_plans, pd.concat([tasks_train, tasks_val]), tasks_val, site,
-                        latents, training, generation, params.checkpoint_dir, params.resume)
+                        latents, training, protocol.generation, params.checkpoint_dir, params.resume)
     return result.model, *result.tables()

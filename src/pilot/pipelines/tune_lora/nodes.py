@@ -6,15 +6,15 @@ import pandas as pd
 
 from pilot import tracking
 from pilot.baselines.lora import LORA_TUNED_KEYS
-from pilot.config import BaselinesParams, GenerationParams, GuidanceParams, Stage1Params, TuneParams
+from pilot.config import BaselinesParams, GuidanceParams, TuneParams
 from pilot.guidance import make_hypernet
 from pilot.models import CausalLM, count_parameters
+from pilot.pipelines.protocol import TrainingProtocol
 from pilot.tuning import best_weights, make_lora_objective, trials_table, tune
 
 
-def tune_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                       guidance: GuidanceParams, baselines: BaselinesParams, stage1: Stage1Params,
-                       generation: GenerationParams, params: TuneParams, seed: int) -> tuple[dict, pd.DataFrame]:
+def tune_lora_baseline(student: CausalLM, guidance: GuidanceParams, baselines: BaselinesParams, params: TuneParams,
+                       protocol: TrainingProtocol) -> tuple[dict, pd.DataFrame]:
     """LoRA's own Optuna study (``tune.lora_study_name``), with the trials, trial steps, validation
     cadence, pruner and storage of PILOT's: the same tuning budget for the baseline.
 
@@ -22,6 +22,7 @@ def tune_lora_baseline(student: CausalLM, tasks_train: pd.DataFrame, tasks_val: 
         ``tuned_lora`` (read by the baselines pipeline with ``baselines.lora.use_tuned: true``) and
         the trials table.
     """
+    tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     lora = baselines.lora
     budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, seed))
     objective = make_lora_objective(student, tasks_train, tasks_val, budget, lora, stage1.training, generation,
