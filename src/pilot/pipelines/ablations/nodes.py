@@ -6,30 +6,22 @@ import pandas as pd
 
 from pilot import tracking
 from pilot.ablations import AblationResult, ablation_markdown, ablation_table, run_ablations, run_variant
-from pilot.config import (
-    AblationsParams,
-    GenerationParams,
-    GuidanceParams,
-    LatentsParams,
-    Stage1Params,
-    Stage2Params,
-    TuneParams,
-    with_run_seed,
-)
+from pilot.config import AblationsParams, GuidanceParams, LatentsParams, Stage2Params, TuneParams, with_run_seed
 from pilot.latents import LatentCache
 from pilot.models import CausalLM
+from pilot.pipelines.protocol import TrainingProtocol
 
 
-def run_ablation_study(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame,
-                       tasks_val: pd.DataFrame, tasks_test: pd.DataFrame, predictions: pd.DataFrame,
-                       student: CausalLM, guidance: GuidanceParams, latents: LatentsParams, stage1: Stage1Params,
-                       stage2: Stage2Params, generation: GenerationParams, tune: TuneParams,
-                       params: AblationsParams, seed: int) -> tuple[pd.DataFrame, str]:
+def run_ablation_study(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_test: pd.DataFrame,
+                       predictions: pd.DataFrame, student: CausalLM, guidance: GuidanceParams, latents: LatentsParams,
+                       stage2: Stage2Params, tune: TuneParams, params: AblationsParams,
+                       protocol: TrainingProtocol) -> tuple[pd.DataFrame, str]:
     """Retrain and evaluate PILOT once per variant; each variant is also a nested MLflow run.
 
     Returns:
         ``ablation_table`` (parquet) and ``ablations_markdown`` (``data/08_reporting/ablations.md``).
     """
+    tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     training1, training2 = with_run_seed(stage1.training, seed), with_run_seed(stage2.training, seed)
 
     def train(name, variant) -> AblationResult:
