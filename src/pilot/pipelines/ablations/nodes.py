@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 from pilot import tracking
@@ -12,9 +14,30 @@ from pilot.models import CausalLM
 from pilot.pipelines.protocol import TrainingProtocol
 
 
+@dataclass(frozen=True)
+class AblationSettings:
+    """The configured PILOT each variant is laid over (its site, latent cache and stage 2), where the
+    variants' own latent caches go (``tune.cache_dir``), and the variants."""
+
+    guidance: GuidanceParams
+    latents: LatentsParams
+    stage2: Stage2Params
+    tune: TuneParams
+    ablations: AblationsParams
+
+
+def ablation_settings(guidance: GuidanceParams, latents: LatentsParams, stage2: Stage2Params, tune: TuneParams,
+                      ablations: AblationsParams) -> AblationSettings:
+    """The settings the ablation study reads besides the training protocol.
+
+    Returns:
+        ``ablation_settings``.
+    """
+    return AblationSettings(guidance, latents, stage2, tune, ablations)
+
+
 def run_ablation_study(latent_cache: LatentCache, teacher_plans: pd.DataFrame, tasks_test: pd.DataFrame,
-                       predictions: pd.DataFrame, student: CausalLM, guidance: GuidanceParams, latents: LatentsParams,
-                       stage2: Stage2Params, tune: TuneParams, params: AblationsParams,
+                       predictions: pd.DataFrame, student: CausalLM, settings: AblationSettings,
                        protocol: TrainingProtocol) -> tuple[pd.DataFrame, str]:
     """Retrain and evaluate PILOT once per variant; each variant is also a nested MLflow run.
 
@@ -22,6 +45,8 @@ def run_ablation_study(latent_cache: LatentCache, teacher_plans: pd.DataFrame, t
         ``ablation_table`` (parquet) and ``ablations_markdown`` (``data/08_reporting/ablations.md``).
     """
     tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
+    guidance, latents, stage2, tune, params = (settings.guidance, settings.latents, settings.stage2, settings.tune,
+                                               settings.ablations)
     training1, training2 = with_run_seed(stage1.training, seed), with_run_seed(stage2.training, seed)
 
     def train(name, variant) -> AblationResult:
