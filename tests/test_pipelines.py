@@ -205,3 +205,18 @@ def test_a_registered_method_flows_through_evaluation(outputs, catalog):
     assert settings["trainable_parameters"] == "0" and settings["guidance_scale"] == "1.0"
     assert settings["guidance_inject_layer"] == str(catalog.load("params:guidance").inject_layer)
     assert any("| reversed_steering |" in line for line in catalog.load("results_markdown").splitlines())
+
+
+def test_no_node_of_any_pipeline_reads_more_than_eight_inputs():
+    import importlib
+    import pkgutil
+
+    import pilot.pipelines
+
+    crowded = {}
+    for module in pkgutil.iter_modules(pilot.pipelines.__path__):
+        package = importlib.import_module(f"pilot.pipelines.{module.name}")
+        if hasattr(package, "create_pipeline"):
+            crowded.update({node.name: len(node.inputs) for node in package.create_pipeline().nodes
+                            if len(node.inputs) > 8})
+    assert crowded == {}
