@@ -8,6 +8,7 @@ question + plan -> answer: the capability a plan unlocks, which PILOT later inte
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -16,12 +17,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pilot import distributed
-from pilot.config import LMTrainConfig
-from pilot.models import CausalLM
+from pilot.config import AdaptParams, LMTrainConfig
+from pilot.models import CausalLM, decoder_layers
 from pilot.prompts import TOY, PromptFormat, prompt_format
 from pilot.tasks import reply_targets
 from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
 from pilot.training.engine import Objective, TrainingResult, sample_batch, train
+
+logger = logging.getLogger(__name__)
 
 
 def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFormat = TOY) -> list[tuple[str, str]]:
@@ -102,3 +105,28 @@ def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTra
     """
     return train(lm.model, Objective(answer_loss_terms(lm, examples, config), weights={"lm": 1.0}),
                  lm_loop(config, eval_every), name=f"train {name}", validate=validate, on_validation=on_validation)
+
+
+def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config: AdaptParams, role: str) -> list[dict]:
+    """Warm-start a pretrained model on the task format: each training question answered without its
+    plan and with it in context, in the model's own prompt format; only the top ``train_layers``
+    decoder blocks (and the final norm) learn, the embeddings and lower blocks stay as pretrained."""
+    rows = tasks_train[tasks_train["oracle_plan"] != ""].to_dict("records")
+    if not rows:
+        raise ValueError("Adapting a pretrained student needs training rows with oracle plans; its tasks have none.")
+    layers = decoder_layers(lm.model)
+    trainable = layers if config.train_layers is None else layers[-config.train_layers:]
+    for parameter in lm.model.parameters():
+        parameter.requires_grad_(False)
+    for module in [*trainable, getattr(getattr(lm.model, "model", lm.model), "norm", None)]:
+        if module is not None:
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+    logger.info("Adapting the %s: top %s of %d blocks learn, %d steps", role, config.train_layers or "all",
+                len(layers), config.steps)
+    history = train_causal_lm(lm, student_examples(rows, plan_loss=False, fmt=prompt_format(lm.tokenizer)),
+                              config, f"adapt {role}").history
+    for parameter in lm.model.parameters():
+        parameter.requires_grad_(True)
+    lm.model.eval()
+    return history

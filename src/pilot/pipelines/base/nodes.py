@@ -25,16 +25,15 @@ from pilot.models import (
     CausalLM,
     PretrainedModelRef,
     build_causal_lm,
-    decoder_layers,
     describe,
     import_causal_lm,
     read_stamp,
     source_fingerprint,
     train_tokenizer,
 )
-from pilot.prompts import TOY, answer_prompt, continuation, prompt_format
+from pilot.prompts import TOY, answer_prompt, continuation
 from pilot.tracking import metric_records
-from pilot.training.base_lm import student_examples, teacher_examples, train_causal_lm
+from pilot.training.base_lm import adapt, student_examples, teacher_examples, train_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -76,31 +75,6 @@ def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
         history = adapt(lm, tasks_train, with_run_seed(spec.adapt, seed, SEED_OFFSET[role]), role)
     lm.stamp = stamp
     return lm, pd.DataFrame(history) if history else pd.DataFrame({"step": [], "loss": []})
-
-
-def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config, role: str) -> list[dict]:
-    """Warm-start a pretrained model on the task format: each training question answered without its
-    plan and with it in context, in the model's own prompt format; only the top ``train_layers``
-    decoder blocks (and the final norm) learn, the embeddings and lower blocks stay as pretrained."""
-    rows = tasks_train[tasks_train["oracle_plan"] != ""].to_dict("records")
-    if not rows:
-        raise ValueError("Adapting a pretrained student needs training rows with oracle plans; its tasks have none.")
-    layers = decoder_layers(lm.model)
-    trainable = layers if config.train_layers is None else layers[-config.train_layers:]
-    for parameter in lm.model.parameters():
-        parameter.requires_grad_(False)
-    for module in [*trainable, getattr(getattr(lm.model, "model", lm.model), "norm", None)]:
-        if module is not None:
-            for parameter in module.parameters():
-                parameter.requires_grad_(True)
-    logger.info("Adapting the %s: top %s of %d blocks learn, %d steps", role, config.train_layers or "all",
-                len(layers), config.steps)
-    history = train_causal_lm(lm, student_examples(rows, plan_loss=False, fmt=prompt_format(lm.tokenizer)),
-                              config, f"adapt {role}").history
-    for parameter in lm.model.parameters():
-        parameter.requires_grad_(True)
-    lm.model.eval()
-    return history
 
 
 def _train(role: str, tasks_train: pd.DataFrame, tokenizer: PreTrainedTokenizerBase | None, params: BaseParams,
