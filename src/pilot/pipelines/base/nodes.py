@@ -63,7 +63,8 @@ def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
     when its folder is current."""
     stamp = {"source": spec.source, "source_sha256": source_fingerprint(spec.source)}
     if spec.adapt is not None:
-        stamp["adapt"] = with_run_seed(spec.adapt, seed, SEED_OFFSET[role]).model_dump()
+        # In JSON form, as the stamp file reads back (a tuple as a list).
+        stamp["adapt"] = with_run_seed(spec.adapt, seed, SEED_OFFSET[role]).model_dump(mode="json")
         stamp["adapt_data"] = _table_fingerprint(tasks_train[["question", "oracle_plan", "solution"]])
     if spec.path and read_stamp(spec.path) == stamp:
         logger.info("The %s at %s is already imported from %s (same sha256%s): kept.", role, spec.path,
