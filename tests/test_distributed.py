@@ -240,6 +240,10 @@ def test_the_kedro_launcher_runs_plans_latents_and_stage1_as_one_run_with_one_pr
     assert len(new_runs) == 1, output[-3000:]                   # rank 0's run only
     logged = _metric_keys(two, new_runs[0])   # every pipeline's metrics, in that one run
     assert {"plans.train_chain_sum_kept_fraction", "latents.cache_examples", "stage1.total"} <= logged, sorted(logged)
+    with sqlite3.connect(two / "mlflow.db") as db:
+        processes = db.execute("SELECT value FROM params WHERE run_uuid = ? AND key = 'distributed.processes'",
+                               (new_runs[0],)).fetchall()
+    assert processes == [("2",)]                                 # the run says how many processes trained it
 
     plans_one = pd.read_parquet(one / "data/04_feature/teacher_plans.parquet")
     plans_two = pd.read_parquet(two / "data/04_feature/teacher_plans.parquet")

@@ -1,5 +1,6 @@
 """The run record: each tracked run keeps its fully resolved parameters as one YAML artifact
-(``resolved_parameters.yml``), enough to re-create it."""
+(``resolved_parameters.yml``), enough to re-create it, and how many data-parallel processes trained it
+(the ``distributed.processes`` parameter; each held ceil(batch_size / processes) of every batch)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import mlflow
 import yaml
 from kedro.framework.hooks import hook_impl
 
-from pilot import tracking
+from pilot import distributed, tracking
 from pilot.framework.parameters import as_plain
 
 
@@ -22,6 +23,8 @@ class RunRecordHooks:
             return
         tracking.mark_model_training()  # experiments created before conf/base/mlflow.yml set the tag, too
         header = {key: run_params.get(key) for key in ("env", "pipeline_names", "runtime_params", "session_id")}
+        header["processes"] = distributed.world().size
+        mlflow.log_param("distributed.processes", header["processes"])
         document = {"run": header, "parameters": as_plain(catalog.load("parameters"))}
         mlflow.log_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
                         "resolved_parameters.yml")
