@@ -88,6 +88,13 @@ def project_settings(env: str = "base") -> dict:
     return validate_parameters(OmegaConfigLoader(str(ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)["parameters"])
 
 
+def configured_generation(env: str = "base", **changes):
+    """``env``'s decoding settings (its ``generation`` block: what a run answers with), with each of
+    ``changes`` that is not None laid over them (a benchmark's ``--batch-size``, ``--max-new-tokens``)."""
+    generation = project_settings(env)["generation"]
+    return generation.model_copy(update={key: value for key, value in changes.items() if value is not None})
+
+
 def synthetic_stage1(hidden: int, layers: int, terms: int, examples: int = 160, device: str = "cpu",
                      dtype: str = "float32", env: str = "base"):
     """A randomly initialised Llama student of the given size and a latent cache of chain_sum

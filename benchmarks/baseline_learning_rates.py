@@ -50,15 +50,13 @@ def main() -> None:
                 layers = reft_layers(settings.get("layers"), guidance.inject_layer, student.num_layers)
                 module, _ = train_reft(student, train, budget, layers, 0.1, config)
                 with module.attached(student), module.frozen_weights():
-                    value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128,
-                                     stop_strings=generation.stop)
+                    value = accuracy(student, val, generation=generation)
             else:
                 assistant = teacher if method == "soft_thoughts" else None
                 module = make_soft_prompt(method, student, settings["num_tokens"], budget, 0, assistant=assistant)
                 module, _ = train_soft_prompt(student, module, train, config, assistant=assistant)
                 with AttachedSoftPrompt(module, student, assistant) as soft, torch.no_grad():
-                    value = accuracy(student, val, max_new_tokens=generation.max_new_tokens, batch_size=128,
-                                     stop_strings=generation.stop, soft_prompt=soft)
+                    value = accuracy(student, val, generation=generation, soft_prompt=soft)
             rows.append({"method": method, "learning_rate": rate, f"val accuracy at {args.steps} steps": round(value, 3)})
             print(rows[-1], flush=True)
     report("Adapter baselines: learning rate on validation", rows,

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 
-from _common import DATA, base_parameters, report, require
+from _common import DATA, base_parameters, configured_generation, report, require
 from pilot.baselines.caa import choose_caa_scale, steered
 from pilot.evaluation import answer_and_score, wilson_interval
 from pilot.models import load_causal_lm
@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DATA), help="a finished default run's data folder")
     parser.add_argument("--inject-layer", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: conf/base generation's")
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="CAA scales to sweep on validation (default: conf/base/parameters_baselines.yml's)")
     args = parser.parse_args()
@@ -63,12 +63,12 @@ def main() -> None:
     test = pd.read_parquet(data / "03_primary/tasks_test.parquet")
     test = test[test["split"] == "test"]
     scales = args.scales or base_parameters()["baselines"]["caa"]["scales"]
+    generation = configured_generation(max_new_tokens=args.max_new_tokens)
     rows = []
     for name, vector in (("project (answer-position mean)", ours), ("steering-vectors (last token)", theirs)):
-        scale, sweep = choose_caa_scale(student, val, vector, args.inject_layer, scales, args.max_new_tokens, 128)
+        scale, sweep = choose_caa_scale(student, val, vector, args.inject_layer, scales, generation)
         with steered(student, vector, args.inject_layer, scale, len(test)) as guidance:
-            correct = answer_and_score(student, test, guidance=guidance, max_new_tokens=args.max_new_tokens,
-                                       batch_size=128)["correct"]
+            correct = answer_and_score(student, test, guidance=guidance, generation=generation)["correct"]
         low, high = wilson_interval(int(correct.sum()), len(correct))
         rows.append({"vector": name, "norm": round(float(vector["vector"].norm()), 3),
                      "val accuracy by scale": ", ".join(f"{s:g}: {a:.3f}" for s, a in zip(sweep["scale"], sweep["val_accuracy"])),

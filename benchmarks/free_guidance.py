@@ -63,8 +63,7 @@ def main() -> None:
     student = load_causal_lm(require(root / "06_models/student", "The student"))
     val = pd.read_parquet(require(root / "03_primary/tasks_val.parquet", "The validation split"))
     val = val.sample(min(args.questions, len(val)), random_state=0)
-    answer = dict(max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                  stop_strings=generation.stop)
+    answer = dict(generation=generation)
     rows = [{"guidance": "none (zero-shot)", "val accuracy": round(accuracy(student, val, **answer), 3), "mean |g|": ""},
             {"guidance": "the oracle plan in context (no guidance)",
              "val accuracy": round(accuracy(student, val, plans=val["oracle_plan"].tolist(), **answer), 3),

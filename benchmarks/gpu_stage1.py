@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from _common import report, stage1_seconds_per_step, synthetic_stage1
+from _common import configured_generation, report, stage1_seconds_per_step, synthetic_stage1
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rl", action="store_true", help="latent RL every 4 steps, as in training")
     args = parser.parse_args()
-    from pilot.config import GenerationParams, Stage1Config
+    from pilot.config import Stage1Config
     from pilot.prompts import answer_prompt, continuation
 
     device = torch.device(args.device)
@@ -54,7 +54,8 @@ def main() -> None:
     config = Stage1Config(steps=args.steps, batch_size=batch, rl_weight=0.1 if args.rl else 0.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = stage1_seconds_per_step(student, cached, examples, site, config, GenerationParams(), warmup_steps=3)
+    seconds = stage1_seconds_per_step(student, cached, examples, site, config, configured_generation(),
+                                      warmup_steps=3)
     seq = sum(len(student.tokenizer(answer_prompt(q) + continuation(a))["input_ids"])
               for q, a in zip(examples["question"], examples["answer"])) / len(examples)
     tokens = batch * seq

@@ -2,7 +2,8 @@
 
     python benchmarks/inference_overhead.py [--repeats 21] [--batch-size 64]
 
-Same queries, same batch size, same decoding, timed in turn in one process. Two guided variants:
+Same queries, same batch size, same decoding (conf/base ``generation``, at ``--batch-size``), timed in
+turn in one process. Two guided variants:
 a zero-output hyper-network (identical tokens to plain, so the ratio is the mechanism's cost
 alone) and the trained stage-2 hyper-network of the default run.
 """
@@ -16,7 +17,7 @@ import statistics
 import pandas as pd
 import torch
 
-from _common import DATA, interleaved, report, require
+from _common import DATA, configured_generation, interleaved, report, require
 from pilot.generation import generate
 from pilot.guidance import Guidance, GuidanceInjector, HyperNetwork
 from pilot.models import load_causal_lm
@@ -27,8 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: conf/base generation's")
     args = parser.parse_args()
+    generation = configured_generation(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
 
     student = load_causal_lm(require(DATA / "06_models/student", "The student"))
     trained = HyperNetwork.load(require(DATA / "06_models/hypernet_stage2", "The stage-2 hyper-network")).eval()
@@ -38,11 +40,11 @@ def main() -> None:
     prompts = [answer_prompt(q) for q in pd.read_parquet(DATA / "03_primary/tasks_test.parquet")["question"]]
     injector = GuidanceInjector(student.model, trained.config.inject_layer, trained.config.guidance_scale)
     run = {
-        "plain": lambda: generate(student, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-        "guided (zero vector)": lambda: generate(student, prompts, max_new_tokens=args.max_new_tokens,
-                                                 batch_size=args.batch_size, guidance=Guidance(injector, hypernet=zero)),
-        "guided (trained)": lambda: generate(student, prompts, max_new_tokens=args.max_new_tokens,
-                                             batch_size=args.batch_size, guidance=Guidance(injector, hypernet=trained)),
+        "plain": lambda: generate(student, prompts, generation=generation),
+        "guided (zero vector)": lambda: generate(student, prompts, generation=generation,
+                                                 guidance=Guidance(injector, hypernet=zero)),
+        "guided (trained)": lambda: generate(student, prompts, generation=generation,
+                                             guidance=Guidance(injector, hypernet=trained)),
     }
     tokens = {name: sum(fn().new_tokens) for name, fn in run.items()}
     with torch.inference_mode():

@@ -19,7 +19,7 @@ from pilot.baselines.soft_prompts import (
     soft_thoughts_hidden_for_budget,
     train_soft_prompt,
 )
-from pilot.config import LMTrainConfig
+from pilot.config import GenerationParams, LMTrainConfig
 from pilot.evaluation import answer_and_score
 from pilot.generation import generate, stop_token_ids
 from pilot.guidance import GuidanceInjector, InterventionError, interventions
@@ -159,7 +159,7 @@ def test_generation_with_soft_tokens_starts_where_the_teacher_forced_pass_does(t
         with soft.slots.fill(soft.embeddings(prompts)), torch.no_grad():
             logits = tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         first = logits[torch.arange(3), batch.prompt_lengths - 1].argmax(-1).tolist()
-        result = generate(tiny_lm, prompts, max_new_tokens=1, soft_prompt=soft)
+        result = generate(tiny_lm, prompts, generation=GenerationParams(max_new_tokens=1), soft_prompt=soft)
     stops = set(stop_token_ids(tiny_lm.tokenizer).tolist())
     assert result.texts == ["" if t in stops else tiny_lm.tokenizer.decode([t]) for t in first]
 
@@ -188,10 +188,11 @@ def test_pause_tokens_start_at_vocabulary_rows_change_the_logits_once_trained_an
     trained_pause.save(tmp_path / "pause")
     loaded = load_trained_module(tmp_path / "pause")
     assert isinstance(loaded, PauseTokens) and torch.equal(loaded.tokens, trained_pause.tokens)
+    generation = GenerationParams(max_new_tokens=4)
     with AttachedSoftPrompt(loaded, tiny_lm) as soft:
-        first = answer_and_score(tiny_lm, rows.head(6), max_new_tokens=4, soft_prompt=soft)
+        first = answer_and_score(tiny_lm, rows.head(6), generation=generation, soft_prompt=soft)
     with AttachedSoftPrompt(trained_pause, tiny_lm) as soft:
-        second = answer_and_score(tiny_lm, rows.head(6), max_new_tokens=4, soft_prompt=soft)
+        second = answer_and_score(tiny_lm, rows.head(6), generation=generation, soft_prompt=soft)
     assert first["reply"].tolist() == second["reply"].tolist()
 
 

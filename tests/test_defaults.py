@@ -84,17 +84,25 @@ def test_a_disagreement_is_named_with_its_full_key():
     assert disagreements(Stage1Params(), None, "stage1") == []
 
 
-def test_max_new_tokens_has_one_default_the_generation_blocks():
-    """Decoding length is GenerationParams' alone: the functions that decode take it from their caller."""
+def test_decoding_settings_have_one_default_the_generation_block():
+    """Reply length, batch size and stop strings are GenerationParams' alone: every function that
+    decodes takes the whole block from its caller, with no default and no loose copy of a field."""
     import inspect
 
+    from pilot.baselines.caa import choose_caa_scale
     from pilot.evaluation import answer_and_score
     from pilot.generation import generate
+    from pilot.latency import answerer
+    from pilot.plans import HFTeacher, construct_and_verify
+    from pilot.serving import PilotModel, log_pilot_model
 
-    for function in (generate, answer_and_score):
-        parameter = inspect.signature(function).parameters["max_new_tokens"]
-        assert parameter.default is inspect.Parameter.empty, f"{function.__name__} has its own default"
-    with pytest.raises(TypeError, match="max_new_tokens"):
+    for function in (generate, answer_and_score, answerer, choose_caa_scale, construct_and_verify, HFTeacher,
+                     PilotModel.attach, log_pilot_model):
+        parameters = inspect.signature(function).parameters
+        assert parameters["generation"].default is inspect.Parameter.empty, f"{function.__name__} has its own default"
+        loose = set(parameters) & {"max_new_tokens", "batch_size", "stop", "stop_strings"}
+        assert not loose, f"{function.__name__} takes {sorted(loose)} beside the generation block"
+    with pytest.raises(TypeError, match="generation"):
         generate(None, ["Q: 1+1"])
 
 

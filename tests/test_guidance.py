@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pilot.artifacts import ArtifactChecksumError
+from pilot.config import GenerationParams
 from pilot.generation import generate
 from pilot.guidance import (
     Guidance,
@@ -54,10 +55,11 @@ def test_injection_moves_exactly_the_later_layers_at_the_masked_positions(tokeni
 
 def test_zero_guidance_is_the_plain_student(tiny_lm, task_table):
     prompts = [answer_prompt(q) for q in task_table["question"][:12]]
-    plain = generate(tiny_lm, prompts, max_new_tokens=6, batch_size=5)
+    generation = GenerationParams(max_new_tokens=6, batch_size=5)
+    plain = generate(tiny_lm, prompts, generation=generation)
     hypernet = _hypernet(tiny_lm)  # zero-initialised output layer: g = 0
     injector = GuidanceInjector(tiny_lm.model, 0, 1.0)
-    guided = generate(tiny_lm, prompts, max_new_tokens=6, batch_size=5, guidance=Guidance(injector, hypernet=hypernet))
+    guided = generate(tiny_lm, prompts, generation=generation, guidance=Guidance(injector, hypernet=hypernet))
     assert guided.texts == plain.texts
     assert torch.count_nonzero(guided.guidance_vectors) == 0
 
@@ -177,6 +179,7 @@ def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny
     questions = task_table["question"].tolist()[:5]
     prompts = [answer_prompt(q) for q in questions]
     decode_steps = []  # logits of one-token decode steps (the prefill reads many tokens)
+    one_token = GenerationParams(max_new_tokens=1, batch_size=2)
     handle = tiny_lm.model.register_forward_hook(
         lambda module, args, kwargs, output: decode_steps.append(output.logits[:, -1].detach())
         if (args[0] if args else kwargs["input_ids"]).shape[1] == 1 else None, with_kwargs=True)
@@ -184,10 +187,10 @@ def test_guided_generation_starts_where_the_teacher_forced_guided_pass_does(tiny
         with GuidedStudent(tiny_lm, hypernet.eval()) as guided:
             vectors = guided.guidance_vectors(questions)
             batch, logits, _ = guided.teacher_forced(questions, ["0"] * len(questions), vectors, [])
-            generated = generate(tiny_lm, prompts, max_new_tokens=1, batch_size=2, guidance=guided.guidance())
+            generated = generate(tiny_lm, prompts, generation=one_token, guidance=guided.guidance())
         generated_first = torch.cat(decode_steps)
         decode_steps.clear()
-        generate(tiny_lm, prompts, max_new_tokens=1, batch_size=2)
+        generate(tiny_lm, prompts, generation=one_token)
         plain_first = torch.cat(decode_steps)
     finally:
         handle.remove()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pilot.answers import check_extraction_rule, equivalent, extract_answer, gold_answer
+from pilot.config import GenerationParams
 from pilot.evaluation import answer_and_score
 from pilot.generation import generate
 from pilot.models import (
@@ -71,10 +72,10 @@ def test_answers_are_read_by_their_task_rule():
 def test_chat_replies_end_at_stop_strings_and_count_their_tokens(chat_lm, task_table):
     fmt = prompt_format(chat_lm.tokenizer)
     prompts = [fmt.answer_prompt(q) for q in task_table["question"][:6]]
-    free = generate(chat_lm, prompts, max_new_tokens=12, batch_size=3)
+    free = generate(chat_lm, prompts, generation=GenerationParams(max_new_tokens=12, batch_size=3))
     assert not free.line_answers and all(n <= 12 for n in free.new_tokens)
     stop = next(text[2:4] for text in free.texts if len(text) >= 4)  # a string some reply contains
-    stopped = generate(chat_lm, prompts, max_new_tokens=12, batch_size=3, stop_strings=[stop])
+    stopped = generate(chat_lm, prompts, generation=GenerationParams(max_new_tokens=12, batch_size=3, stop=[stop]))
     for before, after, n_before, n_after in zip(free.texts, stopped.texts, free.new_tokens, stopped.new_tokens):
         assert stop not in after and before.startswith(after)
         if stop in before:
@@ -85,7 +86,7 @@ def test_chat_replies_end_at_stop_strings_and_count_their_tokens(chat_lm, task_t
 
 def test_every_method_reads_replies_by_the_rows_rule(chat_lm, task_table):
     rows = task_table.head(8).assign(extract="last_number")
-    scored = answer_and_score(chat_lm, rows, max_new_tokens=10, batch_size=4)
+    scored = answer_and_score(chat_lm, rows, generation=GenerationParams(max_new_tokens=10, batch_size=4))
     assert list(scored["prediction"]) == [extract_answer(r, "last_number") for r in scored["reply"]]
     assert scored["new_tokens"].between(1, 10).all()
 
@@ -209,10 +210,11 @@ def test_smollm2_answers_chat_prompts_with_reasoning_and_is_scored(tmp_path):
     rows = build_task_table([{"name": "chain_sum", "size": 8, "prompt": "original", "extract": "last_number",
                               "kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}],
                             val_per_task=1, test_per_task=1, seed=0).head(4)
-    scored = answer_and_score(lm, rows, max_new_tokens=48, batch_size=4)
+    generation = GenerationParams(max_new_tokens=48, batch_size=4)
+    scored = answer_and_score(lm, rows, generation=generation)
     assert scored["reply"].str.len().min() > 0 and scored["new_tokens"].max() > 1
     assert list(scored["prediction"]) == [extract_answer(r, "last_number") for r in scored["reply"]]
     assert scored["correct"].dtype == bool
-    with_plans = answer_and_score(lm, rows, plans=rows["oracle_plan"].tolist(), max_new_tokens=48, batch_size=4)
+    with_plans = answer_and_score(lm, rows, plans=rows["oracle_plan"].tolist(), generation=generation)
     assert (with_plans["reply"] != scored["reply"]).any()  # the plan in the user turn changes what it writes
     print(pd.concat([scored, with_plans])[["prediction", "correct", "new_tokens"]].to_string())

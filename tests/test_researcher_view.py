@@ -19,6 +19,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pilot.config import GenerationParams
 from pilot.methods import METHOD_SETTINGS
 from pilot.methods.pilot import Pilot
 from pilot.methods.references import ZeroShot
@@ -104,8 +105,9 @@ def test_plain_student_is_not_reported_slower_than_itself_guided_by_a_zero_vecto
     with GuidedStudent(tiny_lm, hypernet) as guided:
         assert torch.count_nonzero(guided.guidance_vectors(questions)) == 0
 
-    answerers = {"zero_shot": answerer(ZeroShot(), tiny_lm, rows, 8),
-                 "zero_vector": answerer(Pilot(hypernet), tiny_lm, rows, 8)}
+    generation = GenerationParams(max_new_tokens=8)
+    answerers = {"zero_shot": answerer(ZeroShot(), tiny_lm, rows, generation),
+                 "zero_vector": answerer(Pilot(hypernet), tiny_lm, rows, generation)}
     ratios = []
     for _ in range(3):
         table = latency_table(measure_latency(answerers, len(questions), passes=5, warmup_questions=2),

@@ -16,14 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
+from pilot.config import GenerationParams
 from pilot.generation import generate
 from pilot.guidance import HyperNetConfig, HyperNetwork, interventions
 from pilot.prompts import prompt_format
-from pilot.serving import SIGNATURE, PilotModel, RequestError, RequestLimits, log_pilot_model
+from pilot.serving import SIGNATURE, PilotModel, RequestError, RequestLimits, generation_of, log_pilot_model
 from tests.conftest import same_code_env
 from tests.serve_check import check, post, served
 
 SIZES = (1, 2, 3, 5)  # questions per request: different batch shapes for the shared injector
+GENERATION = GenerationParams(max_new_tokens=6, batch_size=4)
 
 
 def _guiding_hypernet(lm) -> HyperNetwork:
@@ -39,7 +41,7 @@ def _guiding_hypernet(lm) -> HyperNetwork:
 
 @pytest.fixture()
 def pilot(tiny_lm):
-    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), max_new_tokens=6, batch_size=4,
+    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
                                 limits=RequestLimits(max_questions=8, max_question_chars=200))
     return model
 
@@ -54,7 +56,8 @@ def test_two_threads_with_different_question_counts_get_the_sequential_answers(p
     sequential = [pilot.predict(None, r) for r in requests]
     # The guidance is live: without it the same student answers differently.
     fmt = prompt_format(pilot.student.tokenizer)
-    unguided = [generate(pilot.student, [fmt.answer_prompt(q) for q in r], max_new_tokens=6).answers for r in requests]
+    unguided = [generate(pilot.student, [fmt.answer_prompt(q) for q in r], generation=GENERATION).answers
+                for r in requests]
     assert unguided != sequential
 
     rounds = 12
@@ -105,7 +108,7 @@ def test_non_strings_and_frames_without_a_question_column_are_refused_in_one_sen
 
 
 def test_a_question_longer_than_the_students_context_is_refused_before_generation(tiny_lm):
-    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), max_new_tokens=6, batch_size=4,
+    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
                                 limits=RequestLimits(max_question_chars=10_000))
     context = tiny_lm.model.config.max_position_embeddings
     with pytest.raises(RequestError, match=rf"^Question 2 is \d+ tokens in its prompt; this model reads at most "
@@ -121,10 +124,22 @@ def test_limits_come_from_the_logged_settings_and_the_server_environment():
         RequestLimits.from_settings({}, {"PILOT_SERVE_MAX_QUESTION_CHARS": "0"})
 
 
+def test_the_decoding_settings_come_from_the_logged_settings_old_and_new():
+    """settings.json holds the generation block's keys beside the limits; a model logged before ``stop``
+    was stored loads without stop strings (what it decoded with then)."""
+    logged = {**GENERATION.model_dump(), "max_questions": 3, "max_question_chars": 100}
+    assert set(logged) == {"max_new_tokens", "batch_size", "stop", "max_questions", "max_question_chars"}
+    assert generation_of(logged) == GENERATION
+    older = {"max_new_tokens": 6, "batch_size": 4, "max_questions": 3, "max_question_chars": 100, "device": "cpu"}
+    assert generation_of(older) == GENERATION
+    stopping = GENERATION.model_copy(update={"stop": ["\n\n"]})
+    assert generation_of(json.loads(json.dumps(stopping.model_dump()))) == stopping
+
+
 def test_the_logged_pyfunc_reads_the_question_column_by_name(tiny_lm, task_table, tmp_path):
     hypernet = _guiding_hypernet(tiny_lm)
     questions = task_table["question"].head(3).tolist()
-    direct = PilotModel().attach(tiny_lm, hypernet, max_new_tokens=6, batch_size=4)
+    direct = PilotModel().attach(tiny_lm, hypernet, generation=GENERATION)
     expected = direct.predict(None, questions)
     assert not interventions(tiny_lm.model)   # the served method is attached around each request only
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -132,7 +147,7 @@ def test_the_logged_pyfunc_reads_the_question_column_by_name(tiny_lm, task_table
         # An experiment of this store: an earlier test's active experiment id belongs to another store.
         mlflow.set_experiment("serving-limits")
         with mlflow.start_run():
-            info = log_pilot_model(tiny_lm, hypernet, max_new_tokens=6, batch_size=4,
+            info = log_pilot_model(tiny_lm, hypernet, generation=GENERATION,
                                    limits=RequestLimits(max_questions=4, max_question_chars=100))
         model = mlflow.pyfunc.load_model(info["model_uri"])
         assert model.metadata.signature == SIGNATURE

@@ -86,9 +86,8 @@ def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: L
         hypernet, stage2_seconds, stage2_best = second.model, second.seconds, second.best_step
         val_accuracy = second.best_val_accuracy
     with GuidedStudent(student, hypernet.eval().to(student.device)) as guided:
-        predictions = answer_and_score(student, tasks_test, guidance=guided.guidance(),
-                                       max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                                       stop_strings=generation.stop, method=name, progress=f"ablation {name}")
+        predictions = answer_and_score(student, tasks_test, guidance=guided.guidance(), generation=generation,
+                                       method=name, progress=f"ablation {name}")
     hypernet.cpu()
     return AblationResult(name, variant, predictions, hypernet, first.seconds, stage2_seconds, first.best_step,
                           stage2_best, val_accuracy)

@@ -31,12 +31,10 @@ def answer_and_score(
     *,
     plans: Sequence[str] | None = None,
     guidance: Guidance | None = None,
-    max_new_tokens: int,   # no default here: GenerationParams.max_new_tokens is the one (conf/base generation)
-    batch_size: int = 64,
+    generation: GenerationParams,   # no default here: the run's decoding settings (conf/base generation)
     method: str = "",
     progress: str | None = None,
     extra_seconds: Sequence[float] | None = None,
-    stop_strings: Sequence[str] = (),
     temperature: float = 0.0,
     seed: int | None = None,
     soft_prompt: SoftPrompt | None = None,
@@ -44,7 +42,8 @@ def answer_and_score(
 ) -> pd.DataFrame:
     """Answer every row (optionally with plans in context or guidance) and verify the answers.
 
-    Prompts come from the student's format (:func:`pilot.prompts.prompt_format`); each reply is
+    ``generation`` holds the decoding settings (reply length, batch size, stop strings). Prompts
+    come from the student's format (:func:`pilot.prompts.prompt_format`); each reply is
     read by its row's ``extract`` rule (:func:`pilot.answers.extract_answer`; ``first_line`` when
     the table has no such column) before the verifier sees it. ``extra_seconds`` adds a per-row
     cost paid outside the student, e.g. the teacher writing the plan at run time for plan-in-context.
@@ -56,9 +55,8 @@ def answer_and_score(
     questions = rows["question"].tolist()
     fmt = prompt_format(student.tokenizer)
     prompts = [fmt.answer_prompt(q, plans[i] if plans is not None else None) for i, q in enumerate(questions)]
-    result = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      guidance=guidance, progress=progress, stop_strings=stop_strings, temperature=temperature,
-                      seed=seed, soft_prompt=soft_prompt, spread=spread)
+    result = generate(student, prompts, generation=generation, guidance=guidance, progress=progress,
+                      temperature=temperature, seed=seed, soft_prompt=soft_prompt, spread=spread)
     rules = rows["extract"].tolist() if "extract" in rows else ["first_line"] * len(rows)
     answers = [extract_answer(text, rule) for text, rule in zip(result.answers, rules)]
     rewards = score_answers(rows["task"].tolist(), answers, rows["answer"].tolist(),
@@ -87,8 +85,7 @@ def answer_with(method: Method, student: CausalLM, rows: pd.DataFrame, generatio
     inputs = method.row_inputs(rows)
     with method.attach(student) as attached:
         return answer_and_score(attached.student, rows, guidance=attached.guidance, soft_prompt=attached.soft_prompt,
-                                max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                                stop_strings=generation.stop, method=method.name, progress=method.name, spread=True,
+                                generation=generation, method=method.name, progress=method.name, spread=True,
                                 **inputs)
 
 
@@ -106,8 +103,7 @@ def validator(student: CausalLM, val_rows: pd.DataFrame | None, generation: Gene
 
     def validate() -> float:
         with around() if around is not None else nullcontext():
-            return accuracy(student, val_rows, max_new_tokens=generation.max_new_tokens,
-                            batch_size=generation.batch_size, stop_strings=generation.stop, **kwargs)
+            return accuracy(student, val_rows, generation=generation, **kwargs)
 
     return validate
 

@@ -25,6 +25,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from pilot import distributed
 from pilot.guidance import Guidance, capture_layers
 from pilot.baselines.soft_tokens import SoftPrompt, placeholders
+from pilot.config import GenerationParams
 from pilot.models import CausalLM
 from pilot.prompts import first_line, prompt_format
 from pilot.runtime import share_cores
@@ -162,23 +163,22 @@ def generate(
     lm: CausalLM,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int,   # no default here: GenerationParams.max_new_tokens is the one (conf/base generation)
-    batch_size: int = 64,
+    generation: GenerationParams,   # no default here: the run's decoding settings (conf/base generation)
     guidance: Guidance | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
     progress: str | None = None,
-    stop_strings: Sequence[str] = (),
     soft_prompt: SoftPrompt | None = None,
     spread: bool = False,
 ) -> GenerationResult:
-    """Generate one continuation per prompt (greedy unless ``temperature > 0``).
+    """Generate one continuation per prompt (greedy unless ``temperature > 0``), ``generation.batch_size``
+    prompts at a time.
 
     ``soft_prompt`` puts its soft tokens before or after every prompt (computing them, e.g. an assistant
     model's reading, is part of each batch's measured time).
 
     A reply ends at end of sequence, at a newline in the toy format (:mod:`pilot.prompts`), at
-    the first of ``stop_strings`` (cut off), or after ``max_new_tokens``. ``progress`` names a
+    the first of ``generation.stop`` (cut off), or after ``generation.max_new_tokens``. ``progress`` names a
     progress bar (hidden when None). Latency is measured per batch.
 
     ``spread``: with data-parallel processes (:mod:`pilot.distributed`), each generates its share of
@@ -189,6 +189,7 @@ def generate(
     for a caller that already holds only its rank's rows (validation during training), it changes
     nothing.
     """
+    max_new_tokens, batch_size, stop_strings = generation.max_new_tokens, generation.batch_size, tuple(generation.stop)
     was_training = lm.model.training
     lm.model.eval()
     generator = torch.Generator(device=lm.device).manual_seed(seed) if seed is not None else None
@@ -208,7 +209,7 @@ def generate(
             vectors = vectors.to(lm.device)
         began = time.perf_counter()
         texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator,
-                                              tuple(stop_strings), soft_prompt)
+                                              stop_strings, soft_prompt)
         done.append((texts, counts, time.perf_counter() - began, used.detach().cpu() if used is not None else None))
         bar.update(len(batch))
         share_cores()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
+from pilot.config import GenerationParams
 from pilot.generation import generate
 from pilot.methods.base import Method
 from pilot.models import CausalLM
@@ -27,10 +28,9 @@ from pilot.prompts import prompt_format
 Answerer = Callable[[int], float]
 
 
-def answerer(method: Method, student: CausalLM, rows: pd.DataFrame, max_new_tokens: int,
-             stop_strings: Sequence[str] = ()) -> Answerer:
+def answerer(method: Method, student: CausalLM, rows: pd.DataFrame, generation: GenerationParams) -> Answerer:
     """Answer question ``i`` of ``rows`` alone with ``method``, through the shared generation path
-    (:func:`pilot.generation.generate`).
+    (:func:`pilot.generation.generate`), with the run's decoding settings ``generation`` (one question a batch).
 
     The method's one-time preparation and what it adds per row (plans, time paid outside the
     student, added to the time) come first, untimed; it is attached and removed on each call, so
@@ -43,12 +43,13 @@ def answerer(method: Method, student: CausalLM, rows: pd.DataFrame, max_new_toke
         raise ValueError(f"Latency knows no row input {sorted(unknown)} of method '{method.name}'.")
     questions, plans, extra_seconds = rows["question"].tolist(), inputs.get("plans"), inputs.get("extra_seconds")
     fmt = prompt_format(student.tokenizer)
+    one_at_a_time = generation.model_copy(update={"batch_size": 1})
 
     def answer(i: int) -> float:
         prompt = fmt.answer_prompt(questions[i], plans[i] if plans is not None else None)
         with method.attach(student) as attached:
-            generate(attached.student, [prompt], max_new_tokens=max_new_tokens, batch_size=1,
-                     guidance=attached.guidance, stop_strings=stop_strings, soft_prompt=attached.soft_prompt)
+            generate(attached.student, [prompt], generation=one_at_a_time, guidance=attached.guidance,
+                     soft_prompt=attached.soft_prompt)
         return float(extra_seconds[i]) if extra_seconds is not None else 0.0
 
     return answer

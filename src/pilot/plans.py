@@ -14,6 +14,7 @@ from typing import Protocol
 
 import pandas as pd
 
+from pilot.config import GenerationParams
 from pilot.evaluation import answer_and_score
 from pilot.generation import generate
 from pilot.models import CausalLM
@@ -41,19 +42,17 @@ class TeacherBackend(Protocol):
 class HFTeacher:
     """A causal LM asked for a plan in its own format (:mod:`pilot.prompts`): the ``P:`` line after
     ``Q: <question>`` for the embedded teacher, a user turn asking for the strategy (never the
-    answer) for a chat model."""
+    answer) for a chat model. ``generation``: its decoding settings (the run's, with the plan length
+    ``plans.max_plan_tokens`` as ``max_new_tokens``)."""
 
     lm: CausalLM
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    stop_strings: tuple[str, ...] = ()
+    generation: GenerationParams
     name: str = "hf"
 
     def plans(self, questions: list[str], oracle_plans: list[str]) -> PlanBatch:
         fmt = prompt_format(self.lm.tokenizer)
-        result = generate(self.lm, [fmt.plan_prompt(q) for q in questions], max_new_tokens=self.max_new_tokens,
-                          batch_size=self.batch_size, progress="teacher plans", stop_strings=self.stop_strings,
-                          spread=True)   # data-parallel processes share the batches
+        result = generate(self.lm, [fmt.plan_prompt(q) for q in questions], generation=self.generation,
+                          progress="teacher plans", spread=True)   # data-parallel processes share the batches
         return PlanBatch([fmt.read_plan(t) for t in result.texts], result.seconds_per_query)
 
 
@@ -73,9 +72,9 @@ class OracleTeacher:
 
 
 def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: CausalLM,
-                         max_new_tokens: int, batch_size: int, keep: str = "verified",
-                         stop_strings: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
-    """Plans for every row of ``tasks``, each verified by the student answering with it.
+                         generation: GenerationParams, keep: str = "verified") -> pd.DataFrame:
+    """Plans for every row of ``tasks``, each verified by the student answering with it (decoding
+    with ``generation``, the run's settings).
 
     ``keep="verified"`` keeps a plan only when the student reached a verified-correct answer
     with it (construct-and-verify); ``keep="all"`` keeps every plan (an ablation, and the toy
@@ -83,8 +82,8 @@ def construct_and_verify(tasks: pd.DataFrame, teacher: TeacherBackend, student: 
     teacher's and the student's generation (:func:`pilot.generation.generate`); every one gets the table.
     """
     batch = teacher.plans(tasks["question"].tolist(), tasks["oracle_plan"].tolist())
-    scored = answer_and_score(student, tasks, plans=batch.plans, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, progress="verify plans", stop_strings=stop_strings, spread=True)
+    scored = answer_and_score(student, tasks, plans=batch.plans, generation=generation, progress="verify plans",
+                              spread=True)
     verified = scored["correct"].tolist()
     frame = pd.DataFrame({
         "id": tasks["id"].to_numpy(),

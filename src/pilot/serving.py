@@ -42,6 +42,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from pilot.config import GenerationParams
 from pilot.generation import generate
 from pilot.guidance import HyperNetwork
 from pilot.methods.pilot import Pilot
@@ -147,6 +148,13 @@ def questions_of(model_input: Any) -> list[str]:
     return [_as_question(number, item) for number, item in enumerate(items, start=1)]
 
 
+def generation_of(settings: Mapping[str, Any]) -> GenerationParams:
+    """The decoding settings a logged model was saved with (``settings.json``: ``max_new_tokens``,
+    ``batch_size`` and, from models logged since it was stored, ``stop``; none before: no stop strings)."""
+    return GenerationParams.model_validate({key: settings[key] for key in GenerationParams.model_fields
+                                            if key in settings})
+
+
 class PilotModel(mlflow.pyfunc.PythonModel):
     """The frozen student guided by the trained hyper-network (stage 2).
 
@@ -163,18 +171,17 @@ class PilotModel(mlflow.pyfunc.PythonModel):
         student = load_causal_lm(context.artifacts["student"], device=device)
         hypernet = HyperNetwork.load(context.artifacts["hypernet"], student.hidden_size,
                                      student.num_layers, rebuild="kedro run --pipelines stage2 evaluation")
-        self.attach(student, hypernet, max_new_tokens=int(settings["max_new_tokens"]),
-                    batch_size=int(settings["batch_size"]), limits=RequestLimits.from_settings(settings))
+        self.attach(student, hypernet, generation=generation_of(settings),
+                    limits=RequestLimits.from_settings(settings))
 
-    def attach(self, student: CausalLM, hypernet: HyperNetwork, *, max_new_tokens: int, batch_size: int,
+    def attach(self, student: CausalLM, hypernet: HyperNetwork, *, generation: GenerationParams,
                limits: RequestLimits = RequestLimits()) -> PilotModel:
-        """Answer with ``student`` guided by ``hypernet`` (what :meth:`load_context` does with the
-        logged artifacts); returns the model."""
+        """Answer with ``student`` guided by ``hypernet``, decoding with ``generation`` (what
+        :meth:`load_context` does with the logged artifacts); returns the model."""
         self.student = student
         self.method = Pilot(hypernet)   # the served method, attached around each request's generation
         self.method.prepare(student)
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+        self.generation = generation
         self.limits = limits
         self.context_length = getattr(student.model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()
@@ -191,9 +198,8 @@ class PilotModel(mlflow.pyfunc.PythonModel):
             self._check_context(prompts)
             try:
                 with self.method.attach(self.student) as attached:
-                    result = generate(attached.student, prompts, max_new_tokens=self.max_new_tokens,
-                                      batch_size=self.batch_size, guidance=attached.guidance,
-                                      soft_prompt=attached.soft_prompt)
+                    result = generate(attached.student, prompts, generation=self.generation,
+                                      guidance=attached.guidance, soft_prompt=attached.soft_prompt)
             except Exception as error:  # the trace goes to the server's log, not to the client
                 logger.exception("PILOT failed on a request of %d questions", len(questions))
                 raise RequestError(f"The model failed on this request ({type(error).__name__}); the server's log "
@@ -204,11 +210,12 @@ class PilotModel(mlflow.pyfunc.PythonModel):
         """Refuse a prompt that, with the answer's tokens, would not fit in the student's context."""
         if not self.context_length:
             return
-        room = self.context_length - self.max_new_tokens
+        answer = self.generation.max_new_tokens
+        room = self.context_length - answer
         for number, ids in enumerate(self.student.tokenizer(prompts)["input_ids"], start=1):
             if len(ids) > room:
                 raise RequestError(f"Question {number} is {len(ids)} tokens in its prompt; this model reads at most "
-                                   f"{room} ({self.context_length} positions less {self.max_new_tokens} for the answer).")
+                                   f"{room} ({self.context_length} positions less {answer} for the answer).")
 
 
 def _requirements() -> list[str]:
@@ -221,11 +228,11 @@ def _requirements() -> list[str]:
     return [f"{name}=={version}" for name, version in pinned.items()]
 
 
-def log_pilot_model(student: CausalLM, hypernet: HyperNetwork, *, max_new_tokens: int, batch_size: int,
+def log_pilot_model(student: CausalLM, hypernet: HyperNetwork, *, generation: GenerationParams,
                     name: str = "pilot", registered_model_name: str | None = None,
                     limits: RequestLimits = RequestLimits()) -> dict[str, str]:
     """Log the guided student as a pyfunc model in the active run (and register it if named),
-    with the request ``limits`` it will enforce.
+    with its decoding settings ``generation`` (the run's) and the request ``limits`` it will enforce.
 
     Returns ``{"run_id", "model_uri", "registered_model_name", "registered_model_version"}``
     (the last two empty without registration); nothing is logged without an active run.
@@ -239,7 +246,7 @@ def log_pilot_model(student: CausalLM, hypernet: HyperNetwork, *, max_new_tokens
         hypernet.save(folder / "hypernet")
         # The package travels with the model (without caches), so any Python with its dependencies can load it.
         shutil.copytree(Path(__file__).parent, folder / "pilot", ignore=shutil.ignore_patterns("__pycache__"))
-        (folder / "settings.json").write_text(json.dumps({"max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        (folder / "settings.json").write_text(json.dumps({**generation.model_dump(),
                                                           "max_questions": limits.max_questions,
                                                           "max_question_chars": limits.max_question_chars}, indent=2))
         info = mlflow.pyfunc.log_model(

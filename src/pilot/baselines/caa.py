@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 
+from pilot.config import GenerationParams
 from pilot.evaluation import accuracy
 from pilot.guidance import Guidance, GuidanceInjector
 from pilot.latents import LatentCache
@@ -52,14 +53,14 @@ def steered(student: CausalLM, steering: dict[str, torch.Tensor], inject_layer: 
 
 
 def choose_caa_scale(student: CausalLM, val_rows: pd.DataFrame, steering: dict[str, torch.Tensor],
-                     inject_layer: int, scales: Sequence[float], max_new_tokens: int,
-                     batch_size: int, stop_strings: Sequence[str] = ()) -> tuple[float, pd.DataFrame]:
-    """Pick the steering scale with the best validation accuracy; returns (scale, sweep table)."""
+                     inject_layer: int, scales: Sequence[float],
+                     generation: GenerationParams) -> tuple[float, pd.DataFrame]:
+    """Pick the steering scale with the best validation accuracy (decoding with ``generation``, the
+    run's settings); returns (scale, sweep table)."""
     sweep = []
     for scale in scales:
         with steered(student, steering, inject_layer, scale, len(val_rows)) as guidance:
-            value = accuracy(student, val_rows, guidance=guidance, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, stop_strings=stop_strings)
+            value = accuracy(student, val_rows, guidance=guidance, generation=generation)
         sweep.append({"scale": float(scale), "val_accuracy": value})
         logger.info("CAA scale %.3g: validation accuracy %.3f", scale, value)
     table = pd.DataFrame(sweep)

@@ -117,8 +117,7 @@ def latent_rl_terms(guided: GuidedStudent, means: torch.Tensor, rows: pd.DataFra
     actions, log_prob = guided.hypernet.sample(means, k, noise=noise)
     repeated = rows.loc[rows.index.repeat(k)]
     scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(actions),
-                              max_new_tokens=generation.max_new_tokens, batch_size=len(repeated),
-                              stop_strings=generation.stop)
+                              generation=generation.model_copy(update={"batch_size": len(repeated)}))
     success = torch.tensor(scored["correct"].to_numpy(dtype=float), device=guided.student.device,
                            dtype=torch.float32).view(len(rows), k)
     targets, mask = batch.targets[:, :, -1].repeat_interleave(k, dim=0), batch.target_mask.repeat_interleave(k, dim=0)
@@ -189,8 +188,7 @@ def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFram
     with GuidedStudent(student, hypernet) as guided:
         def validate() -> float:  # each data-parallel process scores its shard of the rows
             return sharded_score(val_rows, lambda rows: accuracy(
-                student, rows, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
-                batch_size=generation.batch_size, stop_strings=generation.stop))
+                student, rows, guidance=guided.guidance(), generation=generation))
 
         objective = stage1_objective(guided, cached, examples, list(build.settings.align_layers), config, generation)
         result = train(hypernet, objective, config, name="stage1", validate=validate,

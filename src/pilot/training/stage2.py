@@ -108,8 +108,7 @@ def select_training_questions(guided: GuidedStudent, rows: pd.DataFrame, config:
     repeated = pool.loc[pool.index.repeat(k)]
     vectors = guided.guidance_vectors(pool["question"].tolist()).repeat_interleave(k, dim=0)
     scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors.to(guided.student.device)),
-                              max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                              stop_strings=generation.stop, temperature=config.rollout_temperature or 1.0,
+                              generation=generation, temperature=config.rollout_temperature or 1.0,
                               seed=step_seed(config.seed, 0, stream=4), progress="stage2 question selection")
     rate = scored["correct"].to_numpy(dtype=float).reshape(len(pool), k).mean(1)
     keep = (rate > 0) & (rate < 1)
@@ -144,8 +143,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         repeated = batch_rows.loc[batch_rows.index.repeat(k)]
         vectors = vectors.view(len(index), k, -1)[mine].reshape(len(mine) * k, -1)
         scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors),
-                                  max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                                  stop_strings=generation.stop, temperature=config.rollout_temperature,
+                                  generation=generation, temperature=config.rollout_temperature,
                                   seed=step_seed(config.seed, step, stream=1 + 10 * round_) + 7919 * ranks.rank)
         if not ranks.parallel:
             return scored
@@ -326,8 +324,7 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
     with GuidedStudent(student, hypernet) as guided:
         def validate() -> float:  # each data-parallel process scores its shard of the rows
             return sharded_score(val_rows, lambda shard: accuracy(
-                student, shard, guidance=guided.guidance(), max_new_tokens=generation.max_new_tokens,
-                batch_size=generation.batch_size, stop_strings=generation.stop))
+                student, shard, guidance=guided.guidance(), generation=generation))
 
         if config.select_questions:
             hypernet.eval()

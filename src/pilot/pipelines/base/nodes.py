@@ -128,8 +128,7 @@ def measure_plan_gap(student: CausalLM, tasks_test: pd.DataFrame,
     # In distribution only (the evaluation reports both splits); a teacher writes the plan-less rows' plans later.
     tasks_test = tasks_test[(tasks_test["split"] == "test") & (tasks_test["oracle_plan"] != "")]
     runs = [
-        answer_and_score(student, tasks_test, plans=plans, max_new_tokens=generation.max_new_tokens,
-                         batch_size=generation.batch_size, stop_strings=generation.stop, method=method, progress=method)
+        answer_and_score(student, tasks_test, plans=plans, generation=generation, method=method, progress=method)
         for method, plans in (("student_no_plan", None), ("student_oracle_plan", tasks_test["oracle_plan"].tolist()))
     ]
     table = summarize(pd.concat(runs), zero_shot="student_no_plan", plan_in_context="student_oracle_plan")

@@ -123,5 +123,5 @@ def tune_caa_scale(steering_vector: dict[str, torch.Tensor], student: CausalLM, 
         ``caa_config`` (``{"scale": ...}``) and the validation sweep.
     """
     scale, sweep = choose_caa_scale(student, tasks_val, steering_vector, guidance.inject_layer, params.caa.scales,
-                                    generation.max_new_tokens, generation.batch_size, generation.stop)
+                                    generation)
     return {"scale": scale}, sweep

@@ -57,8 +57,7 @@ def measure_method_latency(methods: list[Method], student: CausalLM, tasks_test:
     settings = evaluation.latency
     in_distribution = tasks_test[tasks_test["split"] == "test"] if "split" in tasks_test else tasks_test
     timed = in_distribution.groupby("task", sort=True).head(settings.questions_per_task).reset_index(drop=True)
-    answerers = {method.name: answerer(method, student, timed, generation.max_new_tokens, generation.stop)
-                 for method in methods}
+    answerers = {method.name: answerer(method, student, timed, generation) for method in methods}
     timings = measure_latency(answerers, len(timed), settings.passes, settings.warmup_questions, progress=True)
     table = latency_table(timings, timed["task"].tolist())
     overall = table[table["task"] == "overall"].set_index("method")["median_ms_per_query"]
@@ -189,8 +188,7 @@ def log_trained_model(served: Pilot, student: CausalLM, generation: GenerationPa
     Returns:
         ``trained_model``: its run id, model URI and registered name and version (empty with tracking off).
     """
-    info = log_pilot_model(student, served.hypernet, max_new_tokens=generation.max_new_tokens,
-                           batch_size=generation.batch_size, name=evaluation.model_name,
+    info = log_pilot_model(student, served.hypernet, generation=generation, name=evaluation.model_name,
                            registered_model_name=evaluation.registered_model_name)
     if info:
         logger.info("Trained PILOT logged as %s (registered: %s %s)", info["model_uri"],

@@ -18,12 +18,10 @@ def extract_plans(tasks_train: pd.DataFrame, tasks_val: pd.DataFrame, tasks_test
     Returns:
         ``teacher_plans`` (every split), the per-task ``plan_report`` and MLflow metrics.
     """
-    backend = (HFTeacher(teacher, max_new_tokens=params.max_plan_tokens, batch_size=generation.batch_size,
-                         stop_strings=generation.stop)
+    backend = (HFTeacher(teacher, generation.model_copy(update={"max_new_tokens": params.max_plan_tokens}))
                if params.teacher == "hf" else OracleTeacher())
     tasks = pd.concat([tasks_train, tasks_val, tasks_test], ignore_index=True)
-    plans = construct_and_verify(tasks, backend, student, generation.max_new_tokens, generation.batch_size,
-                                 params.keep, generation.stop)
+    plans = construct_and_verify(tasks, backend, student, generation, params.keep)
     report = plan_report(plans)
     metrics = {f"{row.split}_{row.task}_{name}": getattr(row, name) for row in report.itertuples()
                for name in ("kept_fraction", "verified_fraction", "oracle_agreement", "teacher_ms_per_plan")}
