@@ -11,6 +11,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 # (measured: the in-memory pipeline tests took 17 s with one thread, 209 s with the default).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import fcntl  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -156,3 +157,130 @@ def read_only(folder: Path) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+# --- Running on two xdist workers (`make test`: `pytest -n 2 --dist loadgroup`) ------------------------------
+#
+# Tests that share an expensive fixture run on one worker, so no worker builds it again: every test that
+# uses `finished_run` (a whole `kedro run`) in one group, in the order they are collected (test_run.py's
+# ablation test, which adds runs to the store, stays after the tests that read it); the tests of a module
+# that use one of its module-scoped fixtures (a project with the tune pipeline's inputs, PostgreSQL and the
+# MLflow server, a Kedro-Viz build, ...) in one group per module. Every other test is scheduled on its own.
+# The workers write each test's group to a file that the scheduler below reads (xdist 3.8's own
+# `xdist_group` suffix on node ids has no effect on pytest 9, which stores node ids differently).
+# Tests marked `alone` (timing beside a busy job of their own) run with the other worker paused between
+# two of its tests: see `pytest_runtest_protocol` below.
+
+CHEAP_SHARED = {"task_table", "tokenizer"}  # session fixtures that take a second: built once per worker
+
+
+def _group(item) -> str | None:
+    marker = item.get_closest_marker("xdist_group")
+    if marker is not None:
+        return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+    if "finished_run" in item.fixturenames:
+        return "finished_run"
+    fixtures = getattr(item, "_fixtureinfo", None)
+    for name, definitions in (fixtures.name2fixturedefs.items() if fixtures is not None else ()):
+        if name in CHEAP_SHARED or not definitions:
+            continue
+        if definitions[-1].scope in ("module", "package", "session") and \
+                getattr(definitions[-1].func, "__module__", "").startswith("tests"):
+            return item.nodeid.split("::")[0]
+    return None
+
+
+def _groups_file(config) -> Path:
+    """Beside the workers' temporary folders (…/pytest-N/popen-gw0, …): the controller's own basetemp."""
+    base = config._tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdist-groups.json"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import json
+
+    groups = {item.nodeid: group for item in items if (group := _group(item)) is not None}
+    path = _groups_file(config)
+    scratch = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
+    scratch.write_text(json.dumps(groups))
+    os.replace(scratch, path)  # every worker collects the same tests: the same file
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`: xdist's scheduling by scope (a group's tests in one batch to one worker, the
+    largest groups first), with the groups the workers wrote."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = json.loads(_groups_file(config).read_text())
+            plain = nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+            return self.groups.get(plain, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+class _SuiteLock:
+    """A readers-writer lock shared by the xdist workers of one run (files beside their temporary folders):
+    every test holds it shared; a test marked `alone` holds it exclusively. The `turnstile` makes a waiting
+    exclusive test go before the other worker's next test, so it waits at most for the test running there."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.turnstile = open(folder / "suite.turnstile", "a")
+        self.tests = open(folder / "suite.lock", "a")
+
+    @contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        fcntl.flock(self.turnstile, fcntl.LOCK_EX)
+        try:
+            if not exclusive:
+                fcntl.flock(self.turnstile, fcntl.LOCK_UN)
+            fcntl.flock(self.tests, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.tests, fcntl.LOCK_UN)
+        finally:
+            if exclusive:
+                fcntl.flock(self.turnstile, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.turnstile.close()
+        self.tests.close()
+
+
+_suite_lock: _SuiteLock | None = None
+
+
+def pytest_unconfigure(config):
+    global _suite_lock
+    if _suite_lock is not None:
+        _suite_lock.close()
+        _suite_lock = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist, hold the suite lock for each test's setup, call and teardown (see `_SuiteLock`)."""
+    global _suite_lock
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:  # one process: nothing runs beside a test
+        yield
+        return
+    if _suite_lock is None:  # the workers' basetemps (…/popen-gw0, …/popen-gw1) share a parent
+        _suite_lock = _SuiteLock(item.config._tmp_path_factory.getbasetemp().parent / "suite-lock")
+    with _suite_lock.hold(exclusive=item.get_closest_marker("alone") is not None):
+        yield
+

@@ -51,6 +51,7 @@ print(json.dumps(times))
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # under `make test`'s two workers: measured with the other worker paused, as on its own
 @pytest.mark.skipif(available_cores() < 2, reason="one core: the default is one thread")
 def test_the_default_threads_beside_a_busy_job_are_not_much_slower_than_one_thread():
     """With spinning OpenMP threads this was 17-30x slower on the project's 2-core machine."""

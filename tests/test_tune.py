@@ -184,8 +184,12 @@ def test_a_worker_that_ends_first_reports_the_whole_study(tmp_path):
     slow_worker.start()
     assert started.wait(60)
     study = tune(fast, config.model_copy(update={"worker": "fast"}))
-    assert not slow_worker.is_alive()  # `fast` returned only after `slow`'s trial ended
-    slow_worker.join()
+    # `fast` returned only after `slow`'s trial ended: read from the storage at once (the `slow` thread itself
+    # may still be on its way out of optuna's optimize loop, for a while on a busy machine)
+    ended = {t.user_attrs["worker"]: t.state for t in optuna.load_study(study_name="settle", storage=config.storage).trials}
+    assert ended == {"slow": optuna.trial.TrialState.COMPLETE, "fast": optuna.trial.TrialState.COMPLETE}
+    slow_worker.join(timeout=60)
+    assert not slow_worker.is_alive()
     fast_best = best_weights(study)
     assert fast_best["best_val_accuracy"] == 1.0
     assert study.trials[fast_best["trial"]].user_attrs["worker"] == "slow"
