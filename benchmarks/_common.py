@@ -127,7 +127,7 @@ def synthetic_stage1(hidden: int, layers: int, terms: int, examples: int = 160, 
     with tempfile.TemporaryDirectory() as folder:
         write_cache(plan_cache_build(plans, table, student, site, latents), folder)
         cached = CachedLatents(LatentCache(folder).load())
-    return student, cached, select_examples(plans, table, ["train"]), site
+    return student, cached, select_examples(plans, table), site
 
 
 def stage1_seconds_per_step(student, latents, examples, site, config, generation, warmup_steps: int = 1) -> float:

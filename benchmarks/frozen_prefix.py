@@ -68,7 +68,7 @@ def measure(env: str, rows: int, steps: int, repeats: int) -> list[dict]:
     table = build_task_table(tasks, val_per_task=2, test_per_task=2, seed=0)
     student, which = student_for(env, settings, table)
     plans = table[["id", "task", "split"]].assign(plan=table["oracle_plan"], kept=True)
-    examples = select_examples(plans, table, ["train"])
+    examples = select_examples(plans, table)
     config = settings["stage1"].training.model_copy(update={"steps": steps})
     caches, losses, built = {}, {}, {}
     with tempfile.TemporaryDirectory() as folder:

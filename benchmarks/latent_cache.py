@@ -33,7 +33,7 @@ def main() -> None:
     tasks = pd.concat([pd.read_parquet(DATA / f"03_primary/tasks_{s}.parquet") for s in ("train", "val")])
     build = plan_cache_build(plans, tasks, student, site, latents)
     cache.check_fingerprint(build.fingerprint)
-    examples = select_examples(plans, tasks, latents.splits)
+    examples = select_examples(plans, tasks)
     loaded = time.perf_counter()
     cached = CachedLatents(cache.load())
     load_seconds = time.perf_counter() - loaded

@@ -261,7 +261,7 @@ def test_each_imitation_term_trains_the_hypernet_and_never_the_student(tiny_lm, 
 
 def test_a_full_stage1_step_with_latent_rl_trains_only_the_hypernet(tiny_lm, task_table):
     build = plan_cache_build(_plans(task_table), task_table, tiny_lm, SITE, LatentsParams(batch_size=8))
-    examples = select_examples(_plans(task_table), task_table, ["train"])
+    examples = select_examples(_plans(task_table), task_table)
     assert examples["id"].tolist() == build.ids  # the rows RecomputedLatents computes
     config = Stage1Config(batch_size=4, rl_weight=0.5, rl_every=1, rl_batch=2, rl_samples=2)
     hypernet = _trained_looking_hypernet(tiny_lm)

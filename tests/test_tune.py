@@ -210,7 +210,7 @@ def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, 
                         inject_layers=[0, 1], cache_dir=str(tmp_path / "tune_latents"))
     train, val = task_table[task_table["split"] == "train"], task_table[task_table["split"] == "val"].head(8)
     stage1 = Stage1Config(batch_size=8, rl_batch=2, rl_samples=2)
-    objective = make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, train, val, site, latents,
+    objective = make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, train, val, site, latents,
                                stage1, Stage2Config(), GenerationParams(max_new_tokens=8), config)
     point = {"contrastive_weight": 0.1, "rl_weight": 0.1}
     assert 0.0 <= objective(optuna.trial.FixedTrial({**point, "inject_layer": 0})) <= 1.0
@@ -225,7 +225,7 @@ def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, 
     assert (settings["read_layer"], settings["inject_layer"]) == (other_read.read_layer, site.inject_layer)
 
     with pytest.raises(ParameterError, match=r"'tune.inject_layers' = \[0, 5\]: layer 5 does not fit"):
-        make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, task_table, train, val, site, latents, stage1,
+        make_objective(tiny_lm, LatentCache(tmp_path / "cache"), plans, train, val, site, latents, stage1,
                        Stage2Config(), GenerationParams(), config.model_copy(update={"inject_layers": [0, 5]}))
     with pytest.raises(ParameterError, match="--params guidance.inject_layer=1"):
         apply_tuned({**point, "inject_layer": 1}, stage1, site)

@@ -64,18 +64,17 @@ class AblationResult:
 
 def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: LatentCache,
                 teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                tasks_test: pd.DataFrame, site: GuidanceParams, latents: LatentsParams, stage1: Stage1Config,
+                tasks_test: pd.DataFrame, guidance: GuidanceParams, latents: LatentsParams, stage1: Stage1Config,
                 stage2: Stage2Config, generation: GenerationParams, config: AblationsParams,
                 cache_dir: str) -> AblationResult:
     """Train and evaluate one variant; its predictions carry ``method = name``."""
-    variant_site = site.model_copy(update=variant.guidance)
-    variant_site.check_against(student.num_layers)
+    variant_guidance = guidance.model_copy(update=variant.guidance)
+    variant_guidance.check_against(student.num_layers)
     training = stage1.model_copy(update={**variant.stage1, "checkpoint_every": 0,
                                          **({"steps": config.stage1_steps} if config.stage1_steps else {})})
-    tasks = pd.concat([tasks_train, tasks_val])
-    trial_cache = site_cache(student, cache, teacher_plans, tasks, variant_site, site, latents, cache_dir)
+    trial_cache = site_cache(student, cache, teacher_plans, tasks_train, variant_guidance, guidance, latents, cache_dir)
     logger.info("Ablation '%s': %s", name, variant.model_dump())
-    first = run_stage1(student, trial_cache, teacher_plans, tasks, tasks_val, variant_site, latents, training,
+    first = run_stage1(student, trial_cache, teacher_plans, tasks_train, tasks_val, variant_guidance, latents, training,
                        generation)
     hypernet, stage2_seconds, stage2_best, val_accuracy = first.model, 0.0, None, first.best_val_accuracy
     if variant.stage2 is not False:

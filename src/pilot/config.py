@@ -371,16 +371,6 @@ class PlansParams(Params):
 
 
 class LatentsParams(Params):
-    splits: list[Literal["train"]] = Field(default_factory=lambda: ["train"], min_length=1)
-
-    @field_validator("splits", mode="before")
-    @classmethod
-    def _training_rows_only(cls, splits: object) -> object:
-        held_out = [s for s in splits if s in ("val", "test")] if isinstance(splits, list) else []
-        if held_out:
-            raise ValueError(f"{held_out} would train stage 1 on rows held out to select checkpoints ('val') or to "
-                             "report results ('test'); use [train]")
-        return splits
     shard_size: PositiveInt = 1024
     batch_size: PositiveInt = 256
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -569,16 +569,20 @@ class RecomputedLatents:
         return _batch_from_tensors(self.build.compute_rows(index.tolist()), device)
 
 
-def select_examples(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, splits: Sequence[str]) -> pd.DataFrame:
-    """The rows stage 1 learns from: kept plans of the given splits, joined to their tasks, by id."""
-    kept = teacher_plans[teacher_plans["kept"] & teacher_plans["split"].isin(list(splits))][["id", "plan"]]
-    examples = tasks.merge(kept, on="id", how="inner").sort_values("id").reset_index(drop=True)
+def select_examples(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame) -> pd.DataFrame:
+    """The rows stage 1 learns from: the training rows' kept plans, joined to their tasks by id.
+
+    Only the ``train`` split's plans: validation selects checkpoints and the test splits report
+    results, so neither is ever learned from."""
+    training = teacher_plans["split"] == "train"
+    kept = teacher_plans[teacher_plans["kept"] & training][["id", "plan"]]
+    examples = tasks_train.merge(kept, on="id", how="inner").sort_values("id").reset_index(drop=True)
     if examples.empty:
-        chosen = teacher_plans[teacher_plans["split"].isin(list(splits))]
+        chosen = teacher_plans[training]
         verified = int(chosen["verified"].sum()) if "verified" in chosen else 0
         teachers = ", ".join(sorted(set(chosen["teacher"]))) if "teacher" in chosen else "?"
         raise ValueError(
-            f"No kept plans in splits {list(splits)}: with plans.keep=verified a plan is kept only when the "
+            f"No kept plans for the training rows: with plans.keep=verified a plan is kept only when the "
             f"student answers right with it in context, and it did for {verified} of "
             f"{len(chosen)} plans (teacher '{teachers}'; see "
             "data/08_reporting/plan_report.csv). Make the student able to use a plan (train the embedded "
@@ -588,23 +592,23 @@ def select_examples(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, splits: Se
     return examples
 
 
-def plan_cache_build(teacher_plans: pd.DataFrame, tasks: pd.DataFrame, student: CausalLM,
-                     site: GuidanceParams, config: LatentsParams) -> LatentCacheBuild:
+def plan_cache_build(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, student: CausalLM,
+                     guidance: GuidanceParams, config: LatentsParams) -> LatentCacheBuild:
     """What the cache must hold for the current student, kept plans and guidance settings.
 
     Used both to build the cache and, by stage 1 and tuning, to check that the cache on disk has
     the same fingerprint -- so a stale cache is never used silently.
     """
-    site.check_against(student.num_layers)
-    examples = select_examples(teacher_plans, tasks, config.splits)
+    guidance.check_against(student.num_layers)
+    examples = select_examples(teacher_plans, tasks_train)
     settings = CacheSettings(
-        read_layer=site.read_layer % student.num_layers,
-        inject_layer=site.inject_layer,
-        align_layers=tuple(site.resolved_align_layers(student.num_layers)),
+        read_layer=guidance.read_layer % student.num_layers,
+        inject_layer=guidance.inject_layer,
+        align_layers=tuple(guidance.resolved_align_layers(student.num_layers)),
         shard_size=config.shard_size,
         batch_size=config.batch_size,
         dtype=config.dtype,
-        prefix_site=min([site.inject_layer, *site.extra_inject_layers]) if config.frozen_prefix else None,
+        prefix_site=min([guidance.inject_layer, *guidance.extra_inject_layers]) if config.frozen_prefix else None,
     )
     data = examples_fingerprint(examples["id"], examples["question"], examples["plan"], reply_targets(examples))
     return LatentCacheBuild(

@@ -60,18 +60,18 @@ LOSS_KEYS = ("contrastive_weight", "rl_weight")        # Stage1Config fields
 SITE_KEYS = ("guidance_scale", "inject_layer")         # GuidanceParams fields
 
 
-def apply_tuned(tuned: dict, training: Stage1Config, site: GuidanceParams) -> tuple[Stage1Config, GuidanceParams]:
+def apply_tuned(tuned: dict, training: Stage1Config, guidance: GuidanceParams) -> tuple[Stage1Config, GuidanceParams]:
     """Stage 1's settings with the ``tune`` pipeline's best values in place of the configured ones."""
     if not tuned:
         raise ValueError("stage1.use_tuned_weights is true but no tuned weights exist; run "
                          "`kedro run --pipelines tune` first or set it to false.")
-    if "inject_layer" in tuned and tuned["inject_layer"] != site.inject_layer:
+    if "inject_layer" in tuned and tuned["inject_layer"] != guidance.inject_layer:
         raise ParameterError(
-            f"The tuned injection layer is {tuned['inject_layer']} but guidance.inject_layer is {site.inject_layer}; "
+            f"The tuned injection layer is {tuned['inject_layer']} but guidance.inject_layer is {guidance.inject_layer}; "
             "the latent cache and the baselines follow guidance.inject_layer, so set it there "
             f"(`--params guidance.inject_layer={tuned['inject_layer']}`) and rerun from the latents pipeline.")
     return (training.model_copy(update={k: v for k, v in tuned.items() if k in LOSS_KEYS}),
-            site.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
+            guidance.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
 
 
 _studies_opened = itertools.count()  # a process that tunes twice is two workers
@@ -242,19 +242,19 @@ def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
     return params
 
 
-def site_cache(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
-               site: GuidanceParams, configured: GuidanceParams, latents: LatentsParams,
+def site_cache(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, train_rows: pd.DataFrame,
+               guidance: GuidanceParams, configured: GuidanceParams, latents: LatentsParams,
                cache_dir: str) -> LatentCache:
     """The latent cache for a trial's (or an ablation variant's) site: the pipeline's own for the
     configured read and injection layers, otherwise one per pair of layers under ``cache_dir``,
     built once (shards already current are kept)."""
     layers = student.num_layers
-    read, inject = site.read_layer % layers, site.inject_layer
+    read, inject = guidance.read_layer % layers, guidance.inject_layer
     if (read, inject) == (configured.read_layer % layers, configured.inject_layer):
         return cache
     path = Path(cache_dir) / f"read_layer_{read}_inject_layer_{inject}"
     logger.info("Latent cache for read layer %d, injection layer %d: %s", read, inject, path)
-    write_cache(plan_cache_build(teacher_plans, tasks, student, site, latents), path)
+    write_cache(plan_cache_build(teacher_plans, train_rows, student, guidance, latents), path)
     return LatentCache(path)
 
 
@@ -268,28 +268,30 @@ def pruning_reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
     return report
 
 
-def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
-                   train_rows: pd.DataFrame, val_rows: pd.DataFrame, site: GuidanceParams, latents: LatentsParams,
+def make_objective(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, train_rows: pd.DataFrame,
+                   val_rows: pd.DataFrame, guidance: GuidanceParams, latents: LatentsParams,
                    stage1: Stage1Config, stage2: Stage2Config, generation: GenerationParams,
                    config: TuneParams) -> Callable[[optuna.Trial], float]:
     for layer in config.inject_layers or []:
         try:
-            site.model_copy(update={"inject_layer": layer}).check_against(student.num_layers)
+            guidance.model_copy(update={"inject_layer": layer}).check_against(student.num_layers)
         except ParameterError as error:
             raise ParameterError(f"Parameter 'tune.inject_layers' = {config.inject_layers}: layer {layer} does not "
                                  f"fit this student and guidance settings ({error})") from error
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, config)
-        training, trial_site = apply_tuned({k: v for k, v in params.items() if k != "inject_layer"}, stage1, site)
+        training, trial_guidance = apply_tuned({k: v for k, v in params.items() if k != "inject_layer"}, stage1,
+                                               guidance)
         if "inject_layer" in params:
-            trial_site = trial_site.model_copy(update={"inject_layer": params["inject_layer"]})
-        trial_cache = site_cache(student, cache, teacher_plans, tasks, trial_site, site, latents, config.cache_dir)
+            trial_guidance = trial_guidance.model_copy(update={"inject_layer": params["inject_layer"]})
+        trial_cache = site_cache(student, cache, teacher_plans, train_rows, trial_guidance, guidance, latents,
+                                 config.cache_dir)
         training = training.model_copy(update={"steps": config.trial_steps, "eval_every": config.eval_every,
                                                "checkpoint_every": 0})
 
 
-        result = run_stage1(student, trial_cache, teacher_plans, tasks, val_rows, trial_site, latents, training,
+        result = run_stage1(student, trial_cache, teacher_plans, train_rows, val_rows, trial_guidance, latents, training,
                             generation, on_validation=pruning_reporter(trial))
         value = result.best_val_accuracy
         if config.stage2_steps:

@@ -163,8 +163,8 @@ def stage1_objective(guided: GuidedStudent, latents: CachedLatents, examples: pd
                                           "lm": config.lm_weight, "latent_rl": config.rl_weight})
 
 
-def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, tasks: pd.DataFrame,
-               val_rows: pd.DataFrame, site: GuidanceParams, latents: LatentsParams, config: Stage1Config,
+def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFrame, train_rows: pd.DataFrame,
+               val_rows: pd.DataFrame, guidance: GuidanceParams, latents: LatentsParams, config: Stage1Config,
                generation: GenerationParams, checkpoint_dir: str | None = None, resume: bool = True,
                on_validation: Callable[[int, float], None] | None = None) -> TrainingResult:
     """Stage 1 end to end: check the cache is current, build the hyper-network, train it.
@@ -175,12 +175,12 @@ def run_stage1(student: CausalLM, cache: LatentCache, teacher_plans: pd.DataFram
     result's model is the hyper-network of the best validation step (step 0 is the untrained,
     zero-output hyper-network: the plain student).
     """
-    build = plan_cache_build(teacher_plans, tasks, student, site, latents)
+    build = plan_cache_build(teacher_plans, train_rows, student, guidance, latents)
     cache.check_fingerprint(build.fingerprint)
-    examples = select_examples(teacher_plans, tasks, latents.splits)
-    hypernet = make_hypernet(site, student.hidden_size, student.num_layers, config.seed).to(student.device)
+    examples = select_examples(teacher_plans, train_rows)
+    hypernet = make_hypernet(guidance, student.hidden_size, student.num_layers, config.seed).to(student.device)
     checkpoints = CheckpointManager(checkpoint_dir, config.checkpoint_every,
-                                    fingerprint=run_fingerprint("stage1", build.fingerprint, site, config))
+                                    fingerprint=run_fingerprint("stage1", build.fingerprint, guidance, config))
     if not resume:
         checkpoints.clear()
     distributed.check_global_batch(config.batch_size, "stage1.training.batch_size")

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from pilot import plots, tracking
-from pilot.config import EvaluationParams, GenerationParams, LatentsParams
+from pilot.config import EvaluationParams, GenerationParams
 from pilot.evaluation import answer_with, summarize
 from pilot.latency import answerer, latency_table, measure_latency
 from pilot.latents import select_examples
@@ -127,11 +127,10 @@ def plot_training(stage1_history: pd.DataFrame, stage1_validation: pd.DataFrame,
     return plots.training_curves(stage1_history, stage1_validation, stage2_history, stage2_validation)
 
 
-def describe_training_data(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                           latents: LatentsParams, seed: int) -> TrainingData:
+def describe_training_data(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, seed: int) -> TrainingData:
     """The run's seed and the rows the methods learn from: the training split (LoRA, ReFT, pause
     tokens, soft thoughts, PILOT stage 2) and the kept teacher plans in the latent cache (stage 1, CAA)."""
-    cached = len(select_examples(teacher_plans, pd.concat([tasks_train, tasks_val]), latents.splits))
+    cached = len(select_examples(teacher_plans, tasks_train))
     return TrainingData(seed=seed, training_rows=len(tasks_train), cached_rows=cached)
 
 

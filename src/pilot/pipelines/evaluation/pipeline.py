@@ -57,7 +57,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(plot_training, inputs=["stage1_history", "stage1_validation", "stage2_history", "stage2_validation"],
                  outputs="training_curves_plot", name="plot_training_node"),
             Node(describe_training_data,
-                 inputs=["teacher_plans", "tasks_train", "tasks_val", "params:latents", "params:seed"],
+                 inputs=["teacher_plans", "tasks_train", "params:seed"],
                  outputs="training_data", name="describe_training_data_node"),
             Node(describe_methods, inputs=["methods", "training_data"], outputs="method_settings",
                  name="describe_methods_node"),

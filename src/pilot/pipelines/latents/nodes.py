@@ -12,8 +12,8 @@ from pilot.models import CausalLM, freeze
 from pilot.tracking import metric_records
 
 
-def build_latent_cache(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
-                       student: CausalLM, cached_shards: dict[int, str | None], guidance: GuidanceParams,
+def build_latent_cache(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, student: CausalLM,
+                       cached_shards: dict[int, str | None], guidance: GuidanceParams,
                        params: LatentsParams) -> Iterator[LatentShard | CacheManifest]:
     """One frozen forward pass per kept example, yielded shard by shard (the catalog writes each).
 
@@ -24,7 +24,7 @@ def build_latent_cache(teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, t
         ``latent_cache`` chunks: each computed shard, then the manifest.
     """
     freeze(student.model)
-    build = plan_cache_build(teacher_plans, pd.concat([tasks_train, tasks_val]), student, guidance, params)
+    build = plan_cache_build(teacher_plans, tasks_train, student, guidance, params)
     yield from cache_chunks(build, cached_shards, params.on_stale)
 
 

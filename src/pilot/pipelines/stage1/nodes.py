@@ -30,10 +30,10 @@ def train_stage1(latent_cache: LatentCache, teacher_plans: pd.DataFrame, student
         and summary metrics.
     """
     params, tasks_train, tasks_val = protocol.stage1, protocol.tasks_train, protocol.tasks_val
-    training, site = with_run_seed(params.training, protocol.seed), guidance
+    training = with_run_seed(params.training, protocol.seed)
     if params.use_tuned_weights:
-        training, site = apply_tuned(tuned_loss_weights, training, site)
+        training, guidance = apply_tuned(tuned_loss_weights, training, guidance)
         logger.info("Stage 1 uses the tuned weights %s", tuned_loss_weights)
-    result = run_stage1(student, latent_cache, teacher_plans, pd.concat([tasks_train, tasks_val]), tasks_val, site,
+    result = run_stage1(student, latent_cache, teacher_plans, tasks_train, tasks_val, guidance,
                         latents, training, protocol.generation, params.checkpoint_dir, params.resume)
     return result.model, *result.tables()

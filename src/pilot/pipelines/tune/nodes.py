@@ -25,7 +25,7 @@ def tune_loss_balance(latent_cache: LatentCache, teacher_plans: pd.DataFrame, st
         table, and the optimization-history and parameter-importance plots.
     """
     tasks_train, tasks_val, stage1, generation, _ = protocol.unpacked()
-    objective = make_objective(student, latent_cache, teacher_plans, pd.concat([tasks_train, tasks_val]), tasks_train,
+    objective = make_objective(student, latent_cache, teacher_plans, tasks_train,
                                tasks_val, guidance, latents, stage1.training, stage2.training, generation, params)
     baseline = {"contrastive_weight": stage1.training.contrastive_weight, "rl_weight": stage1.training.rl_weight}
     if params.guidance_scale is not None:
