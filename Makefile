@@ -39,10 +39,10 @@ browser:
 	  || echo "Chromium not installed: the browser tests will be skipped (and fail under CI=true)."
 
 # Two workers (pytest-xdist), tests that share an expensive fixture kept on one (tests/conftest.py);
-# PYTEST_WORKERS=0 runs it in one process.
+# PYTEST_WORKERS=0 runs it in one process. The 15 slowest tests are listed at the end.
 PYTEST_WORKERS ?= 2
 test: install browser
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
 
 viz: install
 	$(BIN)/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
