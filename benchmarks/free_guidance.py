@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from _common import ROOT, project_settings, report, require
-from pilot.evaluation import accuracy
+from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork, make_hypernet
 from pilot.guidance.prefix import capture_prefix, frozen_prefix, prefix_support, stack_prefix
 from pilot.models import load_causal_lm
@@ -50,6 +50,33 @@ def answer_loss(guided: GuidedStudent, questions, answers, vectors, prefix) -> t
     return next_token_loss(logits, tokens)
 
 
+def free_vectors_scored(student, rows: pd.DataFrame, site, generation, steps: int, learning_rate: float):
+    """One guidance vector per row optimised freely (Adam on its gold reply's loss) at ``site``, then
+    ``rows`` answered with them: ``(scored rows, vectors, whether the frozen prefix was used)``."""
+    torch.manual_seed(0)
+    with GuidedStudent(student, make_hypernet(site, student.hidden_size, student.num_layers, 0)) as guided:
+        questions, answers = rows["question"].tolist(), reply_targets(rows)
+        prefix = None
+        if prefix_support(student.model) is None:
+            fmt = prompt_format(student.tokenizer)
+            batch = encode_pairs(student.tokenizer, [fmt.answer_prompt(q) for q in questions],
+                                 [fmt.answer_target(a) for a in answers])
+            lowest = min(guided.injector.layers)
+            prefix = frozen_prefix(stack_prefix(capture_prefix(student.model, batch, lowest)), batch.target_lengths)
+        vectors = torch.zeros(len(rows), guided.hypernet.config.guidance_size, requires_grad=True)
+        optimizer = torch.optim.Adam([vectors], lr=learning_rate)
+        for step in range(steps):
+            loss = answer_loss(guided, questions, answers, vectors, prefix)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 50 == 0 or step == steps - 1:
+                print(f"step {step}: answer loss {loss.item():.4f}", flush=True)
+        free = vectors.detach()
+        scored = answer_and_score(student, rows, guidance=guided.guidance(vectors=free), generation=generation)
+    return scored, free, prefix is not None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="base", help="the configuration environment (conf/<env>)")
@@ -74,33 +101,14 @@ def main() -> None:
             rows.append({"guidance": "the trained stage-1 hyper-network",
                          "val accuracy": round(accuracy(student, val, guidance=guided.guidance(), **answer), 3),
                          "mean |g|": ""})
-    torch.manual_seed(0)
-    with GuidedStudent(student, make_hypernet(site, student.hidden_size, student.num_layers, 0)) as guided:
-        questions, answers = val["question"].tolist(), reply_targets(val)
-        prefix = None
-        if prefix_support(student.model) is None:
-            fmt = prompt_format(student.tokenizer)
-            batch = encode_pairs(student.tokenizer, [fmt.answer_prompt(q) for q in questions],
-                                 [fmt.answer_target(a) for a in answers])
-            lowest = min(guided.injector.layers)
-            prefix = frozen_prefix(stack_prefix(capture_prefix(student.model, batch, lowest)), batch.target_lengths)
-        vectors = torch.zeros(len(val), guided.hypernet.config.guidance_size, requires_grad=True)
-        optimizer = torch.optim.Adam([vectors], lr=args.learning_rate)
-        for step in range(args.steps):
-            loss = answer_loss(guided, questions, answers, vectors, prefix)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step % 50 == 0 or step == args.steps - 1:
-                print(f"step {step}: answer loss {loss.item():.4f}", flush=True)
-        free = vectors.detach()
-        rows.append({"guidance": f"free vectors, one per question ({args.steps} Adam steps)",
-                     "val accuracy": round(accuracy(student, val, guidance=guided.guidance(vectors=free), **answer), 3),
-                     "mean |g|": round(float(free.norm(dim=1).mean()), 2)})
+    scored, free, prefix = free_vectors_scored(student, val, site, generation, args.steps, args.learning_rate)
+    rows.append({"guidance": f"free vectors, one per question ({args.steps} Adam steps)",
+                 "val accuracy": round(float(scored["correct"].mean()), 3),
+                 "mean |g|": round(float(free.norm(dim=1).mean()), 2)})
     report(f"Plan gap and free guidance vectors against the hyper-network (validation, env {args.env})", rows,
            [f"{len(val)} validation questions; site: layer {site.inject_layer}, modulation {site.modulation}, "
             f"scale {site.guidance_scale}; |g| = sqrt(d) = {student.hidden_size ** 0.5:.1f} moves h by its own RMS; "
-            f"optimised {'from the frozen prefix' if prefix is not None else 'with the full pass'}"])
+            f"optimised {'from the frozen prefix' if prefix else 'with the full pass'}"])
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pilot.answers import check_extraction_rule
-from pilot.tasks import GeneratorSettingError, check_generator_kwargs, check_local_dataset, check_task_name
+from pilot.tasks import (GeneratorSettingError, check_generator_kwargs, check_local_dataset, check_reply_format,
+                         check_task_name)
 
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -140,6 +141,9 @@ class TaskParams(Params):
     and MATH's ``\\boxed{}`` answers understood), scored by numeric equivalence; ``name`` labels it.
     ``ood_kwargs``: generator settings laid over ``kwargs`` for an out-of-distribution test split
     (``test_ood``: the same generator, harder, e.g. more terms); none: no such split for this task.
+    ``reply``: with the original prompt, ``last_step`` (the reply works out the plan's last step; the
+    plan gives every intermediate result) or ``worked`` (the reply works every step; the plan gives
+    only knowledge and strategy: :data:`pilot.tasks.REPLY_FORMATS`).
     """
 
     # Declared before ``name`` so that the checks of name and kwargs can see them.
@@ -150,6 +154,14 @@ class TaskParams(Params):
     size: PositiveInt
     kwargs: dict[str, Any] = Field(default_factory=dict)
     ood_kwargs: dict[str, Any] | None = None
+    reply: Literal["last_step", "worked"] = "last_step"
+
+    @field_validator("reply")
+    @classmethod
+    def _renderable_reply(cls, reply: str, info: ValidationInfo) -> str:
+        if reply != "last_step" and "name" in info.data:
+            check_reply_format(info.data["name"], reply, info.data.get("prompt", "compact"))
+        return reply
 
     @field_validator("extract")
     @classmethod
@@ -244,6 +256,9 @@ class AdaptParams(LMTrainConfig):
     learning_rate: Positive = 5e-5
     warmup_steps: NonNegativeInt = 10
     train_layers: PositiveInt | None = 8   # only the top N decoder blocks learn (null: all); the rest stay as pretrained
+    # false: each question is trained only with its plan in context, so what the plan carries is not
+    # absorbed into the weights (the student never learns to answer without it); true: with and without.
+    without_plan: bool = True
 
 
 class ModelParams(Params):

@@ -7,7 +7,8 @@ JSON), ``oracle_plan`` (empty for a task with no plan derivation: a teacher writ
 ``extract`` (how an answer is read out of a reply, :func:`pilot.answers.extract_answer`) and
 ``solution`` (the reply a model is trained and teacher-forced on: the bare answer, or for a
 pretrained model reading the original question, the answer worked out from the plan's last step,
-e.g. ``-19 + 6 = -13``; see :func:`reply_targets`).
+e.g. ``-19 + 6 = -13``, or with ``reply: worked`` every step, the plan then giving only what the
+student must know; see :func:`reply_targets` and :data:`REPLY_FORMATS`).
 
 An oracle plan is derived from the metadata and states strategy -- which steps, in which order,
 which branch -- never the final answer string. Rows whose plan would contain the answer as a
@@ -39,6 +40,11 @@ SPLITS = ("train", "val", "test", "test_ood")
 TEST_SPLITS = ("test", "test_ood")  # in-distribution, and the same generators with harder settings
 TASK_COLUMNS = ("id", "task", "split", "question", "answer", "metadata", "oracle_plan", "extract", "solution")
 Prompt = str  # "compact": the renderer's short question (embedded models) | "original": reasoning-gym's text
+# How a pretrained model reading the original question replies (``data.tasks[i].reply``):
+# "last_step": the plan's last step worked out (the plan gives every intermediate result);
+# "worked": the student works every step itself and the plan carries only what it must know
+# (:data:`WORKED_RENDERERS`, e.g. each animal's legs), not intermediate results.
+REPLY_FORMATS = ("last_step", "worked")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,20 @@ def _render_count_bits(entry: dict[str, Any]) -> Rendered:
     return Rendered(f"ones in {number} =", f"binary {bits} ; count the 1s")
 
 
+def _render_leg_counting_worked(entry: dict[str, Any]) -> Rendered:
+    # The plan gives the knowledge (legs per animal, which a 135M model mostly lacks) and the
+    # strategy; the reply multiplies and adds itself: "9 x 6 + 7 x 4 = 54 + 28 = 82".
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    animals = entry["metadata"]["animals"]
+    compact = _render_leg_counting(entry)
+    each = " , ".join(f"{name} {ANIMALS[name]}" for name in animals)
+    products = " + ".join(f"{n} x {ANIMALS[name]}" for name, n in animals.items())
+    values = " + ".join(str(n * ANIMALS[name]) for name, n in animals.items())
+    return Rendered(compact.question, f"legs each: {each} ; multiply each count by its legs, then add",
+                    f"{products} = {values} = {entry['answer']}")
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "path_star": _render_path_star,
     "chain_sum": _render_chain_sum,
@@ -152,6 +172,21 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "leg_counting": _render_leg_counting,
     "count_bits": _render_count_bits,
 }
+
+
+# Renderers of the "worked" reply format, by task (the others have only "last_step").
+WORKED_RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
+    "leg_counting": _render_leg_counting_worked,
+}
+
+
+def check_reply_format(name: str, reply: str, prompt: Prompt = "compact") -> None:
+    """A reply format the task can be rendered in; "worked" needs the original prompt and a worked renderer."""
+    if reply not in REPLY_FORMATS:
+        raise ValueError(f"reply '{reply}' is not a reply format; use one of {list(REPLY_FORMATS)}")
+    if reply == "worked" and (prompt != "original" or name not in WORKED_RENDERERS):
+        raise ValueError(f"reply: worked needs prompt: original and a task with a worked renderer "
+                         f"({sorted(WORKED_RENDERERS)}), not '{name}' with prompt: {prompt}; use reply: last_step")
 
 
 # Generator settings a renderer cannot follow, found before any row is generated: each check gets
@@ -287,15 +322,18 @@ def generate_task_rows(
     exclude_questions: set[str],
     prompt: Prompt = "compact",
     extract: str = "first_line",
+    reply: str = "last_step",
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Draw ``size`` unique rows of one task from reasoning-gym's offline generator.
+    """Draw ``size`` unique rows of one task from reasoning-gym's offline generator, its plan and
+    solution in the ``reply`` format (:data:`REPLY_FORMATS`).
 
     Duplicate questions (also against ``exclude_questions``, the other tasks' questions), rows
     whose plan would reveal the answer and rows the renderer cannot state truthfully (an inexact
     division) are skipped; the returned counts say how many.
     """
     check_task_name(name, prompt)
-    render = RENDERERS.get(name)
+    check_reply_format(name, reply, prompt)
+    render = (WORKED_RENDERERS if reply == "worked" else RENDERERS).get(name)
     pool = size * 4 + 100
     dataset = reasoning_gym.create_dataset(name, size=pool, seed=seed, **generator_kwargs)
     rows: list[dict[str, Any]] = []
@@ -411,7 +449,7 @@ def build_task_table(
         else:
             rows, counts = generate_task_rows(
                 spec["name"], spec["size"], dict(spec.get("kwargs") or {}), seed + 1000 * offset, seen,
-                spec.get("prompt", "compact"), spec.get("extract", "first_line"),
+                spec.get("prompt", "compact"), spec.get("extract", "first_line"), spec.get("reply", "last_step"),
             )
         seen.update(row["question"] for row in rows)
         if val_per_task + test_per_task >= len(rows):
@@ -438,6 +476,7 @@ def build_task_table(
             ood, _ = generate_task_rows(
                 spec["name"], ood_per_task, {**(spec.get("kwargs") or {}), **spec["ood_kwargs"]},
                 seed + 1000 * offset + 500, seen, spec.get("prompt", "compact"), spec.get("extract", "first_line"),
+                spec.get("reply", "last_step"),
             )
             seen.update(row["question"] for row in ood)
             logger.info("Task %s: %d out-of-distribution test rows (%s)", spec["name"], len(ood), spec["ood_kwargs"])

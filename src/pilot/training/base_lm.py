@@ -27,8 +27,10 @@ from pilot.training.engine import Objective, TrainingResult, sample_batch, train
 logger = logging.getLogger(__name__)
 
 
-def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFormat = TOY) -> list[tuple[str, str]]:
-    """Each question twice: answered without its plan, and answered with the plan in context.
+def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFormat = TOY,
+                     without_plan: bool = True) -> list[tuple[str, str]]:
+    """Each question twice: answered without its plan, and answered with the plan in context
+    (only the latter with ``without_plan`` false).
 
     With ``plan_loss`` the plan-conditioned copy is trained on the whole transcript (plan line
     and answer), which teaches the small student the step arithmetic plans are written in;
@@ -37,7 +39,8 @@ def student_examples(rows: Sequence[dict], plan_loss: bool = True, fmt: PromptFo
     examples = []
     for row in rows:
         target = fmt.answer_target(row.get("solution") or row["answer"])
-        examples.append((fmt.answer_prompt(row["question"]), target))
+        if without_plan:
+            examples.append((fmt.answer_prompt(row["question"]), target))
         if plan_loss:
             examples.append(teacher_examples([row], fmt)[0])
         else:
@@ -109,8 +112,9 @@ def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTra
 
 def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config: AdaptParams, role: str) -> list[dict]:
     """Warm-start a pretrained model on the task format: each training question answered without its
-    plan and with it in context, in the model's own prompt format; only the top ``train_layers``
-    decoder blocks (and the final norm) learn, the embeddings and lower blocks stay as pretrained."""
+    plan (unless ``config.without_plan`` is false) and with it in context, in the model's own prompt
+    format; only the top ``train_layers`` decoder blocks (and the final norm) learn, the embeddings and
+    lower blocks stay as pretrained."""
     rows = tasks_train[tasks_train["oracle_plan"] != ""].to_dict("records")
     if not rows:
         raise ValueError("Adapting a pretrained student needs training rows with oracle plans; its tasks have none.")
@@ -122,10 +126,10 @@ def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config: AdaptParams, role: st
         if module is not None:
             for parameter in module.parameters():
                 parameter.requires_grad_(True)
-    logger.info("Adapting the %s: top %s of %d blocks learn, %d steps", role, config.train_layers or "all",
-                len(layers), config.steps)
-    history = train_causal_lm(lm, student_examples(rows, plan_loss=False, fmt=prompt_format(lm.tokenizer)),
-                              config, f"adapt {role}").history
+    logger.info("Adapting the %s: top %s of %d blocks learn, %d steps, %s", role, config.train_layers or "all",
+                len(layers), config.steps, "with and without plans" if config.without_plan else "with plans only")
+    examples = student_examples(rows, plan_loss=False, fmt=prompt_format(lm.tokenizer), without_plan=config.without_plan)
+    history = train_causal_lm(lm, examples, config, f"adapt {role}").history
     for parameter in lm.model.parameters():
         parameter.requires_grad_(True)
     lm.model.eval()

@@ -64,7 +64,9 @@ def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
     stamp = {"source": spec.source, "source_sha256": source_fingerprint(spec.source)}
     if spec.adapt is not None:
         # In JSON form, as the stamp file reads back (a tuple as a list).
-        stamp["adapt"] = with_run_seed(spec.adapt, seed, SEED_OFFSET[role]).model_dump(mode="json")
+        # The default without_plan is left out, so students adapted before the switch existed stay current.
+        stamp["adapt"] = with_run_seed(spec.adapt, seed, SEED_OFFSET[role]).model_dump(
+            mode="json", exclude={"without_plan"} if spec.adapt.without_plan else None)
         stamp["adapt_data"] = _table_fingerprint(tasks_train[["question", "oracle_plan", "solution"]])
     if spec.path and read_stamp(spec.path) == stamp:
         logger.info("The %s at %s is already imported from %s (same sha256%s): kept.", role, spec.path,
