@@ -29,7 +29,7 @@ from free_guidance import free_vectors_scored
 from pilot.config import with_run_seed
 from pilot.evaluation import answer_and_score, wilson_interval
 from pilot.models import import_causal_lm, load_causal_lm, read_stamp
-from pilot.pipelines.base.nodes import _table_fingerprint
+from pilot.pipelines.base.nodes import import_stamp
 from pilot.runtime import configure_threads
 from pilot.tasks import build_task_table, reply_targets
 from pilot.training.base_lm import adapt
@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--adapt-batch-size", type=int, default=None,
                         help="the adaptation's batch size (default: the env's; with --without-plan false, half "
                              "of it trains on as many plan-conditioned examples per step as the env does)")
-    parser.add_argument("--student", type=Path, default=None, help="an already adapted student for these rows")
+    parser.add_argument("--student", type=Path, default=None,
+                        help="an already adapted student for these settings and rows (checked by its stamp)")
+    parser.add_argument("--save-student", type=Path, default=None,
+                        help="save the adapted student here, stamped as the base pipeline stamps it")
     parser.add_argument("--questions", type=int, default=40, help="validation questions per task")
     parser.add_argument("--steps", type=int, default=150, help="Adam steps of the free vectors")
     parser.add_argument("--learning-rate", type=float, default=0.05)
@@ -79,21 +82,28 @@ def main() -> None:
     data = with_run_seed(data, seed)
     table = build_task_table([t.model_dump() for t in tasks], data.val_per_task, data.test_per_task, data.seed)
     train, val = table[table["split"] == "train"], table[table["split"] == "val"]
-    adapt_params = with_run_seed(spec.adapt, seed, 0)
+    changes = {}
     if args.without_plan is not None:
-        adapt_params = adapt_params.model_copy(update={"without_plan": args.without_plan == "true"})
+        changes["without_plan"] = args.without_plan == "true"
     if args.adapt_batch_size is not None:
-        adapt_params = adapt_params.model_copy(update={"batch_size": args.adapt_batch_size})
+        changes["batch_size"] = args.adapt_batch_size
+    spec = spec.model_copy(update={"adapt": spec.adapt.model_copy(update=changes)})
+    adapt_params = with_run_seed(spec.adapt, seed, 0)
+    # The base pipeline's stamp for these settings and rows: a student saved with it is the one
+    # `kedro run --env <this env> --pipelines base` would build, and it keeps it.
+    stamp = import_stamp("student", spec, train, seed)
     if args.student is not None:
-        stamp = read_stamp(str(args.student)) or {}
-        if stamp.get("adapt_data") != _table_fingerprint(train[["question", "oracle_plan", "solution"]]):
-            parser.error(f"{args.student} was not adapted on these training rows; leave out --student")
+        if (read_stamp(str(args.student)) or {}) != stamp:
+            parser.error(f"{args.student} was not adapted with these settings on these training rows; leave out --student")
         student, adapt_seconds = load_causal_lm(args.student), None
     else:
         student = import_causal_lm(spec.source)
         adapt_began = time.perf_counter()
         adapt(student, train, adapt_params, "student")
         adapt_seconds = time.perf_counter() - adapt_began
+        if args.save_student is not None:
+            student.stamp = stamp
+            student.save(args.save_student)
     val = val.groupby("task", sort=False).head(args.questions).reset_index(drop=True)
     # Room for the longest gold reply (a worked reply is longer than the env's usual).
     longest = max(len(student.tokenizer(t)["input_ids"]) for t in reply_targets(val))

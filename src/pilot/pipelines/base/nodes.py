@@ -57,10 +57,9 @@ def _table_fingerprint(rows: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]
 
 
-def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
-            seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
-    """The role's model imported from ``spec.source`` (and adapted, with its loss history), or a ref
-    when its folder is current."""
+def import_stamp(role: str, spec: ModelParams, tasks_train: pd.DataFrame, seed: int) -> dict:
+    """What an imported (and adapted) model's folder is stamped with: its source's sha256, and the
+    adaptation's settings and training rows; a folder with the same stamp is current."""
     stamp = {"source": spec.source, "source_sha256": source_fingerprint(spec.source)}
     if spec.adapt is not None:
         # In JSON form, as the stamp file reads back (a tuple as a list).
@@ -68,6 +67,14 @@ def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
         stamp["adapt"] = with_run_seed(spec.adapt, seed, SEED_OFFSET[role]).model_dump(
             mode="json", exclude={"without_plan"} if spec.adapt.without_plan else None)
         stamp["adapt_data"] = _table_fingerprint(tasks_train[["question", "oracle_plan", "solution"]])
+    return stamp
+
+
+def _import(role: str, spec: ModelParams, tasks_train: pd.DataFrame,
+            seed: int) -> tuple[CausalLM | PretrainedModelRef, pd.DataFrame]:
+    """The role's model imported from ``spec.source`` (and adapted, with its loss history), or a ref
+    when its folder is current."""
+    stamp = import_stamp(role, spec, tasks_train, seed)
     if spec.path and read_stamp(spec.path) == stamp:
         logger.info("The %s at %s is already imported from %s (same sha256%s): kept.", role, spec.path,
                     spec.source, " and adaptation" if spec.adapt else "")
