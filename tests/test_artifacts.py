@@ -14,9 +14,8 @@ from pilot.baselines.soft_prompts import make_soft_prompt
 from pilot.framework.datasets import (
     CausalLMDataset,
     HyperNetworkDataset,
-    LoraAdapterDataset,
     TensorsDataset,
-    TrainedModuleDataset,
+    TrainedBaselineDataset,
 )
 from pilot.guidance import HyperNetConfig, HyperNetwork
 
@@ -62,7 +61,7 @@ def test_lora_adapter_and_steering_vector_are_verified_too(tmp_path, tiny_lm, ta
         steering.load()
 
     adapter = LoraAdapter(config={"r": 2}, state={"base_model.x.lora_A.weight": torch.randn(2, 4)})
-    folder = LoraAdapterDataset(str(tmp_path / "lora_adapter"), producer="baselines")
+    folder = TrainedBaselineDataset("lora", str(tmp_path / "lora_adapter"), producer="baselines")
     folder.save(adapter)
     torch.testing.assert_close(folder.load().state["base_model.x.lora_A.weight"],
                                adapter.state["base_model.x.lora_A.weight"])
@@ -73,13 +72,15 @@ def test_lora_adapter_and_steering_vector_are_verified_too(tmp_path, tiny_lm, ta
 
 
 def test_a_trained_baseline_module_is_verified_too(tmp_path, tiny_lm):
-    folder = TrainedModuleDataset(str(tmp_path / "pause_tokens"), producer="baselines")
+    folder = TrainedBaselineDataset("pause_tokens", str(tmp_path / "pause_tokens"), producer="baselines")
     pause = make_soft_prompt("pause_tokens", tiny_lm, 3, budget=1000, seed=0)
     folder.save(pause)
     assert torch.equal(folder.load().tokens, pause.tokens)
     _flip_bytes(tmp_path / "pause_tokens" / "model.safetensors", 100)
     with pytest.raises(Exception, match=r"model.safetensors' does not match its checksum.*kedro run --pipelines baselines"):
         folder.load()
+    with pytest.raises(Exception, match=r"trained baseline 'not_a_method', which is not registered"):
+        TrainedBaselineDataset("not_a_method", str(tmp_path / "pause_tokens")).load()
 
 
 def test_the_embedded_model_is_verified_and_a_pretrained_one_is_read_as_it_is(tmp_path, tiny_lm):

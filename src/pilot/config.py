@@ -538,6 +538,13 @@ class SoftTokenParams(Params):
 
 
 class BaselinesParams(Params):
+    """One block per trained baseline (and CAA's). A block not declared here belongs to a baseline of
+    your own: kept as configured and validated by its method's parameter class
+    (:meth:`pilot.methods.trained.TrainedBaseline.own_params`; a block naming no compared method is an
+    error before the run, :func:`pilot.methods.registry.check_baseline_blocks`)."""
+
+    model_config = ConfigDict(extra="allow")
+
     lora: LoraParams = LoraParams()
     reft: ReftParams = ReftParams()
     caa: CaaParams = CaaParams()

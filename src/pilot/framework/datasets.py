@@ -17,11 +17,11 @@ from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
 from pilot import distributed, tracking
-from pilot.artifacts import atomic_folder, verify_file, write_file
+from pilot.artifacts import CHECKSUMS, atomic_folder, verify_file, write_file
 from pilot.guidance import HyperNetwork
-from pilot.baselines.lora import LoraAdapter
-from pilot.baselines.modules import CONFIG, TrainedModule, load_trained_module
 from pilot.latents import CacheManifest, LatentCache, LatentShard, save_chunk, shard_fingerprints
+from pilot.methods.registry import trained_baselines
+from pilot.methods.trained import TrainedBaseline
 from pilot.models import CausalLM, PretrainedModelRef, load_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -124,30 +124,34 @@ class LatentShardsDataset(_FolderDataset):
         return True
 
 
-class LoraAdapterDataset(_FolderDataset):
-    """A peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+class TrainedBaselineDataset(_FolderDataset):
+    """A trained baseline's artefact (LoRA's adapter, ReFT's interventions, soft tokens, one of your own),
+    saved and loaded by its method class (:class:`~pilot.methods.trained.TrainedBaseline`): a folder of
+    safetensors and JSON with checksums, never a pickle. ``baseline`` names the registered method."""
 
-    def _load(self) -> LoraAdapter:
-        return LoraAdapter.load(self._path, rebuild=self._rebuild)
+    def __init__(self, baseline: str, path: str, producer: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(path, producer, metadata)
+        self._baseline = baseline
 
-    def _save(self, data: LoraAdapter) -> None:
-        data.save(self._path)
+    def _method(self) -> type[TrainedBaseline]:
+        trained = {method.name: method for method in trained_baselines()}
+        if self._baseline not in trained:
+            raise DatasetError(f"'{self._path}' belongs to trained baseline '{self._baseline}', which is not registered "
+                               f"(trained baselines: {', '.join(trained)}); add it to pilot.methods.registry.COMPARED.")
+        return trained[self._baseline]
+
+    def _load(self) -> Any:
+        return self._method().load_artefact(self._path, self._rebuild)
+
+    def _save(self, data: Any) -> None:
+        self._method().save_artefact(data, self._path)
 
     def _exists(self) -> bool:
-        return (self._path / "adapter_config.json").is_file()
+        return (self._path / CHECKSUMS).is_file()   # written last: the folder is whole
 
-
-class TrainedModuleDataset(_FolderDataset):
-    """A trained baseline's module (ReFT, pause tokens, soft thoughts): ``config.json`` + ``model.safetensors``."""
-
-    def _load(self) -> TrainedModule:
-        return load_trained_module(self._path, rebuild=self._rebuild)
-
-    def _save(self, data: TrainedModule) -> None:
-        data.save(self._path)
-
-    def _exists(self) -> bool:
-        return (self._path / CONFIG).is_file()
+    def _describe(self) -> dict[str, Any]:
+        return {"baseline": self._baseline, "path": str(self._path)}
 
 
 class TensorsDataset(AbstractDataset):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pilot.config import PARAMETER_MODELS, ParameterError, Params, validate
+from pilot.methods.registry import check_baseline_blocks
 
 
 def _unmergeable_override(base: Any, override: Any, path: tuple[str, ...] = ()) -> str | None:
@@ -54,8 +55,12 @@ def load_parameters(config_loader) -> dict[str, Any]:
 
 
 def validate_parameters(params: dict[str, Any]) -> dict[str, Params]:
-    """Every known parameter block present in ``params``, validated: one sentence on the first error."""
-    return {key: validate(model, params[key], key) for key, model in PARAMETER_MODELS.items() if key in params}
+    """Every known parameter block present in ``params``, validated (each trained baseline's block by its
+    method's class): one sentence on the first error."""
+    validated = {key: validate(model, params[key], key) for key, model in PARAMETER_MODELS.items() if key in params}
+    if "baselines" in validated:
+        check_baseline_blocks(validated["baselines"])
+    return validated
 
 
 def as_plain(value: Any) -> Any:

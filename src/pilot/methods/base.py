@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pilot.config import BaselinesParams, Stage1Params
-
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -98,17 +96,3 @@ class Method:
         return method_settings(self.name, trainable_parameters=self.trainable_parameters, seed=data.seed,
                                **self.comparable_settings(data))
 
-
-@dataclass
-class TrainedBaseline(Method):
-    """A baseline trained on LoRA's protocol (``baselines.<name>``): its configured steps (stage 1's
-    by default) on the training split. Subclasses list ``params:baselines`` and ``params:stage1``
-    first in their inputs, then their own."""
-
-    baselines: BaselinesParams
-    stage1: Stage1Params
-
-    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
-        training = getattr(self.baselines, self.name).training
-        return {"training_steps": training.steps or self.stage1.training.steps,
-                "training_data_rows": data.training_rows}

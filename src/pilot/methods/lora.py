@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
-from pilot.baselines.lora import LoraAdapter
-from pilot.methods.base import Attached, TrainedBaseline
+from pilot.baselines.lora import LoraAdapter, lora_settings, train_lora
+from pilot.config import GuidanceParams, LoraParams
+from pilot.methods.base import Attached
+from pilot.methods.trained import Trained, TrainedBaseline, hypernet_budget
 from pilot.models import CausalLM
+from pilot.training.protocol import TrainingProtocol
 
 
 @dataclass
@@ -17,9 +21,37 @@ class Lora(TrainedBaseline):
     """LoRA at the hyper-network's parameter budget (peft)."""
 
     name: ClassVar[str] = "lora"
+    params: ClassVar[type[LoraParams]] = LoraParams
+    artefact: ClassVar[str] = "lora_adapter"
+    train_inputs: ClassVar[tuple[str, ...]] = ("tuned_lora",)
     inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "lora_adapter")
     lora_adapter: LoraAdapter
     _adapted: tuple[CausalLM, CausalLM] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def train(cls, student: CausalLM, guidance: GuidanceParams, params: LoraParams, protocol: TrainingProtocol,
+              tuned_lora: dict) -> Trained:
+        """LoRA on question -> answer: trainable parameters matched to the hyper-network's, (by
+        default) the same number of optimizer steps and batch size as PILOT's stage 1, and selected
+        by the same rule: the best validation step, validated as often as stage 1. With
+        ``baselines.lora.use_tuned`` its learning rate and alpha ratio come from ``tune_lora``.
+
+        Returns:
+            ``lora_adapter``, its loss history, and the parameter counts and selected step.
+        """
+        tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
+        budget = hypernet_budget(student, guidance, seed)
+        training, alpha_ratio = lora_settings(params, stage1.training, seed, tuned_lora if params.use_tuned else None)
+        adapter, result = train_lora(student, tasks_train, budget, params.target_modules, params.match_tolerance,
+                                     alpha_ratio, training, val_rows=tasks_val, generation=generation,
+                                     eval_every=stage1.training.eval_every)
+        metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters,
+                   "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy}
+        return adapter, result.history, metrics
+
+    @classmethod
+    def load_artefact(cls, path: Path, rebuild: str) -> LoraAdapter:
+        return LoraAdapter.load(path, rebuild=rebuild)   # peft's own files
 
     def prepare(self, student: CausalLM) -> None:
         if self._adapted is None or self._adapted[0] is not student:   # the copy is made once per student

@@ -1,31 +1,22 @@
 from kedro.pipeline import Node, Pipeline
 
+from pilot.methods.registry import trained_baselines
 from pilot.pipelines.protocol import protocol_node
 
-from .nodes import (
-    compute_steering_vector,
-    train_lora_baseline,
-    train_pause_tokens,
-    train_reft_baseline,
-    train_soft_thoughts,
-    tune_caa_scale,
-)
+from .nodes import compute_steering_vector, trainer, tune_caa_scale
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    protocol = ["params:guidance", "params:baselines", "training_protocol"]
+    """One node trains each trained baseline (:func:`pilot.methods.registry.trained_baselines`) on the
+    shared protocol; CAA's vector and scale come from the latent cache and the validation split."""
+    shared = ["student_model", "params:guidance", "params:baselines", "training_protocol"]
     return Pipeline(
         [
             protocol_node(),
-            Node(train_lora_baseline, inputs=["student_model", "tuned_lora", *protocol],
-                 outputs=["lora_adapter", "lora_history", "lora_metrics"], name="train_lora_node"),
-            Node(train_reft_baseline, inputs=["student_model", *protocol],
-                 outputs=["reft_interventions", "reft_history", "reft_metrics"], name="train_reft_node"),
-            Node(train_pause_tokens, inputs=["student_model", *protocol],
-                 outputs=["pause_tokens", "pause_tokens_history", "pause_tokens_metrics"], name="train_pause_tokens_node"),
-            Node(train_soft_thoughts, inputs=["student_model", "teacher_model", *protocol],
-                 outputs=["soft_thoughts", "soft_thoughts_history", "soft_thoughts_metrics"],
-                 name="train_soft_thoughts_node"),
+            *[Node(trainer(method), inputs=[*shared, *method.train_inputs],
+                   outputs=[method.artefact, f"{method.name}_history", f"{method.name}_metrics"],
+                   name=f"train_{method.name}_node")
+              for method in trained_baselines()],
             Node(compute_steering_vector, inputs="latent_cache", outputs="steering_vector",
                  name="compute_steering_vector_node"),
             Node(tune_caa_scale,

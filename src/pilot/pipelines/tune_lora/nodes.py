@@ -7,9 +7,9 @@ import pandas as pd
 from pilot import tracking
 from pilot.baselines.lora import LORA_TUNED_KEYS
 from pilot.config import BaselinesParams, GuidanceParams, TuneParams
-from pilot.guidance import make_hypernet
-from pilot.models import CausalLM, count_parameters
-from pilot.pipelines.protocol import TrainingProtocol
+from pilot.methods.trained import hypernet_budget
+from pilot.models import CausalLM
+from pilot.training.protocol import TrainingProtocol
 from pilot.tuning import best_weights, make_lora_objective, trials_table, tune
 
 
@@ -24,7 +24,7 @@ def tune_lora_baseline(student: CausalLM, guidance: GuidanceParams, baselines: B
     """
     tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
     lora = baselines.lora
-    budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, seed))
+    budget = hypernet_budget(student, guidance, seed)
     objective = make_lora_objective(student, tasks_train, tasks_val, budget, lora, stage1.training, generation,
                                     params, seed)
     config = params.model_copy(update={"study_name": params.lora_study_name})

@@ -1,0 +1,94 @@
+"""A baseline trained on PILOT's protocol: everything it needs lives on its method class.
+
+A :class:`TrainedBaseline` names its parameter block (``baselines.<name>``, validated by its
+:attr:`~TrainedBaseline.params` class), the catalog entry it trains and is built from
+(:attr:`~TrainedBaseline.artefact`), how that artefact is saved and loaded (safe files only), and
+its :meth:`~TrainedBaseline.train` hook. The ``baselines`` pipeline has one node per registered
+trained baseline, each calling that hook with the shared protocol inputs (the student, the guidance
+settings whose hyper-network sets the parameter budget, the ``baselines`` block and
+:class:`~pilot.training.protocol.TrainingProtocol`) plus whatever the method lists in
+:attr:`~TrainedBaseline.train_inputs`; the catalog's ``{baseline}_artefact``, ``{baseline}_history`` and
+``{baseline}_metrics`` patterns store the results. A new one is its module, its parameter block in
+``conf/base/parameters_baselines.yml`` and one line in :mod:`pilot.methods.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pilot.baselines.modules import load_trained_module
+from pilot.config import BaselinesParams, GuidanceParams, Params, Stage1Params, validate
+from pilot.guidance import make_hypernet
+from pilot.methods.base import Method, TrainingData
+from pilot.models import CausalLM, count_parameters
+from pilot.training.engine import TrainingResult
+from pilot.training.protocol import TrainingProtocol
+
+# What a train hook returns: the artefact, its per-step history rows and its summary metrics.
+Trained = tuple[Any, list[dict[str, float]], dict[str, float]]
+
+
+@dataclass
+class TrainedBaseline(Method):
+    """A baseline trained on LoRA's protocol (``baselines.<name>``): its configured steps (stage 1's
+    by default) on the training split. Subclasses list ``params:baselines`` and ``params:stage1``
+    first in their inputs, then their :attr:`artefact` and anything else they are built from."""
+
+    # Its parameter block's class; the block is ``baselines.<name>`` and has a ``training`` loop
+    # (:class:`~pilot.config.AdapterTrainingParams`).
+    params: ClassVar[type[Params]]
+    # The catalog entry it trains and is built from; ``<name>_artefact`` needs no catalog entry.
+    artefact: ClassVar[str]
+    # Catalog entries its training reads besides the shared ones (at most four: no node reads more than eight).
+    train_inputs: ClassVar[tuple[str, ...]] = ()
+
+    baselines: BaselinesParams
+    stage1: Stage1Params
+
+    @classmethod
+    def own_params(cls, baselines: BaselinesParams) -> Params:
+        """Its block, ``baselines.<name>``, validated by :attr:`params` (its defaults where the block is absent)."""
+        block = getattr(baselines, cls.name, None)
+        return block if isinstance(block, cls.params) else validate(cls.params, block or {}, f"baselines.{cls.name}")
+
+    @classmethod
+    def train(cls, student: CausalLM, guidance: GuidanceParams, params: Params, protocol: TrainingProtocol,
+              *inputs: Any) -> Trained:
+        """Train on ``protocol`` with its own ``params`` (and :attr:`train_inputs`, in order).
+
+        Returns:
+            the artefact, its per-step history rows and its summary metrics (logged under
+            ``baselines.<name>.``).
+        """
+        raise NotImplementedError(f"{cls.__name__} is a trained baseline without a train hook.")
+
+    @classmethod
+    def save_artefact(cls, artefact: Any, path: Path) -> None:
+        """Write ``artefact`` as a folder of safe files (safetensors and JSON, never a pickle), atomically
+        with checksums (:func:`pilot.artifacts.atomic_folder`). By default it saves itself."""
+        artefact.save(path)
+
+    @classmethod
+    def load_artefact(cls, path: Path, rebuild: str) -> Any:
+        """What :meth:`save_artefact` wrote, checksums verified; by default a
+        :class:`~pilot.baselines.modules.TrainedModule` folder."""
+        return load_trained_module(path, rebuild)
+
+    def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
+        training = self.own_params(self.baselines).training
+        return {"training_steps": training.steps or self.stage1.training.steps,
+                "training_data_rows": data.training_rows}
+
+
+def hypernet_budget(student: CausalLM, guidance: GuidanceParams, seed: int) -> int:
+    """The trainable parameters of the hyper-network ``guidance`` builds: the budget baselines match."""
+    return count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, seed))
+
+
+def budget_metrics(num_parameters: int, budget: int, result: TrainingResult) -> dict[str, float]:
+    """A trained module's size beside the hyper-network's budget, and the step its selection kept."""
+    return {"hypernet_parameters": budget, "parameters": num_parameters, "budget_ratio": num_parameters / budget,
+            "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy,
+            "train_seconds": result.seconds}
