@@ -127,7 +127,7 @@ class LatentShardsDataset(_FolderDataset):
 class TrainedBaselineDataset(_FolderDataset):
     """A trained baseline's artefact (LoRA's adapter, ReFT's interventions, soft tokens, one of your own),
     saved and loaded by its method class (:class:`~pilot.methods.trained.TrainedBaseline`): a folder of
-    safetensors and JSON with checksums, never a pickle. ``baseline`` names the registered method."""
+    safetensors and JSON with checksums, nothing pickled. ``baseline`` names the registered method."""
 
     def __init__(self, baseline: str, path: str, producer: str | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
