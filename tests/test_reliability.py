@@ -117,6 +117,22 @@ def test_with_tracking_disabled_on_failure_the_run_goes_on(project, monkeypatch)
     assert not (project / "no").exists()
 
 
+def test_an_untracked_session_after_a_tracked_one_in_the_same_process_leaves_that_run_alone(project, monkeypatch):
+    """A notebook or a test runs several sessions in one process: kedro-mlflow's hook starts afresh with
+    each (pilot.framework.mlflow_session), so a session with tracking disabled neither reopens nor writes
+    to the run of the tracked session before it, and leaves no run active."""
+    run(project, monkeypatch, "data")
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("pilot").experiment_id])
+    _set_tracking_uri(project, f"sqlite:///{project / 'no/such/folder/mlflow.db'}")
+    run(project, monkeypatch, "data", params={"tracking": {"on_unavailable": "disable"}, "data": {"seed": 1}})
+    assert mlflow.active_run() is None
+    after = client.get_run(tracked.info.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", tracked.info.end_time)
+    assert after.data.params == tracked.data.params and after.data.metrics == tracked.data.metrics
+    assert not (project / "no").exists()
+
+
 def _corrupt_store(database: Path) -> bytes:
     """A store that looks like SQLite (its 100-byte header is intact) but whose pages are garbage:
     what a disk fault or a half-copied file leaves. Taking the write lock still works on it."""

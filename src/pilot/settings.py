@@ -5,16 +5,20 @@ import warnings
 
 from pilot.framework.hooks import PreflightHooks
 from pilot.framework.memory import MemoryHooks
+from pilot.framework.mlflow_session import KEDRO_MLFLOW, MlflowSessionHook
 from pilot.framework.report_locks import SharedReportHooks
 from pilot.framework.run_record import RunRecordHooks
 
 # Deprecation noise from Kedro's and kedro-mlflow's use of OmegaConf, not actionable here.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 
-# kedro-mlflow registers its own hook through its entry point. Ours: parameter validation and the
-# tracking-store check before any node, the run record, peak memory, and one lock for the tune
-# reports that parallel workers share (pilot.framework: hooks, run_record, memory, report_locks).
-HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks())
+# Ours: parameter validation and the tracking-store check before any node, the run record, peak
+# memory, and one lock for the tune reports that parallel workers share (pilot.framework: hooks,
+# run_record, memory, report_locks). kedro-mlflow's hook is registered here, started afresh by every
+# session (pilot.framework.mlflow_session), in place of the one process-wide object its entry point
+# registers; last, so that it runs where the entry point's did: before ours.
+HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks(), MlflowSessionHook())
+DISABLE_HOOKS_FOR_PLUGINS = KEDRO_MLFLOW
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

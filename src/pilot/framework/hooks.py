@@ -13,7 +13,8 @@
   run: every other rank tracks nothing and keeps its outputs in memory (no file, no MLflow run).
 
 The project's other hooks, one job each: :mod:`.run_record` (the resolved parameters of a tracked
-run), :mod:`.memory` (peak memory per node), :mod:`.report_locks` (one lock per shared tune report).
+run), :mod:`.memory` (peak memory per node), :mod:`.report_locks` (one lock per shared tune report),
+:mod:`.mlflow_session` (kedro-mlflow's hook, started afresh by every session).
 The parameters as read and validated are :mod:`.parameters`; the student's shape before it is
 loaded, :mod:`.student_shape`.
 """
@@ -104,27 +105,10 @@ def _export_tracking_credentials(context) -> None:
         os.environ[key] = str(value)
 
 
-def _forget_previous_mlflow_run() -> None:
-    """kedro-mlflow's hook is one object per process and keeps the last run's id; with tracking
-    disabled it would try to reopen that run (from another session, in a notebook or a test)
-    before every node. An untracked pipeline has no run."""
-    try:
-        from kedro_mlflow.framework.hooks import mlflow_hook
-    except ImportError:  # kedro-mlflow not installed: nothing to forget
-        return
-    mlflow_hook.run_id = None
-
-
 class PreflightHooks:
-    def __init__(self) -> None:
-        self._context = None
-        self._tracking_disabled = False
-
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
         """Validate the parameters and check the MLflow store before anything else reads them."""
-        self._context = context
-        self._tracking_disabled = False
         raw = load_parameters(context.config_loader)
         check_top_level(raw)  # a misspelt top-level block (`--params stage_1.x=5`) is an error, not a no-op
         validated = validate_parameters(raw)
@@ -162,13 +146,27 @@ class PreflightHooks:
                     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`scripts/services.sh env` on the "
                     "tracking host prints them; docs/shared_services.md).") from None
 
-    def _disable_tracking(self, context) -> None:
-        """kedro-mlflow still sets itself up at start; point it at a throwaway store and switch
-        tracking off for the pipeline in before_pipeline_run."""
+    @staticmethod
+    def _disable_tracking(context) -> None:
+        """Switch kedro-mlflow off for this session through its own configuration, before its
+        ``after_context_created`` reads it: every registered pipeline in
+        ``tracking.disable_tracking.pipelines`` (it then opens no run and its catalog datasets log
+        nothing), and a throwaway store in place of the configured one, which it still sets up at
+        start. A key set on Kedro's config loader is returned as set instead of read from conf/."""
+        from kedro.framework.project import pipelines
+
+        try:
+            config = context.config_loader["mlflow"]
+        except MissingConfigException:
+            config = {}
         scratch = Path(tempfile.mkdtemp(prefix="pilot-no-tracking-"))
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'unused.db'}"
-        context.config_loader.config_patterns["mlflow"] = ["__tracking_disabled__"]
-        self._tracking_disabled = True
+        tracking_config = config.get("tracking") or {}
+        context.config_loader["mlflow"] = {
+            **config,
+            "server": {**(config.get("server") or {}), "mlflow_tracking_uri": f"sqlite:///{scratch / 'unused.db'}"},
+            "tracking": {**tracking_config, "disable_tracking": {**(tracking_config.get("disable_tracking") or {}),
+                                                                 "pipelines": sorted(pipelines)}},
+        }
 
     @staticmethod
     def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
@@ -184,10 +182,6 @@ class PreflightHooks:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
         """Validate parameters and every cross-field rule the pipeline's blocks use (the student's layers
         and width, ReFT's budget), then its inputs and output folders, before the first node runs."""
-        if self._tracking_disabled and self._context is not None and hasattr(self._context, "mlflow"):
-            names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
-            self._context.mlflow.tracking.disable_tracking.pipelines = list(names)
-            _forget_previous_mlflow_run()
         params = catalog.load("parameters")
         wanted = sorted({name.split(":", 1)[1].split(".")[0] for name in pipeline.inputs()
                          if name.startswith("params:")})
