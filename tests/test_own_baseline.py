@@ -158,3 +158,19 @@ def test_a_trained_baseline_of_your_own_is_trained_evaluated_and_reported(projec
     trained = [r for r in runs if "baselines.layer_bias.parameters" in r.data.metrics]
     assert len(trained) == 1 and trained[0].data.metrics["baselines.layer_bias.parameters"] == hidden
     assert trained[0].data.params["baselines.layer_bias.layer"] == "1"
+
+
+def test_its_block_is_validated_by_its_own_class_and_a_block_of_no_method_is_refused():
+    from pilot.config import BaselinesParams, validate
+    from pilot.framework.parameters import validate_parameters
+
+    with registered(LayerBiasMethod):
+        typed = validate_parameters({"baselines": BLOCK})["baselines"]
+        assert LayerBiasMethod.own_params(typed) == LayerBiasParams(layer=1, training={"steps": STEPS,
+                                                                                       "learning_rate": 0.05})
+        assert LayerBiasMethod.own_params(BaselinesParams()) == LayerBiasParams()   # no block: its defaults
+        with pytest.raises(ParameterError, match=r"^Parameter 'baselines.layer_bias.layer' = 'top' is invalid"):
+            validate_parameters({"baselines": {"layer_bias": {"layer": "top"}}})
+    with pytest.raises(ParameterError, match=r"^Parameter 'baselines.layer_bias' is not a known setting"):
+        validate_parameters({"baselines": BLOCK})   # not registered: a block of no method
+    assert validate(BaselinesParams, {"lora": {"use_tuned": True}}, "baselines").lora.use_tuned
