@@ -434,8 +434,8 @@ class Stage2Config(LoopParams):
     # token: the guided student's reply tokens are the actions (their log-probabilities reach the
     # hyper-network through the injected guidance); latent: a Gaussian over g, REINFORCE (the earlier default)
     policy: Literal["token", "latent"] = "token"
-    steps: PositiveInt = 200
-    batch_size: PositiveInt = 32             # questions (groups) per step
+    steps: PositiveInt = 100
+    batch_size: PositiveInt = 128            # questions (groups) per step
     group_size: Annotated[int, Field(ge=2)] = 8   # replies sampled per question (GRPO group)
     rollout_temperature: NonNegative = 0.7   # sampled replies, so a group can disagree (0: greedy)
     learning_rate: Positive = 3e-4
@@ -454,9 +454,9 @@ class Stage2Config(LoopParams):
     select_questions: bool = False           # train only on questions stage-1 PILOT answers right sometimes
     selection_questions: NonNegativeInt = 1024   # questions scored in that first pass (0: all)
     selection_samples: Annotated[int, Field(ge=2)] = 4   # sampled replies per question in that pass
-    eval_every: PositiveInt = 50
+    eval_every: PositiveInt = 25
     grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
-    checkpoint_every: NonNegativeInt = 50
+    checkpoint_every: NonNegativeInt = 25
     seed: int = 0
 
 
