@@ -78,14 +78,21 @@ def report(title: str, rows: list[dict], notes: list[str] = ()) -> None:
 
 
 # ------------------------------------------------------------------------------ the real stage-1 step
-def project_settings(env: str = "base") -> dict:
-    """The project's typed parameters for ``env`` (conf/base, or conf/<env> over it)."""
+def env_config(env: str, name: str) -> dict:
+    """``env``'s ``name`` configuration (``parameters``, ``globals``, ...) as a run reads it: conf/base,
+    or conf/<env> over it."""
     from kedro.config import OmegaConfigLoader
 
-    from pilot.framework.hooks import validate_parameters
     from pilot.settings import CONFIG_LOADER_ARGS
 
-    return validate_parameters(OmegaConfigLoader(str(ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)["parameters"])
+    return OmegaConfigLoader(str(ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)[name]
+
+
+def project_settings(env: str = "base") -> dict:
+    """The project's typed parameters for ``env`` (conf/base, or conf/<env> over it)."""
+    from pilot.framework.hooks import validate_parameters
+
+    return validate_parameters(env_config(env, "parameters"))
 
 
 def configured_generation(env: str = "base", **changes):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import ROOT, machine, project_settings
+from _common import env_config, machine, project_settings
 from free_guidance import free_vectors_scored
 from pilot.config import with_run_seed
 from pilot.evaluation import answer_and_score, wilson_interval
@@ -37,11 +37,7 @@ from pilot.training.base_lm import adapt
 
 def run_seed(env: str) -> int:
     """``env``'s run seed (``seed`` in its parameters), which every component's seed is an offset from."""
-    from kedro.config import OmegaConfigLoader
-
-    from pilot.settings import CONFIG_LOADER_ARGS
-
-    return int(OmegaConfigLoader(str(ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)["parameters"].get("seed", 0))
+    return int(env_config(env, "parameters").get("seed", 0))
 
 
 def cell(hits: int, n: int) -> str:
