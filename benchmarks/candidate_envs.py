@@ -4,8 +4,9 @@
     python benchmarks/candidate_envs.py --env smollm2 --reply leg_counting=worked --without-plan false
 
 An environment is ``--env``'s data and adaptation settings with the changes given here: a task's
-reply format (``--reply task=worked``: ``data.tasks[i].reply``), the adaptation's ``without_plan``
-(``base.student.adapt.without_plan``). Its tasks are generated as the data pipeline would (same
+reply format (``--reply task=worked``: ``data.tasks[i].reply``), its generator settings (``--kwargs
+task=JSON``, laid over ``data.tasks[i].kwargs``), which tasks it keeps (``--tasks``), the
+adaptation's ``without_plan`` (``base.student.adapt.without_plan``). Its tasks are generated as the data pipeline would (same
 seeds: the same rows), the test rows are dropped unread, the student is imported and adapted on the
 training rows (or ``--student``: one already adapted on exactly these rows, checked by its stamp),
 and for ``--questions`` validation questions per task this prints and writes (``--out``, JSON):
@@ -50,6 +51,10 @@ def main() -> None:
     parser.add_argument("--env", default="smollm2")
     parser.add_argument("--reply", action="append", default=[], metavar="TASK=FORMAT",
                         help="a task's reply format (last_step, worked); repeatable")
+    parser.add_argument("--kwargs", action="append", default=[], metavar="TASK=JSON",
+                        help="generator settings laid over a task's kwargs, e.g. "
+                             "'leg_counting={\"min_animals\": 1, \"max_animals\": 1}'; repeatable")
+    parser.add_argument("--tasks", nargs="+", default=None, help="keep only these of the env's tasks")
     parser.add_argument("--without-plan", choices=["true", "false"], default=None,
                         help="the adaptation's without_plan (default: the env's)")
     parser.add_argument("--adapt-batch-size", type=int, default=None,
@@ -71,10 +76,14 @@ def main() -> None:
     settings = project_settings(args.env)
     data, spec, seed = settings["data"], settings["base"].student, run_seed(args.env)
     replies = dict(item.split("=", 1) for item in args.reply)
-    tasks = [t.model_copy(update={"reply": replies[t.name]}) if t.name in replies else t for t in data.tasks]
-    unknown = set(replies) - {t.name for t in tasks}
+    generator_kwargs = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.kwargs)}
+    named = set(replies) | set(generator_kwargs) | set(args.tasks or [])
+    unknown = named - {t.name for t in data.tasks}
     if unknown:
-        parser.error(f"--reply names tasks the env does not have: {sorted(unknown)}")
+        parser.error(f"--reply, --kwargs or --tasks name tasks the env does not have: {sorted(unknown)}")
+    tasks = [t.model_copy(update={"reply": replies.get(t.name, t.reply),
+                                  "kwargs": {**t.kwargs, **generator_kwargs.get(t.name, {})}})
+             for t in data.tasks if args.tasks is None or t.name in args.tasks]
     # The data pipeline's table (the same seeds and sizes); the test rows are dropped here, unread.
     data = with_run_seed(data, seed)
     table = build_task_table([t.model_dump() for t in tasks], data.val_per_task, data.test_per_task, data.seed)
@@ -120,7 +129,7 @@ def main() -> None:
         hits = {name: int(frame.loc[frame["task"] == task, "correct"].sum()) for name, frame in scored.items()}
         n = int((val["task"] == task).sum())
         rows = val[val["task"] == task]
-        results.append({"task": task, "reply": replies.get(task, "last_step"),
+        results.append({"task": task, "reply": replies.get(task, "last_step"), "kwargs": generator_kwargs.get(task),
                         "without_plan": adapt_params.without_plan, "n": n, **{f"hits {k}": v for k, v in hits.items()},
                         "plan gap (pts)": round(100 * (hits["oracle plan"] - hits["no plan"]) / n, 1),
                         "example plan": rows["oracle_plan"].iloc[0], "example reply": reply_targets(rows)[0]})

@@ -38,6 +38,16 @@ def test_a_worked_leg_counting_reply_multiplies_and_adds_what_its_plan_only_name
         assert re.findall(r"-?\d+", row["solution"])[-1] == row["answer"]
 
 
+def test_a_worked_reply_about_one_animal_is_its_one_product():
+    rows, _ = generate_task_rows("leg_counting", 20, {"min_animals": 1, "max_animals": 1, "max_instances": 9}, seed=0,
+                                 exclude_questions=set(), prompt="original", extract="last_number", reply="worked")
+    for row in rows:
+        (animal, count), = json.loads(row["metadata"])["animals"].items()
+        assert row["oracle_plan"].startswith(f"legs each: {animal} {ANIMALS[animal]} ;")
+        assert row["solution"] == f"{count} x {ANIMALS[animal]} = {count * ANIMALS[animal]}" == \
+            f"{count} x {ANIMALS[animal]} = {row['answer']}"
+
+
 def test_last_step_stays_the_default_and_worked_changes_only_plans_and_replies():
     default = build_task_table([LEGS], 10, 10, seed=0)
     pd.testing.assert_frame_equal(default, build_task_table([{**LEGS, "reply": "last_step"}], 10, 10, seed=0))

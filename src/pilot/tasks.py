@@ -161,8 +161,8 @@ def _render_leg_counting_worked(entry: dict[str, Any]) -> Rendered:
     each = " , ".join(f"{name} {ANIMALS[name]}" for name in animals)
     products = " + ".join(f"{n} x {ANIMALS[name]}" for name, n in animals.items())
     values = " + ".join(str(n * ANIMALS[name]) for name, n in animals.items())
-    return Rendered(compact.question, f"legs each: {each} ; multiply each count by its legs, then add",
-                    f"{products} = {values} = {entry['answer']}")
+    worked = f"{products} = {entry['answer']}" if len(animals) == 1 else f"{products} = {values} = {entry['answer']}"
+    return Rendered(compact.question, f"legs each: {each} ; multiply each count by its legs, then add", worked)
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
