@@ -1,8 +1,9 @@
 """Learning rates for the adapter baselines (ReFT, pause tokens, soft thoughts), chosen on validation.
 
     python benchmarks/baseline_learning_rates.py [--steps 500] [--rates 1e-3 3e-3 1e-2 3e-2]
+    python benchmarks/baseline_learning_rates.py --env smollm2 --methods reft --steps 150 --rates 1e-4 3e-4 1e-3
 
-On the default run's student (and teacher, for soft thoughts), each baseline is trained at each
+On ``--env``'s finished run's student (and teacher, for soft thoughts), each baseline is trained at each
 rate for ``--steps`` steps with the configured batch size and its validation accuracy is read at
 the end: the same short-budget search for each of them (LoRA has `kedro run --pipelines tune_lora`).
 Nothing here reads the test split.
@@ -15,7 +16,7 @@ import argparse
 import pandas as pd
 import torch
 
-from _common import DATA, base_parameters, report, require
+from _common import ROOT, env_config, report, require
 from pilot.baselines.reft import reft_layers, train_reft
 from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
 from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig
@@ -26,15 +27,17 @@ from pilot.models import count_parameters, load_causal_lm
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="base", help="the Kedro environment whose run's models and data to use")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rates", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     parser.add_argument("--methods", nargs="+", default=["reft", "pause_tokens", "soft_thoughts"])
     args = parser.parse_args()
-    student = load_causal_lm(require(DATA / "06_models/student", "The student"))
-    teacher = load_causal_lm(DATA / "06_models/teacher")
-    val = pd.read_parquet(DATA / "03_primary/tasks_val.parquet")
-    train = pd.read_parquet(DATA / "03_primary/tasks_train.parquet")
-    conf = base_parameters()
+    data = ROOT / env_config(args.env, "globals").get("data_root", "data")
+    student = load_causal_lm(require(data / "06_models/student", "The student"))
+    teacher = load_causal_lm(data / "06_models/teacher") if "soft_thoughts" in args.methods else None
+    val = pd.read_parquet(data / "03_primary/tasks_val.parquet")
+    train = pd.read_parquet(data / "03_primary/tasks_train.parquet")
+    conf = env_config(args.env, "parameters")
     guidance = GuidanceParams(**conf["guidance"])
     generation = GenerationParams(**conf["generation"])
     budget = count_parameters(make_hypernet(guidance, student.hidden_size, student.num_layers, 0))
@@ -60,7 +63,7 @@ def main() -> None:
             rows.append({"method": method, "learning_rate": rate, f"val accuracy at {args.steps} steps": round(value, 3)})
             print(rows[-1], flush=True)
     report("Adapter baselines: learning rate on validation", rows,
-           [f"{args.steps} steps of batch {batch_size}, seed 0; budget {budget} parameters"])
+           [f"env {args.env}: {args.steps} steps of batch {batch_size}, seed 0; budget {budget} parameters"])
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ def test_the_ablation_pipeline_retrains_each_variant_on_both_test_splits(finishe
     assert table[["val_accuracy"]].iloc[2:].stack().between(0, 1).all()    # what each variant was selected on
     assert table.loc["film_prior_two_layers", "hypernet_parameters"] > table.loc["reference", "hypernet_parameters"]
     assert table.loc["no_stage2", "stage2_best_step"] == -1 and table.loc["reference", "stage2_best_step"] >= 0
+    # no_stage2 changes stage 2 only: it reuses the reference's stage 1 instead of training it again.
+    assert table.loc["no_stage2", "settings"] == "no stage 2 (stage 1 of reference)"
+    assert table.loc["no_stage2", "stage1_best_step"] == table.loc["reference", "stage1_best_step"]
+    assert "stage 1 of" not in table.loc["film_prior_two_layers", "settings"]
     # The reference variant is the configured PILOT retrained: the default run's stage-2 numbers, exactly.
     results = pd.read_parquet(reporting / "results.parquet")
     main = results[(results["method"] == "pilot_stage2") & (results["task"] == "overall")].set_index("split")

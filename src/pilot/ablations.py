@@ -4,12 +4,14 @@ Each variant lays its settings over the configured guidance site and stage-1 loo
 (:class:`pilot.config.AblationVariant`), trains stage 1 on the same cached trajectories (a
 variant at another injection layer gets its own cache, as in ``tune``), refines with stage 2
 unless switched off, and answers both test splits through the shared generation-and-scoring
-path. The report puts each variant beside the run's zero-shot and plan-in-context rows, so gap
+path. Variants that change only stage 2 (``no_stage2``, ``latent_policy``) share one stage-1
+training: it is the same run from the same seed, so it is trained once. The report puts each variant beside the run's zero-shot and plan-in-context rows, so gap
 recovered is measured against the same references as the results table.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +52,7 @@ class AblationResult:
     stage1_best_step: int
     stage2_best_step: int | None
     val_accuracy: float          # the returned hyper-network's validation accuracy: what selected it
+    stage1_from: str = ""        # the earlier variant whose stage 1 this one reused ("": trained its own)
 
     def describe(self) -> str:
         """The variant's settings in one line ("as configured" for none)."""
@@ -59,23 +62,36 @@ class AblationResult:
             parts.append("no stage 2")
         elif isinstance(self.variant.stage2, dict):
             parts += [f"stage2.{k}={v}" for k, v in self.variant.stage2.items()]
-        return ", ".join(parts) or "as configured"
+        described = ", ".join(parts) or "as configured"
+        return f"{described} (stage 1 of {self.stage1_from})" if self.stage1_from else described
 
 
 def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: LatentCache,
                 teacher_plans: pd.DataFrame, tasks_train: pd.DataFrame, tasks_val: pd.DataFrame,
                 tasks_test: pd.DataFrame, guidance: GuidanceParams, latents: LatentsParams, stage1: Stage1Config,
                 stage2: Stage2Config, generation: GenerationParams, config: AblationsParams,
-                cache_dir: str) -> AblationResult:
-    """Train and evaluate one variant; its predictions carry ``method = name``."""
+                cache_dir: str, stage1_runs: dict[str, tuple[str, object]] | None = None) -> AblationResult:
+    """Train and evaluate one variant; its predictions carry ``method = name``.
+
+    ``stage1_runs`` (filled here) maps a variant's stage-1 settings to the first variant that trained
+    them and its result, so a later variant with the same settings reuses it (stage 2 refines a copy).
+    """
     variant_guidance = guidance.model_copy(update=variant.guidance)
     variant_guidance.check_against(student.num_layers)
     training = stage1.model_copy(update={**variant.stage1, "checkpoint_every": 0,
                                          **({"steps": config.stage1_steps} if config.stage1_steps else {})})
-    trial_cache = site_cache(student, cache, teacher_plans, tasks_train, variant_guidance, guidance, latents, cache_dir)
     logger.info("Ablation '%s': %s", name, variant.model_dump())
-    first = run_stage1(student, trial_cache, teacher_plans, tasks_train, tasks_val, variant_guidance, latents, training,
-                       generation)
+    key = json.dumps([variant_guidance.model_dump(), training.model_dump()], sort_keys=True, default=str)
+    stage1_from, first = (stage1_runs or {}).get(key, ("", None))
+    if first is None:
+        trial_cache = site_cache(student, cache, teacher_plans, tasks_train, variant_guidance, guidance, latents,
+                                 cache_dir)
+        first = run_stage1(student, trial_cache, teacher_plans, tasks_train, tasks_val, variant_guidance, latents,
+                           training, generation)
+        if stage1_runs is not None:
+            stage1_runs[key] = (name, first)
+    else:
+        logger.info("Ablation '%s' reuses the stage 1 of '%s' (the same settings and seed).", name, stage1_from)
     hypernet, stage2_seconds, stage2_best, val_accuracy = first.model, 0.0, None, first.best_val_accuracy
     if variant.stage2 is not False:
         overrides = variant.stage2 if isinstance(variant.stage2, dict) else {}
@@ -89,7 +105,7 @@ def run_variant(name: str, variant: AblationVariant, student: CausalLM, cache: L
                                        method=name, progress=f"ablation {name}")
     hypernet.cpu()
     return AblationResult(name, variant, predictions, hypernet, first.seconds, stage2_seconds, first.best_step,
-                          stage2_best, val_accuracy)
+                          stage2_best, val_accuracy, stage1_from)
 
 
 def _paired_against(results: list[AblationResult], reference: AblationResult, split: str) -> dict[str, dict]:

@@ -48,10 +48,11 @@ def run_ablation_study(latent_cache: LatentCache, teacher_plans: pd.DataFrame, t
     guidance, latents, stage2, tune, params = (settings.guidance, settings.latents, settings.stage2, settings.tune,
                                                settings.ablations)
     training1, training2 = with_run_seed(stage1.training, seed), with_run_seed(stage2.training, seed)
+    stage1_runs = {}
 
     def train(name, variant) -> AblationResult:
         return run_variant(name, variant, student, latent_cache, teacher_plans, tasks_train, tasks_val, tasks_test,
-                           guidance, latents, training1, training2, generation, params, tune.cache_dir)
+                           guidance, latents, training1, training2, generation, params, tune.cache_dir, stage1_runs)
 
     def record(result: AblationResult) -> None:
         row = ablation_table([result], predictions).iloc[-1]
