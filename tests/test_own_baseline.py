@@ -29,7 +29,7 @@ from pilot.config import AdapterTrainingParams, GuidanceParams, ParameterError, 
 from pilot.guidance.injection import Intervention, layer_hidden, with_hidden
 from pilot.methods import Attached
 from pilot.methods.registry import method_names, registered
-from pilot.methods.trained import Trained, TrainedBaseline
+from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline
 from pilot.models import CausalLM, decoder_layers, freeze
 from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
 from pilot.training.engine import Objective, train
@@ -81,6 +81,12 @@ class LayerBiasMethod(TrainedBaseline):
     layer_bias_artefact: LayerBias
 
     @classmethod
+    def check_against(cls, params: LayerBiasParams, shapes: StudentShapes) -> None:
+        if not 0 <= params.layer < shapes.num_layers:
+            raise ParameterError(f"Parameter 'baselines.layer_bias.layer' = {params.layer} is not a layer of the "
+                                 f"student: give 0 to {shapes.num_layers - 1}.")
+
+    @classmethod
     def train(cls, student: CausalLM, guidance: GuidanceParams, params: LayerBiasParams,
               protocol: TrainingProtocol) -> Trained:
         tasks_train, _, stage1, _, seed = protocol.unpacked()
@@ -121,6 +127,10 @@ def test_a_trained_baseline_of_your_own_is_trained_evaluated_and_reported(projec
         with registered(LayerBiasMethod):
             with pytest.raises(ParameterError, match=r"'baselines.layer_bais' is not a known setting"):
                 run(project, monkeypatch, "baselines", params={"baselines": {"layer_bais": BLOCK["layer_bias"]}})
+            # its own check runs before the run computes anything
+            with pytest.raises(ParameterError, match=r"'baselines.layer_bias.layer' = 7 is not a layer of the student"):
+                run(project, monkeypatch, "baselines", params={"baselines": {"layer_bias": {"layer": 7}}})
+            assert not (project / "data/07_model_output/layer_bias_history.parquet").exists()
             run(project, monkeypatch, "baselines", params={"baselines": BLOCK})
             run(project, monkeypatch, "evaluation", params={"baselines": BLOCK})
     finally:

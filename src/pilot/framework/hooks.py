@@ -50,9 +50,9 @@ from pilot.config import (
     output_folders,
     validate,
 )
-from pilot.baselines.lora import lora_rank_for_budget
-from pilot.baselines.soft_prompts import soft_thoughts_hidden_for_budget
 from pilot.guidance import HyperNetConfig, make_hypernet
+from pilot.methods.registry import trained_baselines
+from pilot.methods.trained import StudentShapes
 from pilot import distributed, tracking
 from pilot.models import count_parameters
 from pilot.runtime import configure_threads
@@ -218,8 +218,10 @@ class PreflightHooks:
     @staticmethod
     def _check_against_student(wanted: list[str], params: dict[str, Any], catalog) -> None:
         """The cross-field rules that need the student's shape, for every block this pipeline reads:
-        the guidance site (and each ablation variant's and tuned injection layer's), and ReFT's layers
-        and parameter budget, so none of them fails after other nodes have trained."""
+        the guidance site (and each ablation variant's and tuned injection layer's) and each trained
+        baseline's own check (:meth:`~pilot.methods.trained.TrainedBaseline.check_against`: ReFT's
+        layers, LoRA's modules, the soft thoughts' budget), so none of them fails after other nodes
+        have trained."""
         shape = student_shape(catalog, params)
         if shape is None:
             return
@@ -245,22 +247,10 @@ class PreflightHooks:
             baselines = validate(BaselinesParams, params["baselines"], "baselines")
             # the baselines' budget: the parameter count of the hyper-network these settings build
             budget = count_parameters(make_hypernet(guidance, hidden_size, num_layers, 0))
-            baselines.reft.check_against(num_layers, hidden_size, budget)
-            if (skeleton := student_on_meta(catalog, params)) is not None:
-                lora = baselines.lora
-                try:
-                    lora_rank_for_budget(skeleton, lora.target_modules, budget, lora.match_tolerance)
-                except ValueError as error:
-                    raise ParameterError(f"Parameter 'baselines.lora.target_modules' = {lora.target_modules} does "
-                                         f"not fit: {str(error)[0].lower()}{str(error)[1:]}") from None
-            teacher = student_shape(catalog, params, "teacher")   # soft thoughts read the teacher's states
-            tokens = baselines.soft_thoughts.num_tokens
-            if teacher is not None and teacher[1] is not None:
-                try:
-                    soft_thoughts_hidden_for_budget(tokens, teacher[1], hidden_size, budget)
-                except ValueError as error:
-                    raise ParameterError(f"Parameter 'baselines.soft_thoughts.num_tokens' = {tokens} does not fit "
-                                         f"the parameter budget: {str(error)[0].lower()}{str(error)[1:]}") from None
+            shapes = StudentShapes(num_layers, hidden_size, budget, lambda: student_on_meta(catalog, params),
+                                   lambda: (student_shape(catalog, params, "teacher") or (None, None))[1])
+            for method in trained_baselines():   # each checks its own block
+                method.check_against(method.own_params(baselines), shapes)
 
     @staticmethod
     def _check_hypernets_fit(pipeline: Pipeline, catalog) -> None:

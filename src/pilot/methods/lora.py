@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from pilot.baselines.lora import LoraAdapter, lora_settings, train_lora
-from pilot.config import GuidanceParams, LoraParams
+from pilot.baselines.lora import LoraAdapter, lora_rank_for_budget, lora_settings, train_lora
+from pilot.config import GuidanceParams, LoraParams, ParameterError
 from pilot.methods.base import Attached
-from pilot.methods.trained import Trained, TrainedBaseline, hypernet_budget
+from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline, hypernet_budget
 from pilot.models import CausalLM
 from pilot.training.protocol import TrainingProtocol
 
@@ -27,6 +27,17 @@ class Lora(TrainedBaseline):
     inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "lora_adapter")
     lora_adapter: LoraAdapter
     _adapted: tuple[CausalLM, CausalLM] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def check_against(cls, params: LoraParams, shapes: StudentShapes) -> None:
+        """The target modules exist in the student and admit a rank within the budget's tolerance."""
+        if (skeleton := shapes.student_on_meta()) is None:
+            return
+        try:
+            lora_rank_for_budget(skeleton, params.target_modules, shapes.budget, params.match_tolerance)
+        except ValueError as error:
+            raise ParameterError(f"Parameter 'baselines.lora.target_modules' = {params.target_modules} does not "
+                                 f"fit: {str(error)[0].lower()}{str(error)[1:]}") from None
 
     @classmethod
     def train(cls, student: CausalLM, guidance: GuidanceParams, params: LoraParams, protocol: TrainingProtocol,

@@ -13,7 +13,7 @@ from pilot.baselines.reft import Reft as ReftInterventions
 from pilot.baselines.reft import reft_layers, train_reft
 from pilot.config import GuidanceParams, ReftParams, adapter_loop
 from pilot.methods.base import Attached, TrainingData
-from pilot.methods.trained import Trained, TrainedBaseline, budget_metrics, hypernet_budget
+from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline, budget_metrics, hypernet_budget
 from pilot.models import CausalLM
 from pilot.training.protocol import TrainingProtocol
 
@@ -27,6 +27,10 @@ class Reft(TrainedBaseline):
     artefact: ClassVar[str] = "reft_interventions"
     inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "reft_interventions")
     reft_interventions: ReftInterventions
+
+    @classmethod
+    def check_against(cls, params: ReftParams, shapes: StudentShapes) -> None:
+        params.check_against(shapes.num_layers, shapes.hidden_size, shapes.budget)
 
     @classmethod
     def train(cls, student: CausalLM, guidance: GuidanceParams, params: ReftParams,

@@ -8,10 +8,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pilot.baselines.modules import TrainedModule
-from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
-from pilot.config import GuidanceParams, SoftTokenParams, adapter_loop
+from pilot.baselines.soft_prompts import (
+    AttachedSoftPrompt,
+    make_soft_prompt,
+    soft_thoughts_hidden_for_budget,
+    train_soft_prompt,
+)
+from pilot.config import GuidanceParams, ParameterError, SoftTokenParams, adapter_loop
 from pilot.methods.base import Attached
-from pilot.methods.trained import Trained, TrainedBaseline, budget_metrics, hypernet_budget
+from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline, budget_metrics, hypernet_budget
 from pilot.models import CausalLM
 from pilot.training.protocol import TrainingProtocol
 
@@ -80,6 +85,17 @@ class SoftThoughts(SoftPromptMethod):
     inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "soft_thoughts", "teacher_model")
     module: TrainedModule
     assistant: CausalLM
+
+    @classmethod
+    def check_against(cls, params: SoftTokenParams, shapes: StudentShapes) -> None:
+        """The projection from the teacher's states to ``num_tokens`` soft tokens fits the budget."""
+        if (teacher_hidden := shapes.teacher_hidden_size()) is None:
+            return
+        try:
+            soft_thoughts_hidden_for_budget(params.num_tokens, teacher_hidden, shapes.hidden_size, shapes.budget)
+        except ValueError as error:
+            raise ParameterError(f"Parameter 'baselines.soft_thoughts.num_tokens' = {params.num_tokens} does not fit "
+                                 f"the parameter budget: {str(error)[0].lower()}{str(error)[1:]}") from None
 
     @classmethod
     def train(cls, student: CausalLM, guidance: GuidanceParams, params: SoftTokenParams,

@@ -8,12 +8,14 @@ trained baseline, each calling that hook with the shared protocol inputs (the st
 settings whose hyper-network sets the parameter budget, the ``baselines`` block and
 :class:`~pilot.training.protocol.TrainingProtocol`) plus whatever the method lists in
 :attr:`~TrainedBaseline.train_inputs`; the catalog's ``{baseline}_artefact``, ``{baseline}_history`` and
-``{baseline}_metrics`` patterns store the results. A new one is its module, its parameter block in
-``conf/base/parameters_baselines.yml`` and one line in :mod:`pilot.methods.registry`.
+``{baseline}_metrics`` patterns store the results. Its :meth:`~TrainedBaseline.check_against` hook
+checks its settings against the student before a run computes anything. A new one is its module, its
+parameter block in ``conf/base/parameters_baselines.yml`` and one line in :mod:`pilot.methods.registry`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +30,19 @@ from pilot.training.protocol import TrainingProtocol
 
 # What a train hook returns: the artefact, its per-step history rows and its summary metrics.
 Trained = tuple[Any, list[dict[str, float]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class StudentShapes:
+    """What a run's settings are checked against before any compute, read without loading weights:
+    the student's depth and width, the hyper-network budget the baselines match, and, on demand, the
+    student's modules on the meta device and the teacher's width (None where not known yet)."""
+
+    num_layers: int
+    hidden_size: int
+    budget: int
+    student_on_meta: Callable[[], Any | None]
+    teacher_hidden_size: Callable[[], int | None]
 
 
 @dataclass
@@ -52,6 +67,12 @@ class TrainedBaseline(Method):
         """Its block, ``baselines.<name>``, validated by :attr:`params` (its defaults where the block is absent)."""
         block = getattr(baselines, cls.name, None)
         return block if isinstance(block, cls.params) else validate(cls.params, block or {}, f"baselines.{cls.name}")
+
+    @classmethod
+    def check_against(cls, params: Params, shapes: StudentShapes) -> None:
+        """Raise :class:`~pilot.config.ParameterError` (naming the setting and the fix) where ``params``
+        cannot fit this student or the budget, so that a run fails before other nodes train, not after.
+        By default there is nothing to check."""
 
     @classmethod
     def train(cls, student: CausalLM, guidance: GuidanceParams, params: Params, protocol: TrainingProtocol,
