@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -130,6 +131,10 @@ def test_the_run_records_its_fully_resolved_parameters_as_one_yaml_artifact(fini
                              filter_string="tags.mlflow.runName = '__default__'")[0]
     record = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "resolved_parameters.yml")))
     assert record["run"]["env"] == "test"
+    # the machine its numbers depend on: results repeat bit for bit on the same kind of CPU
+    assert record["run"]["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert run.data.tags["machine.torch"] == torch.__version__
+    assert run.data.tags["machine.cpu_capability"] == record["run"]["machine"]["cpu_capability"]
     resolved = OmegaConfigLoader(str(finished_run / "conf"), env="test", **CONFIG_LOADER_ARGS)["parameters"]
     assert record["parameters"]["stage1"]["training"] == {**record["parameters"]["stage1"]["training"],
                                                           **resolved["stage1"]["training"]}

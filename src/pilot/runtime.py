@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -123,6 +124,24 @@ def configure_threads(requested: int | None = None) -> int:
                 "parameter 'threads'" if requested else "OMP_NUM_THREADS" if fixed else
                 f"of {available_cores()} cores, the ones other processes leave free, re-read every second")
     return count
+
+
+def machine_record() -> dict[str, str]:
+    """What a run's numbers depend on beyond its code, parameters and seed: torch's version and the
+    CPU kernels it dispatches to. Measured here: the default run's student trained with torch's AVX2
+    kernels (``ATEN_CPU_CAPABILITY=avx2``) leaves the AVX-512 run's losses at step 4, so a run repeats
+    bit for bit on the same kind of CPU (at any thread count), not across kinds."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    record = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu,
+              "platform": f"{platform.system()} {platform.machine()}"}
+    if torch.cuda.is_available():
+        record["cuda_device"] = torch.cuda.get_device_name()
+    return record
 
 
 def peak_memory_gib() -> float:
