@@ -5,8 +5,9 @@ Each variant lays its settings over the configured guidance site and stage-1 loo
 variant at another injection layer gets its own cache, as in ``tune``), refines with stage 2
 unless switched off, and answers both test splits through the shared generation-and-scoring
 path. Variants that change only stage 2 (``no_stage2``, ``latent_policy``) share one stage-1
-training: it is the same run from the same seed, so it is trained once. The report puts each variant beside the run's zero-shot and plan-in-context rows, so gap
-recovered is measured against the same references as the results table.
+training: it is the same run from the same seed, so it is trained once. The report puts each
+variant beside the run's zero-shot and plan-in-context rows, so gap recovered is measured against
+the same references as the results table.
 """
 
 from __future__ import annotations

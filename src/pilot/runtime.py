@@ -137,8 +137,8 @@ def machine_record() -> dict[str, str]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    record = {"torch": str(torch.__version__), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()), "cpu": cpu,
-              "platform": f"{platform.system()} {platform.machine()}"}
+    record = {"torch": str(torch.__version__), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+              "cpu": cpu, "platform": f"{platform.system()} {platform.machine()}"}
     if torch.cuda.is_available():
         record["cuda_device"] = torch.cuda.get_device_name()
     return record
