@@ -120,6 +120,10 @@ def test_with_validate_the_best_validation_steps_weights_are_returned(accuracies
     assert not result.model.training
     history, curve, summary = result.tables()
     assert len(history) == 4 and curve["val_accuracy"].tolist() == accuracies
+    merged = result.history_with_validation()   # the baselines' one table: losses and validation by step
+    assert [row["step"] for row in merged] == [0, 1, 2, 3, 4]
+    assert [row.get("val_accuracy") for row in merged] == [accuracies[0], None, accuracies[1], None, accuracies[2]]
+    assert "total" not in merged[0] and all(merged[s]["total"] == history["total"][s - 1] for s in range(1, 5))
 
 
 def test_validation_also_runs_after_the_last_step_when_it_is_off_the_grid():

@@ -58,7 +58,7 @@ class Lora(TrainedBaseline):
                                      eval_every=stage1.training.eval_every)
         metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters,
                    "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy}
-        return adapter, result.history, metrics
+        return adapter, result.history_with_validation(), metrics
 
     @classmethod
     def load_artefact(cls, path: Path, rebuild: str) -> LoraAdapter:

@@ -47,7 +47,7 @@ class Reft(TrainedBaseline):
         reft, result = train_reft(student, tasks_train, budget, layers, params.match_tolerance,
                                   adapter_loop(params.training, stage1.training, seed), val_rows=tasks_val,
                                   generation=generation, eval_every=stage1.training.eval_every)
-        return reft, result.history, budget_metrics(reft.num_parameters, budget, result)
+        return reft, result.history_with_validation(), budget_metrics(reft.num_parameters, budget, result)
 
     def prepare(self, student: CausalLM) -> None:
         # each rotation computed once, like loading it: not part of a question's time

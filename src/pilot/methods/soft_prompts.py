@@ -38,7 +38,7 @@ class SoftPromptMethod(TrainedBaseline):
         module, result = train_soft_prompt(student, module, tasks_train, adapter_loop(params.training, stage1.training, seed),
                                            assistant=assistant, val_rows=tasks_val, generation=generation,
                                            eval_every=stage1.training.eval_every)
-        return module, result.history, budget_metrics(module.num_parameters, budget, result)
+        return module, result.history_with_validation(), budget_metrics(module.num_parameters, budget, result)
 
     def prepare(self, student: CausalLM) -> None:
         self.module.to(student.device)

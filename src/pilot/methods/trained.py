@@ -28,7 +28,8 @@ from pilot.models import CausalLM, count_parameters
 from pilot.training.engine import TrainingResult
 from pilot.training.protocol import TrainingProtocol
 
-# What a train hook returns: the artefact, its per-step history rows and its summary metrics.
+# What a train hook returns: the artefact, its per-step history rows (`val_accuracy` on the validated
+# steps: TrainingResult.history_with_validation) and its summary metrics.
 Trained = tuple[Any, list[dict[str, float]], dict[str, float]]
 
 

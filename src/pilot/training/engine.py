@@ -168,6 +168,14 @@ class TrainingResult:
     best_val_accuracy: float = float("nan")
     seconds: float = 0.0
 
+    def history_with_validation(self) -> list[dict[str, float]]:
+        """The per-step history with ``val_accuracy`` on the validated steps (step 0: before training),
+        so one table (and one MLflow metric history per column) holds the loss and validation curves."""
+        rows = {int(row["step"]): dict(row) for row in self.history}
+        for row in self.validation:
+            rows.setdefault(int(row["step"]), {"step": row["step"]})["val_accuracy"] = row["val_accuracy"]
+        return [rows[step] for step in sorted(rows)]
+
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
         """The per-step history, the validation curve and summary metrics, as a pipeline saves them."""
         summary = {"best_val_accuracy": self.best_val_accuracy, "best_step": self.best_step,
