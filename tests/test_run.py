@@ -160,6 +160,7 @@ def test_pilot_and_every_trained_baseline_train_on_the_same_rows_with_the_same_b
     for method in (*baselines, "pilot_stage2"):
         assert settings[method]["training_data_rows"] == str(len(train)), method
     assert settings["pilot_stage1"]["training_data_rows"] == str(len(kept))
+    curves = {}   # each baseline's validation curve, from its history
     for method in baselines:
         assert settings[method]["training_steps"] == settings["pilot_stage1"]["training_steps"], method
         history = pd.read_parquet(data / f"07_model_output/{method}_history.parquet")
@@ -168,6 +169,7 @@ def test_pilot_and_every_trained_baseline_train_on_the_same_rows_with_the_same_b
         assert history["lm"].iloc[1:].notna().all() and pd.isna(history["lm"].iloc[0])
         validated = history.dropna(subset=["val_accuracy"])
         assert validated["step"].iloc[0] == 0 and validated["step"].iloc[-1] == steps and len(validated) >= 2
+        curves[method] = validated.set_index("step")["val_accuracy"]
     client = MlflowClient(tracking_uri=f"sqlite:///{finished_run / 'mlflow.db'}")
     parent = [r for r in client.search_runs([client.get_experiment_by_name("pilot").experiment_id])
               if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "__default__"][0]
@@ -178,11 +180,11 @@ def test_pilot_and_every_trained_baseline_train_on_the_same_rows_with_the_same_b
         assert metrics[f"baselines.{method}.hypernet_parameters"] == budget
         assert metrics[f"baselines.{method}.parameters"] == int(settings[method]["trainable_parameters"])
         assert metrics[f"baselines.{method}.budget_ratio"] == pytest.approx(metrics[f"baselines.{method}.parameters"] / budget)
-        best = validated.set_index("step")["val_accuracy"]
-        assert metrics[f"baselines.{method}.best_val_accuracy"] == pytest.approx(best.max())
-        assert best[int(metrics[f"baselines.{method}.best_step"])] == best.max()
-        curve = client.get_metric_history(parent.info.run_id, f"baselines.{method}.val_accuracy")
-        assert sorted(m.step for m in curve) == validated["step"].tolist()
+        curve = curves[method]
+        assert metrics[f"baselines.{method}.best_val_accuracy"] == pytest.approx(curve.max())
+        assert curve[int(metrics[f"baselines.{method}.best_step"])] == curve.max()
+        logged = client.get_metric_history(parent.info.run_id, f"baselines.{method}.val_accuracy")
+        assert sorted((m.step, m.value) for m in logged) == list(curve.items())
     assert abs(metrics["baselines.soft_thoughts.budget_ratio"] - 1) <= 0.1   # sized to the budget
 
 
