@@ -245,6 +245,9 @@ class LMTrainConfig(LoopParams):
     warmup_steps: NonNegativeInt = 50
     weight_decay: NonNegative = 0.01
     length_buckets: PositiveInt = 4   # sub-batches of similar length per step (same gradient, less padding)
+    # true: the tokens every row of a (sub-)batch starts with run once per pass and the rows read their
+    # keys and values (the same logits and gradients; pilot.sequences.labelled_logits)
+    share_prefix: bool = False
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
 
 
@@ -476,6 +479,7 @@ class AdapterTrainingParams(Params):
     warmup_steps: NonNegativeInt = 20
     weight_decay: NonNegative = 0.0
     length_buckets: PositiveInt = 1   # question -> answer rows have similar lengths: one pass is fastest
+    share_prefix: bool = False        # the rows' common first tokens run once a pass (LMTrainConfig.share_prefix)
     seed: int = 0
 
 
@@ -485,7 +489,8 @@ def adapter_loop(training: AdapterTrainingParams, stage1: Stage1Config, seed: in
     loop = with_run_seed(training, seed)
     return LMTrainConfig(steps=loop.steps or stage1.steps, batch_size=loop.batch_size or stage1.batch_size,
                          learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps,
-                         weight_decay=loop.weight_decay, length_buckets=loop.length_buckets, seed=loop.seed)
+                         weight_decay=loop.weight_decay, length_buckets=loop.length_buckets,
+                         share_prefix=loop.share_prefix, seed=loop.seed)
 
 
 class LoraParams(Params):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -50,6 +50,16 @@ class TokenBatch:
         mask = torch.zeros_like(self.labels, dtype=torch.bool)
         mask[:, :-1] = self.labels[:, 1:] != IGNORE_INDEX
         return mask
+
+    def shared_prefix_length(self) -> int:
+        """How many leading tokens every row shares, up to the first position whose logits the loss
+        reads (a chat template's system prompt and a task's fixed instruction, typically). A soft-token
+        placeholder (a negative id, :mod:`pilot.baselines.soft_tokens`) ends it: its embedding differs by row."""
+        if len(self.input_ids) < 2:
+            return 0
+        differs = (self.input_ids != self.input_ids[:1]).any(0) | (self.input_ids[0] < 0)
+        first_difference = int(differs.nonzero()[0]) if bool(differs.any()) else self.input_ids.shape[1]
+        return max(min(first_difference, int(self.prompt_lengths.min()) - 1), 0)
 
     def next_tokens(self) -> torch.Tensor:
         """(N,) the label tokens those positions predict, row by row."""
@@ -120,16 +130,32 @@ def encode_pairs(
                       torch.tensor(prompt_lengths), torch.tensor(target_lengths))
 
 
-def labelled_logits(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+def labelled_logits(model: torch.nn.Module, batch: TokenBatch, share_prefix: bool = False) -> torch.Tensor:
     """(N, vocabulary) logits at ``batch.predicting_positions()``, row by row.
 
     Only those positions are projected onto the vocabulary (transformers' ``logits_to_keep``): the
     full (batch, length, vocabulary) logits of SmolLM2's 49k-token vocabulary, with their softmax and
     gradient, took GiBs of training memory to score a few dozen answer tokens per row.
+
+    With ``share_prefix`` the tokens every row starts with (:meth:`TokenBatch.shared_prefix_length`)
+    run once, with gradient, and the rest of every row reads their keys and values through the
+    model's own cache: the same logits and gradients (each row's prefix is the same computation),
+    for a fraction of the compute when the shared part is long. Hooks on the model (adapters,
+    interventions, soft-token slots) fire in both passes, as in one.
     """
     keep = batch.predicting_positions()
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    return logits if logits.dim() == 2 else logits[keep]  # a model that projects every position anyway
+    prefix = batch.shared_prefix_length() if share_prefix else 0
+    if prefix == 0:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+        return logits if logits.dim() == 2 else logits[keep]  # a model that projects every position anyway
+    rows, width = batch.input_ids.shape
+    shared = model(input_ids=batch.input_ids[:1, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+    past = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                                        for layer in shared.layers])
+    positions = torch.arange(prefix, width, device=batch.input_ids.device)[None, :].expand(rows, -1)
+    logits = model(input_ids=batch.input_ids[:, prefix:], attention_mask=batch.attention_mask, position_ids=positions,
+                   past_key_values=past, use_cache=True, logits_to_keep=keep[:, prefix:]).logits
+    return logits if logits.dim() == 2 else logits[keep[:, prefix:]]
 
 
 def next_token_loss(logits: torch.Tensor, batch: TokenBatch,
