@@ -3,8 +3,6 @@ every trainer gets the same losses and gradients as from the full pass."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pandas as pd
 import pytest
 import torch
@@ -55,7 +53,7 @@ def step_gradients(lm: CausalLM, trainable: torch.nn.Module, pairs, share: bool,
         terms["lm"].backward()
         total += float(terms["lm"].detach())
     grads = [p.grad.clone() for p in trainable.parameters() if p.requires_grad]
-    assert grads and all(g.abs().sum() > 0 for g in grads[:1])
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)   # a comparison of zeros would prove nothing
     return total, grads
 
 
@@ -143,5 +141,4 @@ def test_the_real_smollm2_gets_the_gradient_of_the_full_pass_from_its_shared_cha
         parameter.requires_grad_(False)
     for parameter in top.parameters():
         parameter.requires_grad_(True)
-    with nullcontext():
-        assert_same(step_gradients(lm, top, pairs, False), step_gradients(lm, top, pairs, True))
+    assert_same(step_gradients(lm, top, pairs, False), step_gradients(lm, top, pairs, True))

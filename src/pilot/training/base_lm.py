@@ -69,9 +69,10 @@ def answer_loss_terms(lm: CausalLM, examples: list[tuple[str, str]], config: LMT
     One micro-batch per length bucket: the same gradient as one padded pass (each bucket's summed
     loss over the whole batch's target count), with less compute spent on padding (profiling
     showed matmuls over padding took ~45 % of a step). With ``config.share_prefix`` the tokens every
-    row of a micro-batch starts with run once (:func:`pilot.sequences.labelled_logits`). ``placeholders`` (``{"prefix": ids}`` or
-    ``{"suffix": ids}``) go around every prompt (soft tokens'); ``around(example_indices)`` opens a context for each micro-batch's
-    forward pass (soft tokens fill their slots for exactly those examples). With data-parallel
+    row of a micro-batch starts with run once (:func:`pilot.sequences.labelled_logits`).
+    ``placeholders`` (``{"prefix": ids}`` or ``{"suffix": ids}``) go around every prompt (soft
+    tokens'); ``around(example_indices)`` opens a context for each micro-batch's forward pass (soft
+    tokens fill their slots for exactly those examples). With data-parallel
     processes each encodes and runs only its shard of the batch, divided by the whole batch's target
     count, so the ranks' terms sum to the one-process term (:mod:`pilot.distributed`).
     """
