@@ -144,18 +144,18 @@ def labelled_logits(model: torch.nn.Module, batch: TokenBatch, share_prefix: boo
     interventions, soft-token slots) fire in both passes, as in one.
     """
     keep = batch.predicting_positions()
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     prefix = batch.shared_prefix_length() if share_prefix else 0
-    if prefix == 0:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-        return logits if logits.dim() == 2 else logits[keep]  # a model that projects every position anyway
-    rows, width = batch.input_ids.shape
-    shared = model(input_ids=batch.input_ids[:1, :prefix], use_cache=True, logits_to_keep=1).past_key_values
-    past = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
-                                        for layer in shared.layers])
-    positions = torch.arange(prefix, width, device=batch.input_ids.device)[None, :].expand(rows, -1)
-    logits = model(input_ids=batch.input_ids[:, prefix:], attention_mask=batch.attention_mask, position_ids=positions,
-                   past_key_values=past, use_cache=True, logits_to_keep=keep[:, prefix:]).logits
-    return logits if logits.dim() == 2 else logits[keep[:, prefix:]]
+    if prefix:
+        rows, width = batch.input_ids.shape
+        shared = model(input_ids=batch.input_ids[:1, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+        past = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                                            for layer in shared.layers])
+        positions = torch.arange(prefix, width, device=batch.input_ids.device)[None, :].expand(rows, -1)
+        inputs.update(input_ids=batch.input_ids[:, prefix:], position_ids=positions, past_key_values=past, use_cache=True)
+        keep = keep[:, prefix:]
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return logits if logits.dim() == 2 else logits[keep]  # a model that projects every position anyway
 
 
 def next_token_loss(logits: torch.Tensor, batch: TokenBatch,
