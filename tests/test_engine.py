@@ -134,6 +134,51 @@ def test_validation_also_runs_after_the_last_step_when_it_is_off_the_grid():
     assert steps_seen == [0, 2, 4, 5] == [row["step"] for row in result.validation]
 
 
+def _averaged_run(steps: int, decay: float) -> tuple[list[dict], dict]:
+    """A plain AdamW loop on ``_fit`` (as the engine steps it) and the moving average of its weights:
+    the average after each step (index 0: the start) and the last trained weights."""
+    model = _model()
+    x, y = _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    average = _state(model)
+    averages = [dict(average)]
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, 0.05, 0)
+        F.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        average = {k: decay * v + (1 - decay) * model.state_dict()[k] for k, v in average.items()}
+        averages.append(average)
+    return averages, _state(model)
+
+
+def test_with_a_moving_average_the_average_is_validated_selected_and_returned_while_training_steps_as_ever():
+    averages, trained = _averaged_run(4, decay=0.75)
+    model = _model()
+    seen = []
+
+    def validate():
+        seen.append(_state(model))
+        return [0.1, 0.9, 0.2][len(seen) - 1]   # steps 0, 2, 4: step 2's average is the best
+
+    result = train(model, _fit(model), LoopParams(steps=4, learning_rate=0.05, eval_every=2, ema_decay=0.75),
+                   name="fit", validate=validate)
+    for got, step in zip(seen, (0, 2, 4)):
+        assert all(torch.allclose(got[k], averages[step][k], atol=1e-7) for k in got)
+    assert not torch.allclose(seen[1]["weight"], averages[1]["weight"])   # the average, not the weights
+    assert result.best_step == 2
+    assert all(torch.allclose(result.model.state_dict()[k], averages[2][k], atol=1e-7) for k in trained)
+    assert all(torch.allclose(model.state_dict()[k], trained[k], atol=1e-7) for k in trained)   # swapped back
+
+    plain = _model()
+    last = train(plain, _fit(plain), LoopParams(steps=4, learning_rate=0.05, ema_decay=0.75), name="fit")
+    assert last.model is plain
+    assert all(torch.allclose(plain.state_dict()[k], averages[4][k], atol=1e-7) for k in trained)
+    assert not torch.allclose(averages[4]["weight"], trained["weight"])
+
+
 # ------------------------------------------------------------------------------ which terms train
 def test_terms_outside_the_weights_are_logged_but_do_not_train():
     model = _model()
@@ -334,8 +379,9 @@ class _Interrupted(RuntimeError):
     pass
 
 
-def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
-    loop = LoopParams(steps=6, learning_rate=0.05, warmup_steps=1, eval_every=2)
+@pytest.mark.parametrize("ema_decay", [None, 0.7])
+def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run_bit_for_bit(tmp_path, ema_decay):
+    loop = LoopParams(steps=6, learning_rate=0.05, warmup_steps=1, eval_every=2, ema_decay=ema_decay)
     x_val, y_val = _data()
 
     def objective(model, stop_at=None):

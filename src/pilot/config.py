@@ -233,6 +233,9 @@ class LoopParams(Params):
     grad_norm_every: NonNegativeInt = 0      # log each term's gradient norm every N steps (0: never)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)   # AdamW's
     clip_norm: Positive = 1.0                # the gradient's global norm is clipped to this
+    # an exponential moving average of the trained weights (Polyak averaging), updated after every step
+    # with this decay: what is validated, selected and returned. None: the weights as trained
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] | None = None
 
 
 # ---------------------------------------------------------------------------------- base

@@ -3,8 +3,9 @@
 A stage supplies only its loss terms for a step (:class:`Objective`); the engine owns the rest,
 in this order every step: learning-rate schedule, the terms (one dict per micro-batch, each
 backpropagated as it comes, so length-bucketed batches never hold two graphs), the finite-loss
-guard, gradient clipping, the optimizer step, the history row and progress bar, validation
-with best-checkpoint selection, and resumable checkpoints.
+guard, gradient clipping, the optimizer step, an optional moving average of the weights
+(``ema_decay``), the history row and progress bar, validation with best-checkpoint selection, and
+resumable checkpoints.
 
 The history shows what trains: ``grad_norm`` (the summed gradient's norm before clipping) every
 step and, every ``grad_norm_every`` steps, ``grad_norm/<term>``: each weighted term's own
@@ -25,12 +26,13 @@ a NaN stop or an error.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -250,6 +252,41 @@ def reduce_step(parameters: list[nn.Parameter], logged: dict[str, torch.Tensor |
     logged.update({name: value[0] for name, value in zip(names, values)})
 
 
+class WeightAverage:
+    """An exponential moving average of ``model``'s trained parameters (Polyak averaging):
+    ``average = decay * average + (1 - decay) * weights`` after every optimizer step, starting from
+    the weights training starts from. ``module`` is a copy of the model that holds it (checkpointed
+    with the run); ``swapped_in()`` puts the average into the model for a while (validation)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.module = copy.deepcopy(model)
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        own, copied = dict(model.named_parameters()), dict(self.module.named_parameters())
+        self.pairs = [(own[name], copied[name]) for name in names]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for weight, average in self.pairs:
+            average.lerp_(weight, 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for weight, average in self.pairs:
+            weight.copy_(average)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        trained = [weight.detach().clone() for weight, _ in self.pairs]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (weight, _), kept in zip(self.pairs, trained):
+                    weight.copy_(kept)
+
+
 def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str,
           validate: Callable[[], float] | None = None,
           checkpoints: CheckpointManager | None = None,
@@ -260,7 +297,9 @@ def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str
     With ``validate`` (a function returning validation accuracy, run in eval mode) the model is
     validated before the first step and every ``loop.eval_every`` steps, and the best of those
     is returned; ``on_validation(step, accuracy)`` follows each validation (Optuna prunes there).
-    Without it the last weights are returned. ``checkpoints`` are resumed from when they belong
+    Without it the last weights are returned. With ``loop.ema_decay`` the moving average of the
+    weights stands in for the weights in both cases (validated, selected, returned); training itself
+    steps the weights as ever. ``checkpoints`` are resumed from when they belong
     to the same run; ``saved_with_model`` are further modules checkpointed alongside (e.g. a
     frozen reference), restored on resume.
     """
@@ -270,7 +309,9 @@ def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str
     optimizer = torch.optim.AdamW(parameters, lr=loop.learning_rate, weight_decay=loop.weight_decay,
                                   betas=loop.betas)
     best = copy.deepcopy(model) if validate is not None else None
-    modules = {"model": model, **({"best": best} if best is not None else {}), **(saved_with_model or {})}
+    average = WeightAverage(model, loop.ema_decay) if loop.ema_decay is not None else None
+    modules = {"model": model, **({"best": best} if best is not None else {}),
+               **({"average": average.module} if average is not None else {}), **(saved_with_model or {})}
     start_step, history, validation = 0, [], []
     best_state = {"step": -1, "accuracy": -1.0}
     ranks = distributed.world()
@@ -285,12 +326,13 @@ def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str
 
     def run_validation(step: int) -> None:
         model.eval()
-        value = validate()
+        with average.swapped_in() if average is not None else contextlib.nullcontext():
+            value = validate()
+            if value > best_state["accuracy"]:
+                best_state.update(step=step, accuracy=value)
+                best.load_state_dict(model.state_dict())
         model.train()
         validation.append({"step": step, "val_accuracy": value})
-        if value > best_state["accuracy"]:
-            best_state.update(step=step, accuracy=value)
-            best.load_state_dict(model.state_dict())
         if on_validation is not None:
             on_validation(step, value)
 
@@ -325,6 +367,8 @@ def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str
             logged.update({f"grad_norm/{term}": gradient_norm(grads) for term, grads in per_term.items()})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             done = step + 1
             log.log(done, {k: float(v) for k, v in logged.items()})
             if validate is not None and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.steps):
@@ -336,6 +380,8 @@ def train(model: nn.Module, objective: Objective, loop: LoopParams, *, name: str
         seconds = log.close(summary)
     model.eval()
     if best is None:
+        if average is not None:
+            average.copy_to_model()
         return TrainingResult(model, log.history, seconds=seconds)
     if best_state["step"] == 0 and loop.steps > 0:
         logger.warning("%s: no validation step beat step 0, so the selected weights are the untrained start "
