@@ -149,6 +149,33 @@ def test_mcnemar_exact_matches_the_binomial_by_hand():
     assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
 
 
+@pytest.mark.parametrize("questions, discordant, better_share", [(9, 0.4, 0.8), (12, 0.7, 0.9), (10, 0.5, 0.5)])
+def test_mcnemar_power_is_the_probability_of_every_outcome_that_the_test_rejects(questions, discordant,
+                                                                                better_share):
+    from pilot.evaluation import mcnemar_exact, mcnemar_power
+
+    expected = 0.0   # every (to the better, to the worse) count: its multinomial probability, if p < 0.05 for the better
+    for better in range(questions + 1):
+        for worse in range(questions - better + 1):
+            ways = math.comb(questions, better) * math.comb(questions - better, worse)
+            chance = (ways * (discordant * better_share) ** better * (discordant * (1 - better_share)) ** worse
+                      * (1 - discordant) ** (questions - better - worse))
+            if better > worse and mcnemar_exact(worse, better) < 0.05:
+                expected += chance
+    assert mcnemar_power(questions, discordant, better_share) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert expected > 0 or better_share == 0.5
+
+
+def test_mcnemar_power_grows_with_the_questions_and_stays_under_half_alpha_without_an_effect():
+    from pilot.evaluation import mcnemar_power
+
+    powers = [mcnemar_power(n, 0.095, 0.65) for n in (300, 600, 1200)]
+    assert powers == sorted(powers) and 0.5 < powers[1] < 0.65 < 0.85 < powers[2]
+    assert mcnemar_power(1200, 0.095, 0.5) < 0.025     # one side of a two-sided 5 % test
+    with pytest.raises(ValueError, match="better_share"):
+        mcnemar_power(600, 0.1, 1.5)
+
+
 def test_paired_difference_counts_discordant_questions_and_brackets_the_difference():
     from pilot.evaluation import paired_difference
 

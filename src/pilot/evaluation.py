@@ -137,6 +137,36 @@ def mcnemar_exact(only_first: int, only_second: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2**n)
 
 
+def mcnemar_power(questions: int, discordant: float, better_share: float, alpha: float = 0.05) -> float:
+    """How often McNemar's exact test finds the better of two methods better (p < ``alpha``, in its
+    favour) on ``questions`` shared questions, when each question is discordant with probability
+    ``discordant`` and a discordant question goes to the better method with probability
+    ``better_share``. Exact: summed over the binomial count of discordant questions and its split."""
+    if not (0 <= discordant <= 1 and 0 <= better_share <= 1 and 0 < alpha < 1) or questions < 0:
+        raise ValueError("mcnemar_power needs questions >= 0, discordant and better_share in [0, 1] and 0 < alpha < 1.")
+
+    def log_pmf(n: int, k: int, p: float) -> float:
+        if p in (0.0, 1.0):
+            return 0.0 if k == (n if p == 1.0 else 0) else -math.inf
+        return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                + k * math.log(p) + (n - k) * math.log1p(-p))
+
+    power = 0.0
+    for pairs in range(questions + 1):
+        weight = math.exp(log_pmf(questions, pairs, discordant))
+        if weight < 1e-15:
+            continue
+        # the worse method may win at most `allowed` discordant questions for p < alpha
+        allowed, tail = -1, 0.0
+        for wins in range((pairs + 1) // 2):
+            tail += math.comb(pairs, wins) / 2**pairs
+            if 2 * tail >= alpha:
+                break
+            allowed = wins
+        power += weight * sum(math.exp(log_pmf(pairs, wins, 1 - better_share)) for wins in range(allowed + 1))
+    return power
+
+
 BOOTSTRAP_RESAMPLES = 2000
 
 
