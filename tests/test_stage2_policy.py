@@ -150,6 +150,23 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(tiny_lm, task_table
     assert float(terms["policy"]) == 0.0
 
 
+def test_greedy_wrong_groups_score_the_greedy_answers_and_keep_the_groups_greedy_gets_wrong(tiny_lm, task_table):
+    """A random student answers nothing right, greedily either: greedy_accuracy is 0 and every group
+    is greedy-wrong, so the step is the one every group gives."""
+    train = task_table[task_table["split"] == "train"].reset_index(drop=True)
+    found = {}
+    for groups in ("all", "greedy_wrong"):
+        hypernet = _hypernet(tiny_lm)
+        reference = _hypernet(tiny_lm, seed=1).eval().requires_grad_(False)
+        config = Stage2Config(batch_size=3, group_size=2, rollout_temperature=1.0, dynamic_sampling=False,
+                              policy_groups=groups)
+        with GuidedStudent(tiny_lm, hypernet) as guided:
+            found[groups] = next(iter(stage2_objective(guided, reference, train, config, GEN).step_terms(0)))
+    assert float(found["greedy_wrong"]["greedy_accuracy"]) == 0.0 and "greedy_accuracy" not in found["all"]
+    for name in ("policy", "kl", "rewards/mean", "completion_length"):
+        assert float(found["greedy_wrong"][name]) == float(found["all"][name])
+
+
 def test_latent_policy_is_kept_as_an_option(tiny_lm, task_table):
     train = task_table[task_table["split"] == "train"].reset_index(drop=True)
     hypernet = _hypernet(tiny_lm)

@@ -78,7 +78,8 @@ def training_curves(stage1_history: pd.DataFrame, stage1_validation: pd.DataFram
     # Older histories (before TRL's names) logged `reward` and `zero_variance_groups`.
     rollouts = (("rewards/mean", "reward", "tab:green", "reward mean"), ("rewards/std", None, "tab:olive", "reward std"),
                 ("frac_reward_zero_std", "zero_variance_groups", "tab:red", "groups with one reward"),
-                ("clip_ratio", None, "tab:purple", "clip ratio"))
+                ("clip_ratio", None, "tab:purple", "clip ratio"),
+                ("greedy_accuracy", None, "tab:brown", "greedy accuracy (policy_groups: greedy_wrong)"))
     for name, old, color, label in rollouts:
         column = name if name in stage2_history else old if old in stage2_history else None
         if column is not None:

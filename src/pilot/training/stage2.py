@@ -24,8 +24,11 @@ distance of g to the frozen stage-1 guidance). Metrics logged beside them, named
 replies all scored the same: no signal), ``kl``, ``clip_ratio``, ``completion_length``,
 ``entropy``; with dynamic sampling also ``groups_kept`` and ``sampling_rounds``.
 
-Two switches choose what a step learns from: ``dynamic_sampling`` (DAPO) drops all-equal groups
+Three switches choose what a step learns from: ``dynamic_sampling`` (DAPO) drops all-equal groups
 and samples further questions until the batch is full or ``dynamic_sampling_rounds`` are spent;
+``policy_groups: greedy_wrong`` keeps only groups whose question the current guidance answers wrong
+greedily (validation and test answer greedily, so a step that only sharpens answers greedy decoding
+already gets right changes neither; logged: ``greedy_accuracy``, over the questions sampled);
 ``select_questions`` first scores ``selection_questions`` training questions with stage-1 PILOT
 (``selection_samples`` sampled replies each) and trains only on those it answers right sometimes.
 """
@@ -155,23 +158,34 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
                 groups[g] = {c: part[c][local * k:(local + 1) * k] for c in columns}
         return pd.DataFrame({c: [value for group in groups for value in group[c]] for c in columns})
 
+    def greedy_correct(index: list[int], vectors: torch.Tensor) -> torch.Tensor:
+        """(groups,) whether the guidance answers each group's question right greedily (every
+        data-parallel process gets all of them)."""
+        scored = answer_and_score(guided.student, rows.iloc[index], guidance=guided.guidance(vectors),
+                                  generation=generation, spread=True)
+        return torch.tensor(scored["correct"].to_numpy(dtype=bool))
+
     def rewards_of(scored: pd.DataFrame, groups: int) -> torch.Tensor:
         return torch.tensor(scored["correct"].to_numpy(dtype=float), dtype=torch.float32).view(groups, k)
 
     def collect(step: int) -> Rollouts:
         """Sample and score this batch's groups; with dynamic sampling, refill all-equal groups."""
         index = sample_batch(len(rows), config.batch_size, config.seed, step)
-        kept_index, kept_replies, kept_rewards, seen_rewards, lengths = [], [], [], [], []
+        kept_index, kept_replies, kept_rewards, seen_rewards, lengths, greedy_seen = [], [], [], [], [], []
         rounds = config.dynamic_sampling_rounds if config.dynamic_sampling else 1
         draw = random.Random(step_seed(config.seed, step, stream=2))
         for round_ in range(rounds):
             with torch.no_grad():
-                vectors = guidance_of(index, hypernet).repeat_interleave(k, dim=0)
-            scored = sample_groups(index, vectors, step, round_)
+                vectors = guidance_of(index, hypernet)
+            scored = sample_groups(index, vectors.repeat_interleave(k, dim=0), step, round_)
             rewards = rewards_of(scored, len(index))
             seen_rewards.append(rewards)
             lengths.extend(scored["new_tokens"].tolist())
             keep = informative_groups(rewards) if config.dynamic_sampling else torch.ones(len(index), dtype=torch.bool)
+            if config.policy_groups == "greedy_wrong":
+                right = greedy_correct(index, vectors)
+                greedy_seen.append(right)
+                keep &= ~right
             replies = scored["reply"].tolist()
             for g in torch.nonzero(keep).flatten().tolist():
                 if len(kept_index) == config.batch_size:
@@ -187,6 +201,8 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         metrics["completion_length"] = float(sum(lengths) / max(len(lengths), 1))
         if config.dynamic_sampling:
             metrics.update(groups_kept=float(len(kept_index)), sampling_rounds=float(len(seen_rewards)))
+        if greedy_seen:
+            metrics["greedy_accuracy"] = float(torch.cat(greedy_seen).float().mean())
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros((0, k))
         return Rollouts(kept_index, kept_replies, rewards.to(device), metrics=metrics)
 
