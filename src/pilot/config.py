@@ -458,11 +458,11 @@ class Stage2Config(LoopParams):
     dynamic_sampling: bool = True            # drop groups whose replies all score the same, refill with new ones
     dynamic_sampling_rounds: PositiveInt = 3   # at most this many rollout rounds per batch when refilling
     select_questions: bool = False           # train only on questions stage-1 PILOT answers right sometimes
+    selection_questions: NonNegativeInt = 1024   # questions scored in that first pass (0: all)
+    selection_samples: Annotated[int, Field(ge=2)] = 4   # sampled replies per question in that pass
     # greedy_wrong: only groups whose question the current guidance answers wrong greedily (one greedy
     # reply per question and round; token policy), so a step moves wrong greedy answers; all: every group
     policy_groups: Literal["all", "greedy_wrong"] = "greedy_wrong"
-    selection_questions: NonNegativeInt = 1024   # questions scored in that first pass (0: all)
-    selection_samples: Annotated[int, Field(ge=2)] = 4   # sampled replies per question in that pass
     eval_every: PositiveInt = 25
     grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
     checkpoint_every: NonNegativeInt = 25
