@@ -64,8 +64,9 @@ def main() -> None:
                                  correct=[c % 3 != 0 for c in code])
 
         stage2.answer_and_score = stand_in_environment
+        # every group: with greedy rollouts each reply is the greedy one, so greedy-wrong groups hold no right reply
         config = Stage2Config(steps=steps, batch_size=6, group_size=2, rollout_temperature=0.0, dynamic_sampling=False,
-                              learning_rate=3e-2, warmup_steps=1, eval_every=steps, checkpoint_every=2,
+                              policy_groups="all", learning_rate=3e-2, warmup_steps=1, eval_every=steps, checkpoint_every=2,
                               grad_norm_every=0, seed=5)
         stage1 = make_hypernet(SITE, student.hidden_size, student.num_layers, seed=0)
         result = run_stage2(student, stage1, tasks[tasks["split"] == "train"].head(24), val_rows, config, GENERATION,

@@ -280,6 +280,9 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         if not mine.index:   # dynamic sampling found no group that disagrees (or none is this rank's)
             means = guidance_of(sample_batch(len(rows), config.batch_size, config.seed, step), hypernet)
             zero = means.sum() * 0
+            if ranks.parallel and rollouts.index:   # other ranks have groups: send this rank's counts (0) to
+                distributed.global_count(0.0)       # their token_term_shares, collective for collective
+                distributed.global_count(0.0)
             yield {"policy": zero, "kl": zero, "self_supervision": zero, "anchor": zero,
                    "clip_ratio": torch.zeros(()), **({"entropy": torch.zeros(())} if rollouts.index else {}),
                    **metrics}
