@@ -259,7 +259,7 @@ class WeightAverage:
     with the run); ``swapped_in()`` puts the average into the model for a while (validation)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.model, self.decay = model, decay
+        self.decay = decay
         self.module = copy.deepcopy(model)
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         own, copied = dict(model.named_parameters()), dict(self.module.named_parameters())
