@@ -29,6 +29,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from pilot import invariant
 from pilot.artifacts import atomic_folder, sha256_file, verify_folder
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def build_causal_lm(
         )
     else:
         raise ValueError(f"Unknown model family '{family}'; use one of llama, qwen2, gpt2.")
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=invariant.NAME)
     model.eval()  # deterministic forward passes until a trainer switches it to train mode
     return CausalLM(model=model, tokenizer=tokenizer)
 
@@ -172,7 +173,7 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=getattr(torch, dtype)
+        path, local_files_only=True, dtype=getattr(torch, dtype), attn_implementation=invariant.NAME
     ).to(device)
     model.eval()
     return CausalLM(model=model, tokenizer=tokenizer)
@@ -252,7 +253,7 @@ def import_causal_lm(source: str | Path) -> CausalLM:
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=invariant.NAME)
         model.load_state_dict(loaded.state_dict(), strict=True)
         if model.config.tie_word_embeddings:
             model.tie_weights()

@@ -9,10 +9,18 @@ cores that other processes leave free, re-read every second at the long loops' s
 (:func:`share_cores`: training steps, generation batches, latent-cache batches). A ``threads``
 parameter or ``OMP_NUM_THREADS`` fixes the count instead (BENCHMARKS.md, "Threads: idle and under
 load").
+
+The count changes the speed, never a result: every op a run computes gives the same bits at any
+thread count. Measured op by op (BENCHMARKS.md, "Same numbers at any thread count"), a few of torch's
+ops did not; :mod:`pilot.invariant` holds their stand-ins (attention with fewer queries than keys,
+softmax, layer norm), whole-tensor sums over 32,768 elements or more are taken as norms or per-row sums,
+and MKL's QR factorization runs on :func:`one_thread`. ``tests/test_same_numbers.py`` trains at 1 and 2
+threads and under this policy beside a busy process, and finds the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -20,7 +28,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -103,6 +111,25 @@ def share_cores() -> None:
         _share.update()
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one torch thread, then restore the count.
+
+    For the few ops whose bits depend on the thread count: MKL's LAPACK factorizations (``geqrf``, the QR
+    behind an orthogonal parametrization's start) split their work by threads. Measured on torch 2.13's
+    CPU wheel, a 128 x 128 QR differs between 1 and 2 threads, while matrix products, solves, norms,
+    per-row and per-dimension reductions do not (BENCHMARKS.md, "Same numbers at any thread count").
+    """
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def configure_threads(requested: int | None = None) -> int:
     """Set torch's intra-op thread count; returns the count set.
 
@@ -124,6 +151,13 @@ def configure_threads(requested: int | None = None) -> int:
                 "parameter 'threads'" if requested else "OMP_NUM_THREADS" if fixed else
                 f"of {available_cores()} cores, the ones other processes leave free, re-read every second")
     return count
+
+
+def thread_policy() -> str:
+    """How this process sets torch's thread count, in words (an MLflow tag of every run)."""
+    if _share is not None:
+        return f"shared: the cores of {_share.cores} that other processes leave free (threads: null)"
+    return f"fixed: {torch.get_num_threads()}"
 
 
 def machine_record() -> dict[str, str]:

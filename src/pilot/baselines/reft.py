@@ -29,6 +29,7 @@ from pilot.config import GenerationParams, LMTrainConfig
 from pilot.evaluation import validator
 from pilot.guidance.injection import Intervention, layer_hidden, with_hidden
 from pilot.models import CausalLM, decoder_layers, freeze
+from pilot.runtime import one_thread
 from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
 from pilot.training.engine import Objective, TrainingResult, train
 
@@ -44,7 +45,10 @@ class LoReftIntervention(nn.Module):
             raise ValueError(f"A LoReFT rank must be between 1 and the hidden size {hidden_size}; got {rank}.")
         # Cayley map: torch's default for a non-square weight (Householder) was measured 16x slower at
         # 576 x 141, and collapses R to zero after one AdamW step with weight decay.
-        self.rotation = parametrizations.orthogonal(nn.Linear(hidden_size, rank, bias=False), orthogonal_map="cayley")
+        # Its start is a QR factorization, whose bits depend on the thread count: one thread, at any load.
+        with one_thread():
+            self.rotation = parametrizations.orthogonal(nn.Linear(hidden_size, rank, bias=False),
+                                                        orthogonal_map="cayley")
         self.source = nn.Linear(hidden_size, rank)
         with torch.no_grad():   # W = R, b = 0: W h + b - R h is exactly zero
             self.source.weight.copy_(self.rotation.weight)

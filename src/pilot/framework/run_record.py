@@ -14,7 +14,7 @@ from kedro.framework.hooks import hook_impl
 
 from pilot import distributed, tracking
 from pilot.framework.parameters import as_plain
-from pilot.runtime import machine_record
+from pilot.runtime import machine_record, thread_policy
 
 
 class RunRecordHooks:
@@ -30,6 +30,7 @@ class RunRecordHooks:
         header["machine"] = machine_record()
         mlflow.log_param("distributed.processes", header["processes"])
         mlflow.set_tags({f"machine.{key}": value for key, value in header["machine"].items()})
+        mlflow.set_tag("threads", thread_policy())   # the speed, never the results (pilot.runtime)
         document = {"run": header, "parameters": as_plain(catalog.load("parameters"))}
         mlflow.log_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
                         "resolved_parameters.yml")

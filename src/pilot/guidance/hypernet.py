@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pilot.artifacts import atomic_folder, verify_folder
+from pilot.invariant import LayerNorm, softmax
 from pilot.config import GuidanceParams
 
 
@@ -137,7 +138,7 @@ class HyperNetwork(nn.Module):
         config.validate()
         self.config = config
         d = config.hidden_size
-        self.norm = nn.LayerNorm(d)
+        self.norm = LayerNorm(d)   # nn.LayerNorm whose gradients do not follow the thread count
         if config.reader == "attention":
             self.attention = nn.MultiheadAttention(d, config.attention_heads, batch_first=True)
         out = config.guidance_size * (2 if config.prior else 1)   # with a prior: (m, a) per dimension
@@ -179,7 +180,8 @@ class HyperNetwork(nn.Module):
         q = (query @ w_q.T + b_q).view(batch, heads, head_dim) * head_dim**-0.5
         q_in = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, head_dim, d))       # W_k^T q, per head
         scores = torch.einsum("bhd,btd->bht", q_in, states).masked_fill(~mask[:, None, :], float("-inf"))
-        pooled_states = torch.einsum("bht,btd->bhd", scores.softmax(-1), states)   # sum_t a_t x_t, per head
+        # sum_t a_t x_t, per head; pilot.attention's softmax: its backward's bits never follow the thread count
+        pooled_states = torch.einsum("bht,btd->bhd", softmax(scores), states)
         values = torch.einsum("bhd,hed->bhe", pooled_states, w_v.view(heads, head_dim, d)) + b_v.view(heads, head_dim)
         return attention.out_proj(values.reshape(batch, d))
 

@@ -229,7 +229,10 @@ def term_gradients(terms: Mapping[str, torch.Tensor], weights: Mapping[str, floa
 
 
 def gradient_norm(gradients: Iterable[torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in gradients)))
+    """The gradients' total L2 norm, as clipping computes it (norms, not a whole-tensor sum: torch splits a sum
+    over 32,768 elements or more by threads, so its bits would follow the thread count)."""
+    norms = [torch.linalg.vector_norm(g.detach().float()) for g in gradients]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def reduce_step(parameters: list[nn.Parameter], logged: dict[str, torch.Tensor | float],

@@ -50,6 +50,7 @@ from pilot.config import GenerationParams, Stage2Config
 from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.guidance.prefix import PromptCache
+from pilot.invariant import repeat_rows
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import (
@@ -210,12 +211,11 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         index, groups = rollouts.index, len(rollouts.index)
         means = guidance_of(index, hypernet)
         terms: dict[str, torch.Tensor] = {"anchor": (means - guidance_of(index, reference).detach()).pow(2).mean()}
-        owner = torch.arange(groups, device=device).repeat_interleave(k)
         questions = [questions_all[i] for i in index for _ in range(k)]
         if rollouts.prompts is None:   # read each prompt once per batch of rollouts; only the replies run after
             rollouts.prompts = guided.prompt_cache([questions_all[i] for i in index]).repeat_interleave(k)
         batch, logits, _ = guided.teacher_forced_after_prompt(rollouts.prompts, questions, rollouts.replies,
-                                                              means[owner])
+                                                              repeat_rows(means, k))
         targets = batch.next_tokens()
         # The sampling policy is softmax(logits / T) (as TRL scores it); self-supervision is plain LM at T = 1.
         log_probs, entropy = token_log_probs(logits / temperature, targets)
@@ -224,7 +224,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
             rollouts.old_log_probs = log_probs.detach()
             with torch.no_grad():
                 _, reference_logits, _ = guided.teacher_forced_after_prompt(
-                    rollouts.prompts, questions, rollouts.replies, guidance_of(index, reference)[owner])
+                    rollouts.prompts, questions, rollouts.replies, repeat_rows(guidance_of(index, reference), k))
                 rollouts.reference_log_probs, _ = token_log_probs(reference_logits / temperature, targets)
         advantages = group_advantages(rollouts.rewards, scale=config.scale_rewards).reshape(-1)
         terms["policy"], terms["clip_ratio"] = token_policy_loss(
@@ -253,7 +253,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
             owner = torch.arange(len(index), device=device).repeat_interleave(k)[correct]
             questions = batch_rows["question"].iloc[owner.tolist()].tolist()
             answers = scored["reply"][correct.cpu().numpy()].tolist()  # the whole reply, reasoning included
-            batch, logits, _ = guided.teacher_forced(questions, answers, means[owner], [])
+            batch, logits, _ = guided.teacher_forced(questions, answers, repeat_rows(means, k)[correct], [])
             terms["self_supervision"] = next_token_loss(logits, batch)
         else:
             terms["self_supervision"] = torch.zeros((), device=device)
@@ -279,7 +279,7 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         metrics = {name: torch.tensor(value / ranks.size) for name, value in rollouts.metrics.items()}
         if not mine.index:   # dynamic sampling found no group that disagrees (or none is this rank's)
             means = guidance_of(sample_batch(len(rows), config.batch_size, config.seed, step), hypernet)
-            zero = means.sum() * 0
+            zero = means[:1].sum() * 0   # 0, connected to the graph (one row: its bits never follow the threads)
             if ranks.parallel and rollouts.index:   # other ranks have groups: send this rank's counts (0) to
                 distributed.global_count(0.0)       # their token_term_shares, collective for collective
                 distributed.global_count(0.0)
