@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make run    set up the virtualenv and run the default pipeline (`kedro run`)
 #   make test   set up the virtualenv and run the test suite
+# and one checks that a run repeats the README's table:
+#   make reproduce   `make run`, then its predictions against docs/runs/default.json (python -m pilot.reproduce)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser run test viz mlflow-ui services services-stop services-status clean-data
+.PHONY: install browser run reproduce test viz mlflow-ui services services-stop services-status clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +30,9 @@ install: $(VENV)/.installed
 
 run: install
 	$(BIN)/kedro run
+
+reproduce: run
+	$(BIN)/python -m pilot.reproduce check
 
 # Headless Chromium for the browser tests (test_viz.py, test_researcher_view.py); installed from Debian when this
 # runs as root, otherwise those tests are skipped with the reason (a failure under CI=true).

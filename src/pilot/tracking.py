@@ -124,6 +124,11 @@ def nested_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[str
         yield run.info.run_id
 
 
+def set_tags(tags: Mapping[str, object]) -> None:
+    if active():
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
 def log_params(params: Mapping[str, object]) -> None:
     if active():
         mlflow.log_params({k: str(v) for k, v in params.items()})

@@ -15,6 +15,7 @@ import pandas as pd
 from pilot import plots, tracking
 from pilot.config import EvaluationParams, GenerationParams
 from pilot.evaluation import answer_with, summarize
+from pilot.fingerprint import fingerprint
 from pilot.latency import answerer, latency_table, measure_latency
 from pilot.latents import select_examples
 from pilot.methods import Method, TrainingData
@@ -45,6 +46,23 @@ def gather_methods(*parts: Method | list[Method]) -> list[Method]:
 def gather_predictions(*parts: pd.DataFrame) -> pd.DataFrame:
     """Every method's predictions as one table, in order."""
     return pd.concat(parts, ignore_index=True)
+
+
+def fingerprint_results(predictions: pd.DataFrame) -> dict:
+    """The run's results fingerprint (:mod:`pilot.fingerprint`): one short hash of every method's reply to
+    every question, and one per method; logged, and set as the MLflow tags ``results.fingerprint`` and
+    ``results.fingerprint.<method>``.
+
+    Returns:
+        ``results_fingerprint``: ``{"fingerprint", "methods", "predictions"}``.
+    """
+    result = fingerprint(predictions)
+    logger.info("Results fingerprint %s (%d predictions; `python -m pilot.reproduce` compares them with the "
+                "README's run). Per method: %s", result["fingerprint"], result["predictions"],
+                ", ".join(f"{method} {digest}" for method, digest in result["methods"].items()))
+    tracking.set_tags({"results.fingerprint": result["fingerprint"],
+                       **{f"results.fingerprint.{method}": digest for method, digest in result["methods"].items()}})
+    return result
 
 
 def measure_method_latency(methods: list[Method], student: CausalLM, tasks_test: pd.DataFrame,
