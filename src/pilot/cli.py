@@ -3,7 +3,8 @@
 A bad parameter, an input not produced yet, a folder that cannot be written or a tracking store that
 cannot be reached is fixed from its message alone (it names the key or file and what to run or
 change); the ~200 lines of traceback through Kedro, pluggy and click under it only hide that
-sentence. So those errors print the sentence and exit with status 1. ``kedro run --verbose`` (or
+sentence. So those errors print the sentence and exit with status 1; a run stopped by SIGTERM or
+SIGINT (:mod:`pilot.framework.interrupt`) exits with 128 + the signal's number, as the shell reports it. ``kedro run --verbose`` (or
 ``PILOT_TRACEBACK=1`` in the environment) shows the full traceback. Any other exception is a bug
 and is raised as usual, with its traceback.
 
@@ -59,9 +60,14 @@ def user_error(error: BaseException) -> BaseException | None:
 
 
 def _run(verbose: bool, **options) -> dict:
+    from pilot.framework.interrupt import interruption
+
     try:
         return kedro_run.callback(**options)
     except Exception as error:
+        if (stopped := interruption(error)) is not None:   # the hook has logged how to resume
+            click.secho(f"Stopped: {stopped}.", fg="red", err=True)
+            sys.exit(128 + stopped.signum)
         cause = user_error(error)
         if show_traceback(verbose) or cause is None:
             raise

@@ -14,7 +14,8 @@
 
 The project's other hooks, one job each: :mod:`.run_record` (the resolved parameters of a tracked
 run), :mod:`.memory` (peak memory per node), :mod:`.report_locks` (one lock per shared tune report),
-:mod:`.mlflow_session` (kedro-mlflow's hook, started afresh by every session).
+:mod:`.mlflow_session` (kedro-mlflow's hook, started afresh by every session), :mod:`.interrupt` (SIGTERM and
+SIGINT end a run as KILLED, with its checkpoints kept for the rerun).
 The parameters as read and validated are :mod:`.parameters`; the student's shape before it is
 loaded, :mod:`.student_shape`.
 """
