@@ -180,7 +180,7 @@ class HyperNetwork(nn.Module):
         q = (query @ w_q.T + b_q).view(batch, heads, head_dim) * head_dim**-0.5
         q_in = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, head_dim, d))       # W_k^T q, per head
         scores = torch.einsum("bhd,btd->bht", q_in, states).masked_fill(~mask[:, None, :], float("-inf"))
-        # sum_t a_t x_t, per head; pilot.attention's softmax: its backward's bits never follow the thread count
+        # sum_t a_t x_t, per head; pilot.invariant's softmax: its backward's bits never follow the thread count
         pooled_states = torch.einsum("bht,btd->bhd", softmax(scores), states)
         values = torch.einsum("bhd,hed->bhe", pooled_states, w_v.view(heads, head_dim, d)) + b_v.view(heads, head_dim)
         return attention.out_proj(values.reshape(batch, d))
