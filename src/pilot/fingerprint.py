@@ -45,7 +45,10 @@ def prediction_digests(predictions: pd.DataFrame) -> pd.Series:
 
 def fingerprint(predictions: pd.DataFrame) -> dict:
     """``{"fingerprint": <all predictions>, "methods": {method: <its predictions>}, "predictions": n}``."""
-    digests = prediction_digests(predictions)
+    return _fingerprint_of(prediction_digests(predictions))
+
+
+def _fingerprint_of(digests: pd.Series) -> dict:
     methods = {method: _digest("".join(part), FINGERPRINT_CHARS)
                for method, part in digests.groupby(level="method", sort=True)}
     return {"fingerprint": _digest("".join(digests), FINGERPRINT_CHARS), "methods": methods,
@@ -65,7 +68,7 @@ def reference(predictions: pd.DataFrame, **about: str) -> dict:
         if known != question_ids:
             raise ValueError(f"Method '{method}' answered other questions of split '{split}' than the others.")
         per_method.setdefault(method, {})[split] = "".join(part)
-    return {**about, **fingerprint(predictions), "ids": ids, "digests": per_method}
+    return {**about, **_fingerprint_of(digests), "ids": ids, "digests": per_method}
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,6 @@ def compare(expected: dict, predictions: pd.DataFrame) -> Comparison:
             changed += sum(question not in wanted for question in got_by_id)
         if changed:
             differing[method] = (changed, total)
-    return Comparison(fingerprint=fingerprint(predictions)["fingerprint"], expected=expected["fingerprint"],
+    return Comparison(fingerprint=_fingerprint_of(digests)["fingerprint"], expected=expected["fingerprint"],
                       differing=differing, missing=sorted(set(expected["digests"]) - ran),
                       extra=sorted(ran - set(expected["digests"])))
