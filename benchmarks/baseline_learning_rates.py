@@ -15,13 +15,13 @@ import argparse
 
 import pandas as pd
 import torch
-
 from _common import ROOT, env_config, report, require
-from pilot.baselines.reft import reft_layers, train_reft
-from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
+
 from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig
 from pilot.evaluation import accuracy
 from pilot.guidance import make_hypernet
+from pilot.methods.reft import reft_layers, train_reft
+from pilot.methods.soft_prompts import AttachedSoftPrompt, make_soft_prompt, train_soft_prompt
 from pilot.models import count_parameters, load_causal_lm
 
 

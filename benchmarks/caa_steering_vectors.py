@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-
 from _common import DATA, base_parameters, configured_generation, report, require
-from pilot.baselines.caa import choose_caa_scale, steered
-from pilot.evaluation import answer_and_score, wilson_interval
+from safetensors.torch import load_file
+
+from pilot.evaluation import answer_and_score
+from pilot.methods.caa import choose_caa_scale, steered
 from pilot.models import load_causal_lm
 from pilot.prompts import prompt_format
+from pilot.statistics import wilson_interval
 from pilot.tasks import reply_targets
-from safetensors.torch import load_file
 
 
 def main() -> None:

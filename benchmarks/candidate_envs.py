@@ -23,15 +23,15 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from _common import env_config, machine, project_settings
 from free_guidance import free_vectors_scored
+
 from pilot.config import with_run_seed
-from pilot.evaluation import answer_and_score, wilson_interval
+from pilot.evaluation import answer_and_score
 from pilot.models import import_causal_lm, load_causal_lm, read_stamp
 from pilot.pipelines.base.nodes import import_stamp
 from pilot.runtime import configure_threads
+from pilot.statistics import wilson_interval
 from pilot.tasks import build_task_table, reply_targets
 from pilot.training.base_lm import adapt
 

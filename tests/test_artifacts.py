@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from pilot.artifacts import ArtifactChecksumError, atomic_folder
-from pilot.baselines.lora import LoraAdapter
-from pilot.baselines.soft_prompts import make_soft_prompt
 from pilot.framework.datasets import (
     CausalLMDataset,
     HyperNetworkDataset,
@@ -18,6 +16,8 @@ from pilot.framework.datasets import (
     TrainedBaselineDataset,
 )
 from pilot.guidance import HyperNetConfig, HyperNetwork
+from pilot.methods.lora import LoraAdapter
+from pilot.methods.soft_prompts import make_soft_prompt
 
 
 def _flip_bytes(path, count: int) -> None:

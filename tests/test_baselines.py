@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from pilot.baselines.caa import caa_guidance, steered, steering_vector
-from pilot.baselines.lora import LoraAdapter, lora_rank_for_budget, lora_targets, train_lora
 from pilot.config import GuidanceParams, LatentsParams, LMTrainConfig
-from pilot.guidance import interventions
+from pilot.interventions import interventions
 from pilot.latents import LatentCache, plan_cache_build, write_cache
+from pilot.methods.caa import caa_guidance, steered, steering_vector
+from pilot.methods.lora import LoraAdapter, lora_rank_for_budget, lora_targets, train_lora
 from pilot.models import decoder_layers
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs
@@ -98,7 +98,7 @@ def test_train_lora_matches_the_budget_leaves_the_student_alone_and_round_trips(
     assert all("lora_A" in k or "lora_B" in k for k in adapter.state)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.state.items())  # B starts at zero
 
-    adapted = adapter.attach(tiny_lm)
+    adapted = adapter.adapted(tiny_lm)
     assert adapted.model is not tiny_lm.model and adapted.tokenizer is tiny_lm.tokenizer
     adapted_logits = _logits(adapted, questions)
     assert not torch.allclose(adapted_logits, plain_logits, atol=1e-4)
@@ -113,7 +113,7 @@ def test_train_lora_matches_the_budget_leaves_the_student_alone_and_round_trips(
     loaded = LoraAdapter.load(tmp_path / "lora")
     assert loaded.num_parameters == adapter.num_parameters
     assert all(torch.equal(loaded.state[k], adapter.state[k]) for k in adapter.state)
-    assert torch.equal(_logits(loaded.attach(tiny_lm), questions), adapted_logits)
+    assert torch.equal(_logits(loaded.adapted(tiny_lm), questions), adapted_logits)
 
 
 # ------------------------------------------------------------------------------ CAA

@@ -166,7 +166,7 @@ def test_a_corrupt_cache_found_while_kedro_loads_a_dataset_is_still_one_sentence
     user error behind it, not the wrapper and its traceback."""
     from kedro.io import DatasetError
 
-    from pilot.cli import user_error
+    from pilot.framework.errors import user_error
 
     corrupt = CorruptCacheError("Latent cache manifest 'm.json' does not match its checksum; rebuild it.")
     try:

@@ -89,10 +89,10 @@ def test_decoding_settings_have_one_default_the_generation_block():
     decodes takes the whole block from its caller, with no default and no loose copy of a field."""
     import inspect
 
-    from pilot.baselines.caa import choose_caa_scale
     from pilot.evaluation import answer_and_score
     from pilot.generation import generate
     from pilot.latency import answerer
+    from pilot.methods.caa import choose_caa_scale
     from pilot.plans import HFTeacher, construct_and_verify
     from pilot.serving import PilotModel, log_pilot_model
 

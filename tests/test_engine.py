@@ -10,7 +10,8 @@ from torch import nn
 
 from pilot.checkpoint import CheckpointManager
 from pilot.config import LoopParams
-from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork, interventions
+from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
+from pilot.interventions import interventions
 from pilot.models import decoder_layers
 from pilot.sequences import next_token_loss
 from pilot.training.engine import (

@@ -4,17 +4,8 @@ import torch
 from pilot.artifacts import ArtifactChecksumError
 from pilot.config import GenerationParams
 from pilot.generation import generate
-from pilot.guidance import (
-    Guidance,
-    GuidanceInjector,
-    GuidedStudent,
-    HyperNetConfig,
-    HyperNetwork,
-    InterventionError,
-    capture_layers,
-    interventions,
-    last_token_states,
-)
+from pilot.guidance import Guidance, GuidanceInjector, GuidedStudent, HyperNetConfig, HyperNetwork, last_token_states
+from pilot.interventions import InterventionError, capture_layers, interventions
 from pilot.models import build_causal_lm, decoder_layers, load_causal_lm
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs

@@ -1,12 +1,9 @@
-import json
 
-import pandas as pd
 import pytest
 import torch
 
 from pilot.config import GuidanceParams, LatentsParams
-from pilot.guidance import capture_layers
-from pilot.baselines.caa import steering_vector
+from pilot.interventions import capture_layers
 from pilot.latents import (
     CorruptCacheError,
     LatentCache,
@@ -15,6 +12,7 @@ from pilot.latents import (
     read_shard,
     write_cache,
 )
+from pilot.methods.caa import steering_vector
 from pilot.prompts import answer_prompt, continuation
 from pilot.sequences import encode_pairs
 

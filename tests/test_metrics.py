@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from pilot.evaluation import gap_recovered, summarize, wilson_interval
+from pilot.statistics import gap_recovered, summarize, wilson_interval
 
 
 def _wilson_by_hand(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -140,7 +140,7 @@ def test_each_split_is_summarised_against_its_own_references():
 
 
 def test_mcnemar_exact_matches_the_binomial_by_hand():
-    from pilot.evaluation import mcnemar_exact
+    from pilot.statistics import mcnemar_exact
 
     # 2 vs 8 discordant: 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 2 * 56 / 1024
     assert mcnemar_exact(2, 8) == pytest.approx(0.109375)
@@ -152,7 +152,7 @@ def test_mcnemar_exact_matches_the_binomial_by_hand():
 @pytest.mark.parametrize("questions, discordant, better_share", [(9, 0.4, 0.8), (12, 0.7, 0.9), (10, 0.5, 0.5)])
 def test_mcnemar_power_is_the_probability_of_every_outcome_that_the_test_rejects(questions, discordant,
                                                                                 better_share):
-    from pilot.evaluation import mcnemar_exact, mcnemar_power
+    from pilot.statistics import mcnemar_exact, mcnemar_power
 
     expected = 0.0   # every (to the better, to the worse) count: its multinomial probability, if p < 0.05 for the better
     for better in range(questions + 1):
@@ -167,7 +167,7 @@ def test_mcnemar_power_is_the_probability_of_every_outcome_that_the_test_rejects
 
 
 def test_mcnemar_power_grows_with_the_questions_and_stays_under_half_alpha_without_an_effect():
-    from pilot.evaluation import mcnemar_power
+    from pilot.statistics import mcnemar_power
 
     powers = [mcnemar_power(n, 0.095, 0.65) for n in (300, 600, 1200)]
     assert powers == sorted(powers) and 0.5 < powers[1] < 0.65 < 0.85 < powers[2]
@@ -177,7 +177,7 @@ def test_mcnemar_power_grows_with_the_questions_and_stays_under_half_alpha_witho
 
 
 def test_paired_difference_counts_discordant_questions_and_brackets_the_difference():
-    from pilot.evaluation import paired_difference
+    from pilot.statistics import paired_difference
 
     first = [1, 0, 0, 1] * 50
     second = [1, 1, 0, 1] * 50     # right on every question the first got, and on 50 more

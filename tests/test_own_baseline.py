@@ -24,12 +24,11 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch import nn
 
-from pilot.baselines.modules import TrainedModule
 from pilot.config import AdapterTrainingParams, GuidanceParams, ParameterError, Params, adapter_loop
-from pilot.guidance.injection import Intervention, layer_hidden, with_hidden
+from pilot.interventions import Intervention, layer_hidden, with_hidden
 from pilot.methods import Attached
 from pilot.methods.registry import method_names, registered
-from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline
+from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline, TrainedModule
 from pilot.models import CausalLM, decoder_layers, freeze
 from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
 from pilot.training.engine import Objective, train

@@ -20,19 +20,18 @@ from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from pilot.methods.registry import method_names, registered
+from pilot.config import GuidanceParams
 from pilot.framework.datasets import LatentCacheDataset, LatentShardsDataset
 from pilot.framework.hooks import validate_parameters
 from pilot.guidance import HyperNetwork
-from pilot.baselines.caa import steered
-from pilot.config import GuidanceParams
 from pilot.latents import LatentCache
 from pilot.methods import Attached, Method, TrainingData
+from pilot.methods.caa import steered
+from pilot.methods.registry import method_names, registered
 from pilot.models import CausalLM
-from pilot.pipelines import baselines, base, data, evaluation, latents, plans, stage1, stage2
+from pilot.pipelines import base, baselines, data, evaluation, latents, plans, stage1, stage2
 from pilot.settings import CONFIG_LOADER_ARGS
 from tests.conftest import ROOT
-
 
 PIPELINES = (data, base, plans, latents, stage1, stage2, baselines, evaluation)
 

@@ -10,8 +10,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pilot.evaluation import wilson_interval
 from pilot.methods.registry import method_names
+from pilot.statistics import wilson_interval
 from tests.conftest import ROOT
 
 
@@ -39,7 +39,7 @@ def test_every_artefact_is_written_in_a_safe_format(finished_run):
     for path in ("06_models/student/model.safetensors", "06_models/teacher/model.safetensors",
                  "06_models/hypernet_stage1/hypernet.safetensors", "06_models/hypernet_stage2/hypernet_config.json",
                  "06_models/lora_adapter/adapter_model.safetensors", "06_models/steering_vector.safetensors",
-                 "06_models/reft_interventions/model.safetensors", "06_models/pause_tokens/config.json",
+                 "06_models/reft/model.safetensors", "06_models/pause_tokens/config.json",
                  "06_models/soft_thoughts/model.safetensors",
                  "05_model_input/latent_cache/manifest.json", "04_feature/teacher_plans.parquet",
                  "08_reporting/plan_gap.parquet", "08_reporting/results.md", "08_reporting/accuracy.png",

@@ -18,7 +18,8 @@ import torch
 
 from pilot.config import GenerationParams
 from pilot.generation import generate
-from pilot.guidance import HyperNetConfig, HyperNetwork, interventions
+from pilot.guidance import HyperNetConfig, HyperNetwork
+from pilot.interventions import interventions
 from pilot.prompts import prompt_format
 from pilot.serving import SIGNATURE, PilotModel, RequestError, RequestLimits, generation_of, log_pilot_model
 from tests.conftest import same_code_env

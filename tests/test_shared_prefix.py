@@ -8,12 +8,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from pilot.baselines.reft import Reft, train_reft
-from pilot.baselines.soft_prompts import AttachedSoftPrompt, make_soft_prompt
-from pilot.baselines.soft_tokens import placeholder_ids, placeholders
 from pilot.config import LMTrainConfig
+from pilot.methods.reft import ReftModule, train_reft
+from pilot.methods.soft_prompts import AttachedSoftPrompt, make_soft_prompt
 from pilot.models import CausalLM
 from pilot.sequences import encode_pairs
+from pilot.soft_tokens import placeholder_ids, placeholders
 from pilot.training.base_lm import answer_loss_terms
 from tests.test_prefix_cache import family_lm
 
@@ -88,10 +88,10 @@ def test_lora_gets_the_gradient_of_the_full_pass(tokenizer, task_table):
 def test_reft_acting_at_every_position_gets_the_gradient_of_the_full_pass(tokenizer, task_table):
     lm = family_lm(tokenizer, "llama")
     torch.manual_seed(0)
-    reft = Reft(lm.hidden_size, 3, [1, 2])
+    reft = ReftModule(lm.hidden_size, 3, [1, 2])
     with torch.no_grad():
-        for intervention in reft.interventions:
-            intervention.source.bias.normal_(0, 0.5)   # a non-zero edit at every position, prefix included
+        for edit in reft.edits:
+            edit.source.bias.normal_(0, 0.5)   # a non-zero edit at every position, prefix included
     pairs = examples(task_table)
     with reft.attached(lm):
         assert_same(step_gradients(lm, reft, pairs, False), step_gradients(lm, reft, pairs, True))

@@ -65,7 +65,8 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(workdir, tmp_path_f
 
 def test_a_non_finite_loss_stops_training_naming_term_and_step_and_removes_the_injector(tiny_lm, task_table,
                                                                                       tmp_path):
-    from pilot.guidance import GuidedStudent, interventions, make_hypernet
+    from pilot.guidance import GuidedStudent, make_hypernet
+    from pilot.interventions import interventions
     from pilot.latents import CachedLatents
     from pilot.training.engine import train
     from pilot.training.stage1 import stage1_objective

@@ -29,10 +29,11 @@ from pilot.config import (
     Stage1Config,
     Stage2Config,
 )
-from pilot.evaluation import answer_and_score, paired_difference, summarize
+from pilot.evaluation import answer_and_score
 from pilot.guidance import GuidedStudent, HyperNetwork
 from pilot.latents import LatentCache
 from pilot.models import CausalLM, count_parameters
+from pilot.statistics import paired_difference, summarize
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2
 from pilot.tuning import site_cache

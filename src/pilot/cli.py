@@ -15,48 +15,17 @@ and ``python -m pilot``); this one wraps Kedro's command and keeps all of its op
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import click
 from kedro.framework.cli.project import run as kedro_run
 
-TRACEBACK_VARIABLE = "PILOT_TRACEBACK"
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a user causes and fixes from the message (imported here: the CLI starts fast)."""
-    from pilot.artifacts import ArtifactChecksumError
-    from pilot.checkpoint import CorruptCheckpointError
-    from pilot.config import OutputNotWritableError, ParameterError
-    from pilot.framework.hooks import MissingInputError, StaleInputError
-    from pilot.latents import CorruptCacheError, StaleCacheError
-    from pilot.tracking import TrackingUnavailableError
-    from pilot.tuning import StorageUnavailableError
-
-    return (ParameterError, MissingInputError, StaleInputError, OutputNotWritableError, TrackingUnavailableError,
-            StorageUnavailableError, StaleCacheError, CorruptCacheError, ArtifactChecksumError, CorruptCheckpointError)
-
-
-def show_traceback(verbose: bool) -> bool:
-    return verbose or os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+from pilot.framework.errors import TRACEBACK_VARIABLE, show_traceback, user_error
 
 
 @click.group(name="pilot")
 def cli() -> None:
     """Commands of the pilot project."""
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The user error behind ``error``: itself, or the one a wrapper was raised from (Kedro wraps an
-    error raised while loading a dataset, a corrupt cache say, in its own ``DatasetError``)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, user_errors()):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def _run(verbose: bool, **options) -> dict:

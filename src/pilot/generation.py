@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pilot import distributed
-from pilot.guidance import Guidance, capture_layers
-from pilot.baselines.soft_tokens import SoftPrompt, placeholders
 from pilot.config import GenerationParams
+from pilot.guidance import Guidance
+from pilot.interventions import capture_layers
 from pilot.models import CausalLM
 from pilot.prompts import first_line, prompt_format
 from pilot.runtime import share_cores
+from pilot.soft_tokens import SoftPrompt, placeholders
 
 
 @dataclass

@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from pilot import distributed
 from pilot.config import GuidanceParams, LatentsParams
-from pilot.tasks import reply_targets
-from pilot.guidance import capture_layers
 from pilot.guidance.prefix import FrozenPrefix, check_prefix_support, frozen_prefix, prefix_rows, stack_prefix
+from pilot.interventions import capture_layers
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.prompts import prompt_format
 from pilot.runtime import share_cores
 from pilot.sequences import IGNORE_INDEX, encode_pairs, lengths_to_mask
+from pilot.tasks import reply_targets
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ class TokenBatch:
     def shared_prefix_length(self) -> int:
         """How many leading tokens every row shares, up to the first position whose logits the loss
         reads (a chat template's system prompt and a task's fixed instruction, typically). A soft-token
-        placeholder (a negative id, :mod:`pilot.baselines.soft_tokens`) ends it: its embedding differs by row."""
+        placeholder (a negative id, :mod:`pilot.soft_tokens`) ends it: its embedding differs by row."""
         if len(self.input_ids) < 2:
             return 0
         differs = (self.input_ids != self.input_ids[:1]).any(0) | (self.input_ids[0] < 0)
@@ -101,7 +101,7 @@ def encode_pairs(
     """Tokenise ``prompt + target + eos``; the loss (labels) covers target and eos only.
 
     ``prompt_prefix`` / ``prompt_suffix`` (token ids) start / end every prompt: the placeholders
-    of soft tokens (:mod:`pilot.baselines.soft_tokens`), which count as prompt.
+    of soft tokens (:mod:`pilot.soft_tokens`), which count as prompt.
     """
     if len(prompts) != len(targets):
         raise ValueError("encode_pairs needs as many targets as prompts.")

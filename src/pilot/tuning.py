@@ -47,8 +47,8 @@ from pilot.config import (
     Stage2Config,
     TuneParams,
 )
-from pilot.baselines.lora import lora_settings, train_lora
 from pilot.latents import LatentCache, plan_cache_build, write_cache
+from pilot.methods.lora import lora_settings, train_lora
 from pilot.models import CausalLM
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2

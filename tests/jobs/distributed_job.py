@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pilot import distributed
-from pilot.baselines.lora import train_lora
-from pilot.config import GenerationParams, GuidanceParams, LatentsParams, LMTrainConfig, Stage1Config
-from pilot.latents import LatentCache
-from pilot.models import load_causal_lm
-from pilot.config import Stage2Config
+from pilot.config import GenerationParams, GuidanceParams, LatentsParams, LMTrainConfig, Stage1Config, Stage2Config
 from pilot.guidance import make_hypernet
+from pilot.latents import LatentCache
+from pilot.methods.lora import train_lora
+from pilot.models import load_causal_lm
 from pilot.training import stage2
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2

@@ -26,7 +26,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from pilot import distributed
-from pilot.cli import show_traceback, user_error
+from pilot.framework.errors import show_traceback, user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

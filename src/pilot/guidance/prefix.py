@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from pilot.guidance.injection import GuidanceInjector, capture_layers, layer_hidden
+from pilot.guidance.injection import GuidanceInjector
+from pilot.interventions import capture_layers, layer_hidden
 from pilot.models import decoder_layers
 from pilot.sequences import IGNORE_INDEX, TokenBatch, lengths_to_mask
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pilot.guidance.hypernet import HyperNetwork
-from pilot.guidance.injection import Guidance, GuidanceInjector, capture_layers
+from pilot.guidance.injection import Guidance, GuidanceInjector
 from pilot.guidance.prefix import (
     FrozenPrefix,
     PromptCache,
@@ -15,6 +15,7 @@ from pilot.guidance.prefix import (
     forward_from_site,
     prompt_cache,
 )
+from pilot.interventions import capture_layers
 from pilot.models import CausalLM, freeze
 from pilot.prompts import prompt_format
 from pilot.sequences import TokenBatch, encode_pairs, labelled_logits, lengths_to_mask

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import pandas as pd
 
+    from pilot.config import GenerationParams
     from pilot.guidance import Guidance
-    from pilot.baselines.soft_tokens import SoftPrompt
     from pilot.models import CausalLM
+    from pilot.soft_tokens import SoftPrompt
 
 # What every method's MLflow run records, with the same keys for all (empty where a setting does
 # not apply), so MLflow's compare view and parallel-coordinates plot line the methods up.
@@ -78,6 +79,19 @@ class Method:
         """The method on ``student`` while inside (hooks removed however the block ends)."""
         self.prepare(student)
         yield Attached(student)
+
+    def answer(self, student: CausalLM, rows: pd.DataFrame, generation: GenerationParams) -> pd.DataFrame:
+        """Its scored answers to ``rows`` (:func:`pilot.evaluation.answer_and_score`): attached to ``student``
+        for the whole table, with what it adds per row (plans, time paid outside the student) and the run's
+        decoding. Data-parallel processes share the generation (each answers its batches; every one gets the
+        table)."""
+        from pilot.evaluation import answer_and_score  # generation's imports are heavy: the served model skips them
+
+        inputs = self.row_inputs(rows)
+        with self.attach(student) as attached:
+            return answer_and_score(attached.student, rows, guidance=attached.guidance,
+                                    soft_prompt=attached.soft_prompt, generation=generation, method=self.name,
+                                    progress=self.name, spread=True, **inputs)
 
     def row_inputs(self, rows: pd.DataFrame) -> dict[str, list]:
         """What the method adds to each of ``rows`` (``plans``, ``extra_seconds``), in their order."""

@@ -1,18 +1,75 @@
-"""CAA as a compared method: the static steering vector at the injection layer, at its chosen scale."""
+"""CAA, as a compared method: a static steering vector -- the mean difference of plan-conditioned
+and plan-free states -- at the injection layer, at its chosen scale.
+
+The vector comes from the latent cache (both states at the injection layer, per example), is
+injected through the same energy-aligned injector as PILOT's guidance, and its scale is chosen
+on the validation split. It is PILOT without the query: one vector for every question.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import pandas as pd
 import torch
 
-from pilot.baselines.caa import steered
-from pilot.config import GuidanceParams
+from pilot.config import GenerationParams, GuidanceParams
+from pilot.evaluation import accuracy
+from pilot.guidance import Guidance, GuidanceInjector
+from pilot.latents import LatentCache
 from pilot.methods.base import Attached, Method, TrainingData
 from pilot.models import CausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def steering_vector(cache: LatentCache) -> dict[str, torch.Tensor]:
+    """The mean of ``plan-conditioned - plan-free`` states at the injection layer over the cache.
+
+    Also returns ``reference_rms``, the mean RMS norm of the plan-free states there, so the
+    vector can be injected through the same energy-aligned injector as PILOT's guidance.
+    """
+    total, rms_total, count = None, 0.0, 0
+    for shard in cache.shards():
+        difference = (shard["inject_plan_mean"].float() - shard["inject_free_mean"].float()).sum(0)
+        total = difference if total is None else total + difference
+        rms_total += float(shard["inject_free_rms"].sum())
+        count += shard["inject_plan_mean"].shape[0]
+    return {"vector": total / max(count, 1), "reference_rms": torch.tensor(rms_total / max(count, 1))}
+
+
+def caa_guidance(steering: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The steering vector in the injector's units: the injector adds ``scale * rms(h) * g``,
+    so ``g = vector / reference_rms`` adds about ``scale * vector`` to a typical state."""
+    return steering["vector"] / steering["reference_rms"].clamp_min(1e-6)
+
+
+@contextmanager
+def steered(student: CausalLM, steering: dict[str, torch.Tensor], inject_layer: int, scale: float,
+            num_prompts: int) -> Iterator[Guidance]:
+    """Guidance adding the steering vector at ``scale`` to every prompt; removed on leaving."""
+    with GuidanceInjector(student.model, inject_layer, scale, name="caa_steering") as injector:
+        yield Guidance(injector, vectors=caa_guidance(steering).expand(num_prompts, -1))
+
+
+def choose_caa_scale(student: CausalLM, val_rows: pd.DataFrame, steering: dict[str, torch.Tensor],
+                     inject_layer: int, scales: Sequence[float],
+                     generation: GenerationParams) -> tuple[float, pd.DataFrame]:
+    """Pick the steering scale with the best validation accuracy (decoding with ``generation``, the
+    run's settings); returns (scale, sweep table)."""
+    sweep = []
+    for scale in scales:
+        with steered(student, steering, inject_layer, scale, len(val_rows)) as guidance:
+            value = accuracy(student, val_rows, guidance=guidance, generation=generation)
+        sweep.append({"scale": float(scale), "val_accuracy": value})
+        logger.info("CAA scale %.3g: validation accuracy %.3f", scale, value)
+    table = pd.DataFrame(sweep)
+    best = float(table.loc[table["val_accuracy"].idxmax(), "scale"])
+    return best, table
 
 
 @dataclass

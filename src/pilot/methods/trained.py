@@ -15,18 +15,68 @@ parameter block in ``conf/base/parameters_baselines.yml`` and one line in :mod:`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pilot.baselines.modules import load_trained_module
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pilot.artifacts import atomic_folder, verify_folder
 from pilot.config import BaselinesParams, GuidanceParams, Params, Stage1Params, validate
 from pilot.guidance import make_hypernet
 from pilot.methods.base import Method, TrainingData
 from pilot.models import CausalLM, count_parameters
 from pilot.training.engine import TrainingResult
 from pilot.training.protocol import TrainingProtocol
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+_KINDS: dict[str, type[TrainedModule]] = {}
+
+
+class TrainedModule(nn.Module):
+    """A baseline's trainable part, saved as ``config.json`` (``kind`` names the class; the rest rebuilds
+    it) and ``model.safetensors``, written atomically with checksums; nothing is pickled. Subclasses set
+    ``kind`` and define ``config`` / ``from_config``."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        _KINDS[cls.kind] = cls
+
+    @property
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict) -> TrainedModule:
+        raise NotImplementedError
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | Path) -> None:
+        with atomic_folder(path) as folder:
+            (folder / CONFIG).write_text(json.dumps(self.config, indent=2))
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, folder / WEIGHTS)
+
+
+def load_trained_module(path: str | Path, rebuild: str = "kedro run --pipelines baselines") -> TrainedModule:
+    """The module saved at ``path`` (checksums verified), in eval mode on the CPU: any kind defined so far
+    (a method's module registers its kinds; its method class loads its own artefact after it)."""
+    path = Path(path)
+    verify_folder(path, rebuild)
+    config = json.loads((path / CONFIG).read_text())
+    kind = config.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"{path / CONFIG} names kind {kind!r}, not one of {sorted(_KINDS)}; rebuild it with `{rebuild}`.")
+    module = _KINDS[kind].from_config(config)
+    module.load_state_dict(load_file(path / WEIGHTS))
+    return module.eval()
 
 # What a train hook returns: the artefact, its per-step history rows (`val_accuracy` on the validated
 # steps: TrainingResult.history_with_validation) and its summary metrics.
@@ -95,7 +145,7 @@ class TrainedBaseline(Method):
     @classmethod
     def load_artefact(cls, path: Path, rebuild: str) -> Any:
         """What :meth:`save_artefact` wrote, checksums verified; by default a
-        :class:`~pilot.baselines.modules.TrainedModule` folder."""
+        :class:`TrainedModule` folder."""
         return load_trained_module(path, rebuild)
 
     def comparable_settings(self, data: TrainingData) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from pilot.config import BaseParams, GenerationParams, ModelParams, with_run_seed
-from pilot.evaluation import answer_and_score, summarize
+from pilot.evaluation import answer_and_score
 from pilot.models import (
     CausalLM,
     PretrainedModelRef,
@@ -32,6 +32,7 @@ from pilot.models import (
     train_tokenizer,
 )
 from pilot.prompts import TOY, answer_prompt, continuation
+from pilot.statistics import summarize
 from pilot.tracking import metric_records
 from pilot.training.base_lm import adapt, student_examples, teacher_examples, train_causal_lm
 

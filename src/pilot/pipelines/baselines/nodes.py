@@ -11,9 +11,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pilot.baselines.caa import choose_caa_scale, steering_vector
 from pilot.config import BaselinesParams, GenerationParams, GuidanceParams
 from pilot.latents import LatentCache
+from pilot.methods.caa import choose_caa_scale, steering_vector
 from pilot.methods.trained import TrainedBaseline
 from pilot.models import CausalLM
 from pilot.tracking import metric_records

@@ -14,7 +14,6 @@ import pandas as pd
 
 from pilot import plots, tracking
 from pilot.config import EvaluationParams, GenerationParams
-from pilot.evaluation import answer_with, summarize
 from pilot.fingerprint import fingerprint
 from pilot.latency import answerer, latency_table, measure_latency
 from pilot.latents import select_examples
@@ -22,18 +21,19 @@ from pilot.methods import Method, TrainingData
 from pilot.methods.pilot import Pilot
 from pilot.models import CausalLM
 from pilot.serving import log_pilot_model
+from pilot.statistics import summarize
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate_method(method: Method, student: CausalLM, tasks_test: pd.DataFrame,
                     generation: GenerationParams) -> pd.DataFrame:
-    """``method``'s answers to every test question, scored (:func:`pilot.evaluation.answer_with`).
+    """``method``'s answers to every test question, scored (:meth:`pilot.methods.base.Method.answer`).
 
     Returns:
         ``predictions_<method>``: one row per question.
     """
-    predictions = answer_with(method, student, tasks_test, generation)
+    predictions = method.answer(student, tasks_test, generation)
     logger.info("%s: test accuracy %.3f", method.name, predictions["correct"].mean())
     return predictions
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from pilot import tracking
-from pilot.baselines.lora import LORA_TUNED_KEYS
 from pilot.config import BaselinesParams, GuidanceParams, TuneParams
+from pilot.methods.lora import LORA_TUNED_KEYS
 from pilot.methods.trained import hypernet_budget
 from pilot.models import CausalLM
 from pilot.training.protocol import TrainingProtocol

@@ -1,7 +1,7 @@
 """Soft tokens: positions of the student's input whose embeddings come from a trained module.
 
 Pause tokens append ``k`` soft tokens to every prompt, soft thoughts prepend them
-(:mod:`pilot.baselines.soft_prompts`). A prompt carries them as *placeholder ids* (``-1 ... -k``: never a real token), and
+(:mod:`pilot.methods.soft_prompts`). A prompt carries them as *placeholder ids* (``-1 ... -k``: never a real token), and
 :class:`SoftTokenSlots`, an intervention on the student's input-embedding layer, replaces the
 embedding of each placeholder with the row's soft token while a :meth:`~SoftTokenSlots.fill`
 block hands it the embeddings. The student's weights are untouched; training, validation and
@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from pilot.guidance.injection import Intervention, InterventionError
+from pilot.interventions import Intervention, InterventionError
 
 
 def placeholder_ids(num_tokens: int) -> list[int]:
