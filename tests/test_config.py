@@ -5,7 +5,6 @@ import pytest
 
 from pilot.config import (
     PARAMETER_MODELS,
-    BaselinesParams,
     DataParams,
     GuidanceParams,
     LatentsParams,
@@ -15,6 +14,7 @@ from pilot.config import (
     check_top_level,
     validate,
 )
+from pilot.methods.caa import CaaParams
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pilot"
 KEDRO_GLUE = {"settings.py", "pipeline_registry.py", "__main__.py", "cli.py"}
@@ -71,7 +71,7 @@ def test_every_shipped_environment_resolves_to_valid_parameters(env):
      "Parameter 'stage1.training.rl_weight' = nan is invalid: input should be a finite number."),
     (Stage1Params, {"training": {"contrastive_weight": "inf"}},  # as `--params` passes it
      "Parameter 'stage1.training.contrastive_weight' = 'inf' is invalid: input should be a finite number."),
-    (BaselinesParams, {"caa": {"scales": [1.0, float("inf")]}},
+    (CaaParams, {"scales": [1.0, float("inf")]},
      "Parameter 'baselines.caa.scales.1' = inf is invalid: input should be a finite number."),
     (TuneParams, {"rl_weight": {"low": 0.01, "high": float("inf")}},
      "Parameter 'tune.rl_weight.high' = inf is invalid: input should be a finite number."),
@@ -92,7 +92,7 @@ def test_every_shipped_environment_resolves_to_valid_parameters(env):
      "reasoning-gym evaluates '*' and '/' left to right"),
 ])
 def test_bad_parameters_are_one_clear_sentence(model, value, message):
-    prefix = {Stage1Params: "stage1", DataParams: "data", GuidanceParams: "guidance", BaselinesParams: "baselines",
+    prefix = {Stage1Params: "stage1", DataParams: "data", GuidanceParams: "guidance", CaaParams: "baselines.caa",
               TuneParams: "tune", LatentsParams: "latents"}[model]
     with pytest.raises(ParameterError) as error:
         validate(model, value, prefix)

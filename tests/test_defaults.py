@@ -74,6 +74,20 @@ def test_code_defaults_equal_conf_base(base_parameters):
     assert stale == [], f"EXCEPTIONS lists keys that now agree with conf/base; remove them: {stale}"
 
 
+def test_each_methods_settings_default_to_its_conf_base_block(base_parameters):
+    """A method's settings live beside it (:attr:`pilot.methods.base.Method.params`); their code defaults
+    are its ``baselines.<name>`` block in conf/base, which names every such method."""
+    from pilot.methods.registry import compared_methods
+
+    configurable = {name: method for name, method in compared_methods().items() if method.params is not None}
+    assert set(base_parameters["baselines"].model_extra) == set(configurable)
+    found = [line for name, method in configurable.items()
+             for line in disagreements(method.own_params(base_parameters["baselines"]), method.params(),
+                                       f"baselines.{name}")]
+    assert found == [], "code defaults that differ from conf/base (change the default beside the method):\n" + \
+                        "\n".join(found)
+
+
 def test_a_disagreement_is_named_with_its_full_key():
     """The comparison itself: a changed nested field, a changed field of a default instance, a changed list."""
     configured = Stage1Params(training=Stage1Config(steps=7))

@@ -11,8 +11,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pilot.config import BaselinesParams, GuidanceParams, ParameterError, ReftParams, Stage1Params, TuneParams, validate
+from pilot.config import BaselinesParams, GuidanceParams, ParameterError, Stage1Params, TuneParams, validate
 from pilot.framework.parameters import _unmergeable_override
+from pilot.methods.reft import Reft, ReftParams
 from tests.conftest import make_project, run, same_code_env
 
 
@@ -156,7 +157,8 @@ def test_booleans_are_not_numbers(model, prefix, value, message):
 def test_booleans_stay_booleans_and_numbers_stay_numbers():
     assert validate(Stage1Params, {"use_tuned_weights": True, "training": {"steps": 5}}, "stage1").training.steps == 5
     assert validate(TuneParams, {"worker": "a", "timeout_s": 60}, "tune").worker == "a"
-    assert validate(BaselinesParams, {"reft": {"layers": [0, -1]}}, "baselines").reft.layers == [0, -1]
+    baselines = validate(BaselinesParams, {"reft": {"layers": [0, -1]}}, "baselines")
+    assert Reft.own_params(baselines).layers == [0, -1]
 
 
 def test_heads_must_divide_the_width_only_for_the_attention_reader():

@@ -248,8 +248,8 @@ def test_lora_gets_pilots_tuning_budget_through_the_same_machinery(project, monk
 
 
 def test_lora_settings_refuse_use_tuned_without_a_study():
-    from pilot.config import LoraParams, Stage1Config
-    from pilot.methods.lora import lora_settings
+    from pilot.config import Stage1Config
+    from pilot.methods.lora import LoraParams, lora_settings
 
     with pytest.raises(ValueError, match="run `kedro run --pipelines tune_lora` first"):
         lora_settings(LoraParams(), Stage1Config(), seed=0, tuned={})

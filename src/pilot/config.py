@@ -33,8 +33,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pilot.answers import check_extraction_rule
-from pilot.tasks import (GeneratorSettingError, check_generator_kwargs, check_local_dataset, check_reply_format,
-                         check_task_name)
+from pilot.tasks import (
+    GeneratorSettingError,
+    check_generator_kwargs,
+    check_local_dataset,
+    check_reply_format,
+    check_task_name,
+)
 
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -499,68 +504,13 @@ def adapter_loop(training: AdapterTrainingParams, stage1: Stage1Config, seed: in
                          share_prefix=loop.share_prefix, seed=loop.seed)
 
 
-class LoraParams(Params):
-    use_tuned: bool = False   # true: learning rate and alpha ratio from `kedro run --pipelines tune_lora`
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
-    match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    lora_alpha_ratio: Positive = 2.0
-    training: AdapterTrainingParams = AdapterTrainingParams()
-
-
-class CaaParams(Params):
-    scales: list[Positive] = Field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0], min_length=1)
-
-
-class ReftParams(Params):
-    """LoReFT interventions; rank matched to the hyper-network's budget (capped at the hidden size)."""
-
-    layers: list[int] | None = None   # null: the guidance's inject_layer and every layer after it
-    match_tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    training: AdapterTrainingParams = AdapterTrainingParams(learning_rate=3e-3)
-
-    def check_against(self, num_layers: int, hidden_size: int, budget: int) -> None:
-        """The configured ``layers`` must exist in a student with ``num_layers`` decoder layers, each
-        once, and fit the hyper-network's parameter ``budget`` at rank 1 (the rank only grows from there:
-        ``2 * rank * hidden_size + rank`` parameters a layer)."""
-        if not self.layers:
-            return
-        allowed = f"0..{num_layers - 1}, or -{num_layers}..-1 counting from the end"
-        for layer in self.layers:
-            if not -num_layers <= layer < num_layers:
-                raise ParameterError(f"Parameter 'baselines.reft.layers' = {self.layers} names layer {layer}, outside "
-                                     f"the student's layers: allowed {allowed}.")
-        if len({layer % num_layers for layer in self.layers}) != len(self.layers):
-            raise ParameterError(f"Parameter 'baselines.reft.layers' = {self.layers} names a layer twice (negative "
-                                 f"indices count from the end of {num_layers}); list each once.")
-        smallest = len(self.layers) * (2 * hidden_size + 1)
-        if smallest > (1 + self.match_tolerance) * budget:
-            raise ParameterError(
-                f"Parameter 'baselines.reft.layers' = {self.layers} needs {smallest} parameters even at rank 1, over "
-                f"the hyper-network's budget of {budget} (baselines.reft.match_tolerance: {self.match_tolerance}); "
-                "list fewer layers.")
-
-
-class SoftTokenParams(Params):
-    """Pause tokens (after every prompt) or soft thoughts (before it): ``num_tokens`` soft tokens."""
-
-    num_tokens: PositiveInt = 8
-    training: AdapterTrainingParams = AdapterTrainingParams()
-
-
 class BaselinesParams(Params):
-    """One block per trained baseline (and CAA's). A block not declared here belongs to a baseline of
-    your own: kept as configured and validated by its method's parameter class
-    (:meth:`pilot.methods.trained.TrainedBaseline.own_params`; a block naming no compared method is an
-    error before the run, :func:`pilot.methods.registry.check_baseline_blocks`)."""
+    """One block per compared method that has settings, ``baselines.<name>``: kept as configured here and
+    validated by that method's own parameter class (:meth:`pilot.methods.base.Method.own_params`), which
+    lives beside the method; a block naming no such method is an error before the run
+    (:func:`pilot.methods.registry.check_baseline_blocks`)."""
 
     model_config = ConfigDict(extra="allow")
-
-    lora: LoraParams = LoraParams()
-    reft: ReftParams = ReftParams()
-    caa: CaaParams = CaaParams()
-    pause_tokens: SoftTokenParams = SoftTokenParams(training=AdapterTrainingParams(learning_rate=1e-1))
-    soft_thoughts: SoftTokenParams = SoftTokenParams(num_tokens=4)
 
 
 # ---------------------------------------------------------------------------------- tuning

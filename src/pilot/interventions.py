@@ -4,9 +4,8 @@ A *site* is a decoder layer (or the input embeddings). An :class:`Intervention` 
 sites; it is registered on the model under its name, refuses to share a site with another one
 unless asked, and is removed with its hooks on leaving its ``with`` block -- on success, pruning, a
 NaN stop or an error. The backbone's weights are never touched. Every edit of the student is one:
-PILOT's and CAA's :class:`~pilot.guidance.injection.GuidanceInjector`, ReFT's
-(:meth:`pilot.methods.reft.ReftModule.attached`) and the soft-token slots
-(:class:`pilot.soft_tokens.SoftTokenSlots`). :func:`capture_layers` reads a site's hidden states.
+PILOT's and CAA's :class:`~pilot.guidance.injection.GuidanceInjector`, ReFT's edits, the
+soft-token slots (:class:`pilot.soft_tokens.SoftTokenSlots`) and any method of your own. :func:`capture_layers` reads a site's hidden states.
 """
 
 from __future__ import annotations

@@ -41,14 +41,13 @@ from pilot.config import (
     GenerationParams,
     GuidanceParams,
     LatentsParams,
-    LoraParams,
     ParameterError,
     Stage1Config,
     Stage2Config,
     TuneParams,
 )
 from pilot.latents import LatentCache, plan_cache_build, write_cache
-from pilot.methods.lora import lora_settings, train_lora
+from pilot.methods.lora import LoraParams, lora_settings, train_lora
 from pilot.models import CausalLM
 from pilot.training.stage1 import run_stage1
 from pilot.training.stage2 import run_stage2

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import pandas as pd
 
-    from pilot.config import GenerationParams
+    from pilot.config import BaselinesParams, GenerationParams, Params
     from pilot.guidance import Guidance
     from pilot.models import CausalLM
     from pilot.soft_tokens import SoftPrompt
@@ -67,8 +67,20 @@ class Method:
     """One compared method. Subclasses are dataclasses whose fields are built from :attr:`inputs`."""
 
     name: ClassVar[str]
+    # Its settings' class, validating its block ``baselines.<name>``; None: a method without settings.
+    params: ClassVar[type[Params] | None] = None
     # The catalog entries and ``params:<block>`` it is built from, in the order of its fields.
     inputs: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def own_params(cls, baselines: BaselinesParams) -> Params:
+        """Its block, ``baselines.<name>``, validated by :attr:`params` (its defaults where the block is absent)."""
+        from pilot.config import validate
+
+        if cls.params is None:
+            raise TypeError(f"Method '{cls.name}' has no settings (its `params` class is None).")
+        block = getattr(baselines, cls.name, None)
+        return block if isinstance(block, cls.params) else validate(cls.params, block or {}, f"baselines.{cls.name}")
 
     def prepare(self, student: CausalLM) -> None:
         """One-time work before answering, not part of any question's time (moving trained parts to

@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+from pydantic import Field
 
-from pilot.config import GenerationParams, GuidanceParams
+from pilot.config import GenerationParams, GuidanceParams, Params, Positive
 from pilot.evaluation import accuracy
 from pilot.guidance import Guidance, GuidanceInjector
 from pilot.latents import LatentCache
@@ -25,6 +26,14 @@ from pilot.methods.base import Attached, Method, TrainingData
 from pilot.models import CausalLM
 
 logger = logging.getLogger(__name__)
+
+
+class CaaParams(Params):
+    """``baselines.caa``: the scales CAA's vector is tried at on the validation split."""
+
+    scales: list[Positive] = Field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0], min_length=1,
+                                   description="Relative energies (the injector's guidance_scale) to try; the best "
+                                               "on the validation split is used.")
 
 
 def steering_vector(cache: LatentCache) -> dict[str, torch.Tensor]:
@@ -77,6 +86,7 @@ class Caa(Method):
     """One steering vector for every question (PILOT without the query), scaled as chosen on validation."""
 
     name: ClassVar[str] = "caa"
+    params: ClassVar[type[CaaParams]] = CaaParams
     inputs: ClassVar[tuple[str, ...]] = ("steering_vector", "caa_config", "params:guidance")
     steering_vector: dict[str, torch.Tensor]
     caa_config: dict

@@ -16,20 +16,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import pandas as pd
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from pilot.artifacts import atomic_folder, verify_folder
 from pilot.config import (
+    AdapterTrainingParams,
     GenerationParams,
     GuidanceParams,
     LMTrainConfig,
-    LoraParams,
     ParameterError,
+    Params,
+    Positive,
     Stage1Config,
     adapter_loop,
 )
@@ -42,6 +45,21 @@ from pilot.training.engine import TrainingResult
 from pilot.training.protocol import TrainingProtocol
 
 logger = logging.getLogger(__name__)
+
+
+class LoraParams(Params):
+    """``baselines.lora``: LoRA whose rank brings its trainable parameters to the hyper-network's."""
+
+    use_tuned: bool = Field(False, description="Take the learning rate and alpha ratio that `kedro run --pipelines "
+                                               "tune_lora` found (tuned_lora.json) instead of the ones below.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="The student's Linear layers (by the last part of their name) that get an adapter.")
+    match_tolerance: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.1, description="How far the adapter's parameter count may fall from the hyper-network's, as a fraction.")
+    lora_alpha_ratio: Positive = Field(2.0, description="LoRA's alpha over its rank (the scale of the update).")
+    training: AdapterTrainingParams = Field(AdapterTrainingParams(), description="Its loop; steps and batch size "
+                                            "left null are stage 1's.")
 
 
 def lora_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> dict[str, torch.nn.Linear]:

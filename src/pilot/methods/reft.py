@@ -20,14 +20,23 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig, ReftParams, adapter_loop
+from pilot.config import (
+    AdapterTrainingParams,
+    GenerationParams,
+    GuidanceParams,
+    LMTrainConfig,
+    ParameterError,
+    Params,
+    adapter_loop,
+)
 from pilot.evaluation import validator
 from pilot.interventions import Intervention, layer_hidden, with_hidden
 from pilot.methods.base import Attached, TrainingData
@@ -46,6 +55,38 @@ from pilot.training.engine import Objective, TrainingResult, train
 from pilot.training.protocol import TrainingProtocol
 
 logger = logging.getLogger(__name__)
+
+
+class ReftParams(Params):
+    """``baselines.reft``: LoReFT edits whose rank matches the hyper-network's budget (capped at the hidden size)."""
+
+    layers: list[int] | None = Field(None, description="The decoder layers edited; null: the guidance's "
+                                                       "inject_layer and every layer after it.")
+    match_tolerance: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.1, description="How far the edits' parameter count may fall from the hyper-network's, as a fraction.")
+    training: AdapterTrainingParams = Field(AdapterTrainingParams(learning_rate=3e-3), description="Its loop; "
+                                            "steps and batch size left null are stage 1's.")
+
+    def check_against(self, num_layers: int, hidden_size: int, budget: int) -> None:
+        """The configured ``layers`` must exist in a student with ``num_layers`` decoder layers, each
+        once, and fit the hyper-network's parameter ``budget`` at rank 1 (the rank only grows from there:
+        ``2 * rank * hidden_size + rank`` parameters a layer)."""
+        if not self.layers:
+            return
+        allowed = f"0..{num_layers - 1}, or -{num_layers}..-1 counting from the end"
+        for layer in self.layers:
+            if not -num_layers <= layer < num_layers:
+                raise ParameterError(f"Parameter 'baselines.reft.layers' = {self.layers} names layer {layer}, outside "
+                                     f"the student's layers: allowed {allowed}.")
+        if len({layer % num_layers for layer in self.layers}) != len(self.layers):
+            raise ParameterError(f"Parameter 'baselines.reft.layers' = {self.layers} names a layer twice (negative "
+                                 f"indices count from the end of {num_layers}); list each once.")
+        smallest = len(self.layers) * (2 * hidden_size + 1)
+        if smallest > (1 + self.match_tolerance) * budget:
+            raise ParameterError(
+                f"Parameter 'baselines.reft.layers' = {self.layers} needs {smallest} parameters even at rank 1, over "
+                f"the hyper-network's budget of {budget} (baselines.reft.match_tolerance: {self.match_tolerance}); "
+                "list fewer layers.")
 
 
 class LoReft(nn.Module):

@@ -44,7 +44,7 @@ def compared_methods() -> dict[str, type[Method]]:
 
 
 def _check_trained(method: type[TrainedBaseline]) -> None:
-    missing = [name for name in ("params", "artefact") if not hasattr(method, name)]
+    missing = [name for name in ("params", "artefact") if getattr(method, name, None) is None]
     if missing:
         raise ValueError(f"Trained baseline '{method.name}' does not set {missing}; set its parameter class and the "
                          "catalog entry it trains (docs/own_models.md, \"Your own method\").")
@@ -61,15 +61,14 @@ def trained_baselines() -> list[type[TrainedBaseline]]:
 
 
 def check_baseline_blocks(baselines: BaselinesParams) -> None:
-    """Each trained baseline's block of ``baselines`` is valid for its parameter class, and every block
-    that :class:`~pilot.config.BaselinesParams` does not declare names one (else a misspelt block would
-    silently configure nothing)."""
-    trained = {method.name: method for method in trained_baselines()}
+    """Every block of ``baselines`` names a compared method with settings (else a misspelt block would
+    silently configure nothing), and each such method's block is valid for its parameter class."""
+    configurable = {name: method for name, method in compared_methods().items() if method.params is not None}
     for name in baselines.model_extra or {}:
-        if name not in trained:
+        if name not in configurable:
             raise ParameterError(f"Parameter 'baselines.{name}' is not a known setting; remove it or fix its spelling "
-                                 f"(trained baselines: {', '.join(trained)}).")
-    for method in trained.values():
+                                 f"(methods with settings: {', '.join(configurable)}).")
+    for method in configurable.values():
         method.own_params(baselines)
 
 

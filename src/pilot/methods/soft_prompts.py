@@ -26,9 +26,19 @@ from typing import ClassVar
 
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 
-from pilot.config import GenerationParams, GuidanceParams, LMTrainConfig, ParameterError, SoftTokenParams, adapter_loop
+from pilot.config import (
+    AdapterTrainingParams,
+    GenerationParams,
+    GuidanceParams,
+    LMTrainConfig,
+    ParameterError,
+    Params,
+    PositiveInt,
+    adapter_loop,
+)
 from pilot.evaluation import validator
 from pilot.generation import left_pad
 from pilot.interventions import capture_layers
@@ -48,6 +58,28 @@ from pilot.training.engine import Objective, TrainingResult, train
 from pilot.training.protocol import TrainingProtocol
 
 logger = logging.getLogger(__name__)
+
+
+class SoftTokenParams(Params):
+    """``baselines.<pause_tokens | soft_thoughts>``: how many soft tokens, and the loop that trains them."""
+
+    num_tokens: PositiveInt = Field(8, description="Soft tokens around every prompt.")
+    training: AdapterTrainingParams = Field(AdapterTrainingParams(), description="Its loop; steps and batch size "
+                                            "left null are stage 1's.")
+
+
+class PauseTokenParams(SoftTokenParams):
+    """``baselines.pause_tokens``; its learning rate: the best validation accuracy at 500 steps over
+    1e-3..3e-1 (benchmarks/baseline_learning_rates.py)."""
+
+    training: AdapterTrainingParams = Field(AdapterTrainingParams(learning_rate=1e-1), description="Its loop; steps "
+                                            "and batch size left null are stage 1's.")
+
+
+class SoftThoughtParams(SoftTokenParams):
+    """``baselines.soft_thoughts``: the teacher's states at the prompt's last ``num_tokens`` positions."""
+
+    num_tokens: PositiveInt = Field(4, description="Soft tokens before every prompt, one per position read.")
 
 
 def vocabulary_embeddings(student: CausalLM, count: int, seed: int) -> torch.Tensor:
@@ -266,6 +298,7 @@ class PauseTokens(SoftPromptMethod):
     """The same learned pause tokens after every prompt."""
 
     name: ClassVar[str] = "pause_tokens"
+    params: ClassVar[type[SoftTokenParams]] = PauseTokenParams
     artefact: ClassVar[str] = "pause_tokens_artefact"
     inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "pause_tokens_artefact")
     module: TrainedModule
@@ -287,6 +320,7 @@ class SoftThoughts(SoftPromptMethod):
     """Soft thoughts: the teacher reads each prompt at run time (its time is in the latency)."""
 
     name: ClassVar[str] = "soft_thoughts"
+    params: ClassVar[type[SoftTokenParams]] = SoftThoughtParams
     artefact: ClassVar[str] = "soft_thoughts_artefact"
     train_inputs: ClassVar[tuple[str, ...]] = ("teacher_model",)
     inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "soft_thoughts_artefact", "teacher_model")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pilot.artifacts import atomic_folder, verify_folder
-from pilot.config import BaselinesParams, GuidanceParams, Params, Stage1Params, validate
+from pilot.config import BaselinesParams, GuidanceParams, Params, Stage1Params
 from pilot.guidance import make_hypernet
 from pilot.methods.base import Method, TrainingData
 from pilot.models import CausalLM, count_parameters
@@ -102,8 +102,8 @@ class TrainedBaseline(Method):
     by default) on the training split. Subclasses list ``params:baselines`` and ``params:stage1``
     first in their inputs, then their :attr:`artefact` and anything else they are built from."""
 
-    # Its parameter block's class; the block is ``baselines.<name>`` and has a ``training`` loop
-    # (:class:`~pilot.config.AdapterTrainingParams`).
+    # Its parameter block's class (:attr:`Method.params`): the block is ``baselines.<name>`` and has a
+    # ``training`` loop (:class:`~pilot.config.AdapterTrainingParams`).
     params: ClassVar[type[Params]]
     # The catalog entry it trains and is built from; ``<name>_artefact`` needs no catalog entry.
     artefact: ClassVar[str]
@@ -112,12 +112,6 @@ class TrainedBaseline(Method):
 
     baselines: BaselinesParams
     stage1: Stage1Params
-
-    @classmethod
-    def own_params(cls, baselines: BaselinesParams) -> Params:
-        """Its block, ``baselines.<name>``, validated by :attr:`params` (its defaults where the block is absent)."""
-        block = getattr(baselines, cls.name, None)
-        return block if isinstance(block, cls.params) else validate(cls.params, block or {}, f"baselines.{cls.name}")
 
     @classmethod
     def check_against(cls, params: Params, shapes: StudentShapes) -> None:

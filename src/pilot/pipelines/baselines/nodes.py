@@ -13,7 +13,7 @@ import torch
 
 from pilot.config import BaselinesParams, GenerationParams, GuidanceParams
 from pilot.latents import LatentCache
-from pilot.methods.caa import choose_caa_scale, steering_vector
+from pilot.methods.caa import Caa, choose_caa_scale, steering_vector
 from pilot.methods.trained import TrainedBaseline
 from pilot.models import CausalLM
 from pilot.tracking import metric_records
@@ -61,6 +61,6 @@ def tune_caa_scale(steering_vector: dict[str, torch.Tensor], student: CausalLM, 
     Returns:
         ``caa_config`` (``{"scale": ...}``) and the validation sweep.
     """
-    scale, sweep = choose_caa_scale(student, tasks_val, steering_vector, guidance.inject_layer, params.caa.scales,
+    scale, sweep = choose_caa_scale(student, tasks_val, steering_vector, guidance.inject_layer, Caa.own_params(params).scales,
                                     generation)
     return {"scale": scale}, sweep

@@ -6,7 +6,7 @@ import pandas as pd
 
 from pilot import tracking
 from pilot.config import BaselinesParams, GuidanceParams, TuneParams
-from pilot.methods.lora import LORA_TUNED_KEYS
+from pilot.methods.lora import LORA_TUNED_KEYS, Lora
 from pilot.methods.trained import hypernet_budget
 from pilot.models import CausalLM
 from pilot.training.protocol import TrainingProtocol
@@ -23,7 +23,7 @@ def tune_lora_baseline(student: CausalLM, guidance: GuidanceParams, baselines: B
         the trials table.
     """
     tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
-    lora = baselines.lora
+    lora = Lora.own_params(baselines)
     budget = hypernet_budget(student, guidance, seed)
     objective = make_lora_objective(student, tasks_train, tasks_val, budget, lora, stage1.training, generation,
                                     params, seed)
