@@ -77,7 +77,7 @@ def test_two_threads_with_different_question_counts_get_the_sequential_answers(p
 
 
 def test_a_megabyte_question_is_refused_at_once_naming_the_limit(pilot):
-    with pilot._lock:  # a long request is generating: the check must not wait for it
+    with pilot._generating:  # a long batch is generating: the check must not wait for it
         began = time.perf_counter()
         with pytest.raises(RequestError) as refused:
             pilot.predict(None, ["7 + 1 = " + "9" * 1_000_000])
