@@ -9,7 +9,7 @@ import torch
 from pilot.config import GenerationParams, GuidanceParams, Stage2Config
 from pilot.guidance import GuidedStudent, make_hypernet
 from pilot.training.losses import group_advantages, token_kl, token_log_probs, token_policy_loss
-from pilot.training.stage2 import informative_groups, rollout_metrics, run_stage2, stage2_objective
+from pilot.training.stage2 import GroupPolicy, Rollouts, informative_groups, rollout_metrics, run_stage2
 
 GEN = GenerationParams(max_new_tokens=4, batch_size=16)
 
@@ -102,7 +102,7 @@ def test_one_token_step_logs_trl_metrics_with_ratio_one(tiny_lm, task_table):
     config = Stage2Config(steps=2, batch_size=3, group_size=2, rollout_temperature=1.0, warmup_steps=0,
                           dynamic_sampling=False)
     with GuidedStudent(tiny_lm, hypernet) as guided:
-        objective = stage2_objective(guided, reference, train, config, GEN)
+        objective = GroupPolicy(guided, reference, train, config, GEN)
         terms = next(iter(objective.step_terms(0)))
     assert {"policy", "kl", "self_supervision", "anchor", "rewards/mean", "rewards/std", "frac_reward_zero_std",
             "clip_ratio", "completion_length", "entropy"} <= set(terms)
@@ -121,7 +121,7 @@ def test_a_reused_batch_samples_once_and_scores_the_moved_policy_against_the_cac
     config = Stage2Config(batch_size=3, group_size=2, rollout_temperature=1.0, updates_per_batch=2,
                           dynamic_sampling=False)
     with GuidedStudent(tiny_lm, hypernet) as guided:
-        objective = stage2_objective(guided, reference, train, config, GEN)
+        objective = GroupPolicy(guided, reference, train, config, GEN)
         first = next(iter(objective.step_terms(0)))
         with torch.no_grad():   # what an optimizer step would do: the policy moves
             for p in hypernet.parameters():
@@ -144,7 +144,7 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(tiny_lm, task_table
     reference = _hypernet(tiny_lm).eval().requires_grad_(False)
     config = Stage2Config(batch_size=3, group_size=2, dynamic_sampling=True, dynamic_sampling_rounds=2)
     with GuidedStudent(tiny_lm, hypernet) as guided:
-        terms = next(iter(stage2_objective(guided, reference, train, config, GEN).step_terms(0)))
+        terms = next(iter(GroupPolicy(guided, reference, train, config, GEN).step_terms(0)))
     assert float(terms["frac_reward_zero_std"]) == 1.0
     assert float(terms["groups_kept"]) == 0.0 and float(terms["sampling_rounds"]) == 2.0
     assert float(terms["policy"]) == 0.0
@@ -161,10 +161,42 @@ def test_greedy_wrong_groups_score_the_greedy_answers_and_keep_the_groups_greedy
         config = Stage2Config(batch_size=3, group_size=2, rollout_temperature=1.0, dynamic_sampling=False,
                               policy_groups=groups)
         with GuidedStudent(tiny_lm, hypernet) as guided:
-            found[groups] = next(iter(stage2_objective(guided, reference, train, config, GEN).step_terms(0)))
+            found[groups] = next(iter(GroupPolicy(guided, reference, train, config, GEN).step_terms(0)))
     assert float(found["greedy_wrong"]["greedy_accuracy"]) == 0.0 and "greedy_accuracy" not in found["all"]
     for name in ("policy", "kl", "rewards/mean", "completion_length"):
         assert float(found["greedy_wrong"][name]) == float(found["all"][name])
+
+
+@pytest.mark.parametrize("dynamic, groups, kept", [
+    (False, "all", [True, True, True]),            # every sampled group
+    (True, "all", [True, False, True]),            # dynamic sampling: groups whose rewards differ
+    (False, "greedy_wrong", [False, True, True]),  # the questions greedy decoding gets wrong
+    (True, "greedy_wrong", [False, False, True]),  # both rules
+])
+def test_choose_groups_applies_each_rule_on_its_own_and_together(tiny_lm, task_table, dynamic, groups, kept):
+    train = task_table[task_table["split"] == "train"].reset_index(drop=True)
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    greedy_right = torch.tensor([True, False, False]) if groups == "greedy_wrong" else None
+    config = Stage2Config(batch_size=3, group_size=2, dynamic_sampling=dynamic, policy_groups=groups)
+    with GuidedStudent(tiny_lm, _hypernet(tiny_lm)) as guided:
+        policy = GroupPolicy(guided, _hypernet(tiny_lm, seed=1), train, config, GEN)
+        assert policy.choose_groups(rewards, greedy_right).tolist() == kept
+
+
+def test_one_process_keeps_the_whole_batch_and_its_terms_unweighted(tiny_lm, task_table):
+    """In one process :meth:`GroupPolicy.shard` is the identity and :meth:`GroupPolicy.share` leaves every
+    term as it is: the data-parallel weighting lives in those two methods alone."""
+    train = task_table[task_table["split"] == "train"].reset_index(drop=True)
+    config = Stage2Config(batch_size=2, group_size=2)
+    whole = Rollouts([0, 1], ["1", "2", "3", "4"], torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+                     old_log_probs=torch.zeros(6), correct_tokens=2, metrics={})
+    terms = {"policy": torch.tensor(0.5), "kl": torch.tensor(0.1), "self_supervision": torch.tensor(2.0)}
+    with GuidedStudent(tiny_lm, _hypernet(tiny_lm)) as guided:
+        policy = GroupPolicy(guided, _hypernet(tiny_lm, seed=1), train, config, GEN)
+        assert policy.shard(whole) is whole
+        shared = policy.share(terms, whole, whole)
+    assert {name: float(value) for name, value in shared.items()} == \
+        {name: float(value) for name, value in terms.items()}
 
 
 def test_latent_policy_is_kept_as_an_option(tiny_lm, task_table):
@@ -173,7 +205,7 @@ def test_latent_policy_is_kept_as_an_option(tiny_lm, task_table):
     reference = _hypernet(tiny_lm).eval().requires_grad_(False)
     config = Stage2Config(policy="latent", batch_size=3, group_size=2)
     with GuidedStudent(tiny_lm, hypernet) as guided:
-        objective = stage2_objective(guided, reference, train, config, GEN)
+        objective = GroupPolicy(guided, reference, train, config, GEN)
         terms = next(iter(objective.step_terms(0)))
     assert "kl" not in objective.weights and "clip_ratio" not in terms
     assert terms["policy"].requires_grad and "rewards/mean" in terms

@@ -54,7 +54,6 @@ from pilot.invariant import repeat_rows
 from pilot.models import CausalLM, lm_fingerprint
 from pilot.sequences import lengths_to_mask, next_token_loss
 from pilot.training.engine import (
-    Objective,
     TrainingResult,
     sample_batch,
     sharded_score,
@@ -124,31 +123,53 @@ def select_training_questions(guided: GuidedStudent, rows: pd.DataFrame, config:
     return pool[keep].reset_index(drop=True)
 
 
-def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.DataFrame, config: Stage2Config,
-                     generation: GenerationParams) -> Objective:
-    """Stage 2's terms for one step (see the module docstring)."""
-    hypernet, device, k = guided.hypernet, guided.student.device, config.group_size
-    questions_all = rows["question"].tolist()
-    query_states, query_lengths = guided.query_states(questions_all)
-    query_mask = lengths_to_mask(query_lengths, query_states.shape[1])
-    clip_high = config.clip_epsilon_high if config.clip_epsilon_high is not None else config.clip_epsilon
-    temperature = config.rollout_temperature or 1.0   # greedy rollouts (T = 0) are scored at T = 1
-    cache: dict[int, Rollouts] = {}
+class GroupPolicy:
+    """Stage 2's learning step (see the module docstring) as its parts, each a method to test or override
+    on its own, as TRL's GRPO trainer keeps them:
 
-    def guidance_of(index: list[int], net: HyperNetwork) -> torch.Tensor:
-        return net(query_states[index].to(device), query_mask[index].to(device))
+    - :meth:`sample_groups`: a group of ``group_size`` replies per question, scored by the verifier;
+    - :meth:`choose_groups`: which sampled groups a step learns from (dynamic sampling, ``policy_groups``);
+    - :meth:`collect`: one batch of rollouts, refilled with further questions where groups are dropped;
+    - :meth:`token_terms` and :meth:`latent_terms`: the losses of the ``token`` and ``latent`` policies;
+    - :meth:`shard` and :meth:`share`: the one place data-parallel processes split a batch of rollouts and
+      weigh their terms so that the summed gradient is the whole batch's.
 
-    def sample_groups(index: list[int], vectors: torch.Tensor, step: int, round_: int) -> pd.DataFrame:
-        """The groups' replies and scores, group-major. With data-parallel processes each samples its
-        shard of the groups (its own seed) and every process gets all of them back, in order."""
-        ranks = distributed.world()
+    It is the engine's :class:`~pilot.training.engine.Objective`: :meth:`step_terms` and :attr:`weights`.
+    """
+
+    def __init__(self, guided: GuidedStudent, reference: HyperNetwork, rows: pd.DataFrame, config: Stage2Config,
+                 generation: GenerationParams) -> None:
+        self.guided, self.reference, self.rows = guided, reference, rows
+        self.config, self.generation = config, generation
+        self.hypernet, self.device, self.k = guided.hypernet, guided.student.device, config.group_size
+        self.questions = rows["question"].tolist()
+        self.query_states, query_lengths = guided.query_states(self.questions)
+        self.query_mask = lengths_to_mask(query_lengths, self.query_states.shape[1])
+        self.clip_high = config.clip_epsilon_high if config.clip_epsilon_high is not None else config.clip_epsilon
+        self.temperature = config.rollout_temperature or 1.0   # greedy rollouts (T = 0) are scored at T = 1
+        self.weights = {"policy": config.policy_weight, "self_supervision": config.self_supervision_weight,
+                        "anchor": config.anchor_weight}
+        if config.policy == "token":
+            self.weights["kl"] = config.kl_weight
+        self._rollouts: dict[int, tuple[Rollouts, Rollouts]] = {}   # the current batch: whole, and this rank's
+
+    # ------------------------------------------------------------------ sampling
+    def guidance_of(self, index: list[int], net: HyperNetwork) -> torch.Tensor:
+        """``net``'s guidance for training rows ``index``, from the questions' cached states."""
+        return net(self.query_states[index].to(self.device), self.query_mask[index].to(self.device))
+
+    def sample_groups(self, index: list[int], vectors: torch.Tensor, step: int, round_: int) -> pd.DataFrame:
+        """The groups' replies and scores, group-major (``vectors``: one per reply). With data-parallel
+        processes each samples its shard of the groups (its own seed) and every process gets all of them
+        back, in order."""
+        k, ranks = self.k, distributed.world()
         mine = distributed.shard_positions(len(index), ranks)
-        batch_rows = rows.iloc[[index[g] for g in mine]]
+        batch_rows = self.rows.iloc[[index[g] for g in mine]]
         repeated = batch_rows.loc[batch_rows.index.repeat(k)]
         vectors = vectors.view(len(index), k, -1)[mine].reshape(len(mine) * k, -1)
-        scored = answer_and_score(guided.student, repeated, guidance=guided.guidance(vectors),
-                                  generation=generation, temperature=config.rollout_temperature,
-                                  seed=step_seed(config.seed, step, stream=1 + 10 * round_) + 7919 * ranks.rank)
+        scored = answer_and_score(self.guided.student, repeated, guidance=self.guided.guidance(vectors),
+                                  generation=self.generation, temperature=self.config.rollout_temperature,
+                                  seed=step_seed(self.config.seed, step, stream=1 + 10 * round_) + 7919 * ranks.rank)
         if not ranks.parallel:
             return scored
         columns = ["reply", "correct", "new_tokens"]
@@ -159,36 +180,48 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
                 groups[g] = {c: part[c][local * k:(local + 1) * k] for c in columns}
         return pd.DataFrame({c: [value for group in groups for value in group[c]] for c in columns})
 
-    def greedy_correct(index: list[int], vectors: torch.Tensor) -> torch.Tensor:
+    def greedy_correct(self, index: list[int], vectors: torch.Tensor) -> torch.Tensor:
         """(groups,) whether the guidance answers each group's question right greedily (every
         data-parallel process gets all of them)."""
-        scored = answer_and_score(guided.student, rows.iloc[index], guidance=guided.guidance(vectors),
-                                  generation=generation, spread=True)
+        scored = answer_and_score(self.guided.student, self.rows.iloc[index], guidance=self.guided.guidance(vectors),
+                                  generation=self.generation, spread=True)
         return torch.tensor(scored["correct"].to_numpy(dtype=bool))
 
-    def rewards_of(scored: pd.DataFrame, groups: int) -> torch.Tensor:
-        return torch.tensor(scored["correct"].to_numpy(dtype=float), dtype=torch.float32).view(groups, k)
+    def rewards_of(self, scored: pd.DataFrame, groups: int) -> torch.Tensor:
+        """(groups, k) rewards of group-major scored replies."""
+        return torch.tensor(scored["correct"].to_numpy(dtype=float), dtype=torch.float32).view(groups, self.k)
 
-    def collect(step: int) -> Rollouts:
-        """Sample and score this batch's groups; with dynamic sampling, refill all-equal groups."""
+    def choose_groups(self, rewards: torch.Tensor, greedy_right: torch.Tensor | None) -> torch.Tensor:
+        """(groups,) mask of the sampled groups a step learns from: with dynamic sampling those whose
+        rewards differ; with ``policy_groups: greedy_wrong`` those whose question the guidance answers
+        wrong greedily (``greedy_right``); every group otherwise."""
+        keep = (informative_groups(rewards) if self.config.dynamic_sampling
+                else torch.ones(len(rewards), dtype=torch.bool))
+        if greedy_right is not None:
+            keep &= ~greedy_right
+        return keep
+
+    def collect(self, step: int) -> Rollouts:
+        """Sample and score this batch's groups; keep the chosen ones, drawing further questions for the
+        dropped ones for up to ``dynamic_sampling_rounds`` rounds."""
+        config, k, rows = self.config, self.k, self.rows
         index = sample_batch(len(rows), config.batch_size, config.seed, step)
         kept_index, kept_replies, kept_rewards, seen_rewards, lengths, greedy_seen = [], [], [], [], [], []
         rounds = config.dynamic_sampling_rounds if config.dynamic_sampling else 1
         draw = random.Random(step_seed(config.seed, step, stream=2))
         for round_ in range(rounds):
             with torch.no_grad():
-                vectors = guidance_of(index, hypernet)
-            scored = sample_groups(index, vectors.repeat_interleave(k, dim=0), step, round_)
-            rewards = rewards_of(scored, len(index))
+                vectors = self.guidance_of(index, self.hypernet)
+            scored = self.sample_groups(index, vectors.repeat_interleave(k, dim=0), step, round_)
+            rewards = self.rewards_of(scored, len(index))
             seen_rewards.append(rewards)
             lengths.extend(scored["new_tokens"].tolist())
-            keep = informative_groups(rewards) if config.dynamic_sampling else torch.ones(len(index), dtype=torch.bool)
+            greedy_right = None
             if config.policy_groups == "greedy_wrong":
-                right = greedy_correct(index, vectors)
-                greedy_seen.append(right)
-                keep &= ~right
+                greedy_right = self.greedy_correct(index, vectors)
+                greedy_seen.append(greedy_right)
             replies = scored["reply"].tolist()
-            for g in torch.nonzero(keep).flatten().tolist():
+            for g in torch.nonzero(self.choose_groups(rewards, greedy_right)).flatten().tolist():
                 if len(kept_index) == config.batch_size:
                     break
                 kept_index.append(index[g])
@@ -205,31 +238,38 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         if greedy_seen:
             metrics["greedy_accuracy"] = float(torch.cat(greedy_seen).float().mean())
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros((0, k))
-        return Rollouts(kept_index, kept_replies, rewards.to(device), metrics=metrics)
+        return Rollouts(kept_index, kept_replies, rewards.to(self.device), metrics=metrics)
 
-    def token_terms(rollouts: Rollouts, first_update: bool) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------ losses
+    def token_terms(self, rollouts: Rollouts, first_update: bool) -> dict[str, torch.Tensor]:
+        """The token policy's terms on ``rollouts``: the clipped surrogate, the KL to the stage-1
+        policy, self-supervision on the verified-correct replies, the anchor and the entropy. The first
+        update on a batch records the sampling policy's and the reference's log-probabilities."""
+        config, k, guided = self.config, self.k, self.guided
         index, groups = rollouts.index, len(rollouts.index)
-        means = guidance_of(index, hypernet)
-        terms: dict[str, torch.Tensor] = {"anchor": (means - guidance_of(index, reference).detach()).pow(2).mean()}
-        questions = [questions_all[i] for i in index for _ in range(k)]
+        means = self.guidance_of(index, self.hypernet)
+        terms: dict[str, torch.Tensor] = {
+            "anchor": (means - self.guidance_of(index, self.reference).detach()).pow(2).mean()}
+        questions = [self.questions[i] for i in index for _ in range(k)]
         if rollouts.prompts is None:   # read each prompt once per batch of rollouts; only the replies run after
-            rollouts.prompts = guided.prompt_cache([questions_all[i] for i in index]).repeat_interleave(k)
+            rollouts.prompts = guided.prompt_cache([self.questions[i] for i in index]).repeat_interleave(k)
         batch, logits, _ = guided.teacher_forced_after_prompt(rollouts.prompts, questions, rollouts.replies,
                                                               repeat_rows(means, k))
         targets = batch.next_tokens()
         # The sampling policy is softmax(logits / T) (as TRL scores it); self-supervision is plain LM at T = 1.
-        log_probs, entropy = token_log_probs(logits / temperature, targets)
+        log_probs, entropy = token_log_probs(logits / self.temperature, targets)
         token_rows = torch.nonzero(batch.predicting_positions())[:, 0]
         if first_update:   # the policy that sampled them is this one: ratio 1 (TRL's num_iterations=1)
             rollouts.old_log_probs = log_probs.detach()
             with torch.no_grad():
                 _, reference_logits, _ = guided.teacher_forced_after_prompt(
-                    rollouts.prompts, questions, rollouts.replies, repeat_rows(guidance_of(index, reference), k))
-                rollouts.reference_log_probs, _ = token_log_probs(reference_logits / temperature, targets)
+                    rollouts.prompts, questions, rollouts.replies,
+                    repeat_rows(self.guidance_of(index, self.reference), k))
+                rollouts.reference_log_probs, _ = token_log_probs(reference_logits / self.temperature, targets)
         advantages = group_advantages(rollouts.rewards, scale=config.scale_rewards).reshape(-1)
         terms["policy"], terms["clip_ratio"] = token_policy_loss(
-            log_probs, rollouts.old_log_probs, advantages, token_rows, groups * k, config.clip_epsilon, clip_high,
-            config.loss_type, generation.max_new_tokens + 1)
+            log_probs, rollouts.old_log_probs, advantages, token_rows, groups * k, config.clip_epsilon, self.clip_high,
+            config.loss_type, self.generation.max_new_tokens + 1)
         terms["kl"] = token_kl(log_probs, rollouts.reference_log_probs)
         correct = (rollouts.rewards.reshape(-1) == 1.0)[token_rows]
         rollouts.correct_tokens = int(correct.sum())
@@ -240,86 +280,85 @@ def stage2_objective(guided: GuidedStudent, reference: HyperNetwork, rows: pd.Da
         terms["entropy"] = entropy.mean()
         return terms
 
-    def latent_terms(step: int) -> dict[str, torch.Tensor]:
-        index = sample_batch(len(rows), config.batch_size, config.seed, step)
-        batch_rows = rows.iloc[index]
-        means = guidance_of(index, hypernet)
-        actions, log_prob = hypernet.sample(means, k, generator=step_generator(config.seed, step))
-        scored = sample_groups(index, actions, step, 0)
-        rewards = rewards_of(scored, len(index)).to(device)
+    def latent_terms(self, step: int) -> dict[str, torch.Tensor]:
+        """The latent policy's terms: REINFORCE on sampled guidance vectors, self-supervision and the anchor."""
+        config, k, device = self.config, self.k, self.device
+        index = sample_batch(len(self.rows), config.batch_size, config.seed, step)
+        batch_rows = self.rows.iloc[index]
+        means = self.guidance_of(index, self.hypernet)
+        actions, log_prob = self.hypernet.sample(means, k, generator=step_generator(config.seed, step))
+        scored = self.sample_groups(index, actions, step, 0)
+        rewards = self.rewards_of(scored, len(index)).to(device)
         terms = {"policy": reinforce_loss(group_advantages(rewards, scale=config.scale_rewards), log_prob)}
         correct = rewards.reshape(-1) == 1.0
         if bool(correct.any()):
             owner = torch.arange(len(index), device=device).repeat_interleave(k)[correct]
             questions = batch_rows["question"].iloc[owner.tolist()].tolist()
             answers = scored["reply"][correct.cpu().numpy()].tolist()  # the whole reply, reasoning included
-            batch, logits, _ = guided.teacher_forced(questions, answers, repeat_rows(means, k)[correct], [])
+            batch, logits, _ = self.guided.teacher_forced(questions, answers, repeat_rows(means, k)[correct], [])
             terms["self_supervision"] = next_token_loss(logits, batch)
         else:
             terms["self_supervision"] = torch.zeros((), device=device)
-        terms["anchor"] = (means - guidance_of(index, reference).detach()).pow(2).mean()
+        terms["anchor"] = (means - self.guidance_of(index, self.reference).detach()).pow(2).mean()
         terms.update(rollout_metrics(rewards))
         terms["completion_length"] = torch.tensor(float(scored["new_tokens"].mean()))
         # every data-parallel process computed the whole batch's terms (the rollouts are gathered): 1/N each
         return {name: value / distributed.world().size for name, value in terms.items()}
 
-    def step_terms(step: int) -> Iterator[dict[str, torch.Tensor]]:
+    # ------------------------------------------------------------------ data-parallel processes
+    def shard(self, whole: Rollouts) -> Rollouts:
+        """This process's groups of a batch of rollouts (all of them in one process)."""
+        if not distributed.world().parallel:
+            return whole
+        k, mine = self.k, distributed.shard_positions(len(whole.index))
+        return Rollouts([whole.index[g] for g in mine], [r for g in mine for r in whole.replies[g * k:(g + 1) * k]],
+                        whole.rewards[mine], metrics=whole.metrics)
+
+    def share(self, terms: dict[str, torch.Tensor], mine: Rollouts, whole: Rollouts) -> dict[str, torch.Tensor]:
+        """This process's token terms (means over its groups' tokens or replies) as shares of the whole
+        batch's, so the processes' summed gradients are the whole batch's: token means weighted by token
+        counts (``self_supervision``'s by the tokens of correct replies), per-reply and per-group means by
+        counts of replies. Collective: every process calls it, one without groups with zero terms."""
+        tokens = float(mine.old_log_probs.numel()) if mine.index else 0.0
+        correct = float(mine.correct_tokens) if mine.index else 0.0
+        all_tokens, all_correct = distributed.global_count(tokens), distributed.global_count(correct)
+        by_reply = len(mine.index) / max(len(whole.index), 1)
+        by_token = tokens / max(all_tokens, 1.0)
+        weight = {"anchor": by_reply, "kl": by_token, "entropy": by_token, "clip_ratio": by_token,
+                  "policy": by_token if self.config.loss_type == "dapo" else by_reply,
+                  "self_supervision": correct / all_correct if all_correct else 0.0}
+        return {name: value * weight.get(name, 1 / distributed.world().size) for name, value in terms.items()}
+
+    # ------------------------------------------------------------------ the engine's objective
+    def step_terms(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One step's terms: a new batch of rollouts every ``updates_per_batch`` steps (and after a resume)."""
+        config = self.config
         if config.policy == "latent":
-            yield latent_terms(step)
+            yield self.latent_terms(step)
             return
         block = step // config.updates_per_batch
-        first_update = block not in cache
-        if first_update:   # a new batch of rollouts every `updates_per_batch` steps (and after a resume)
-            cache.clear()
-            whole = collect(block)
-            cache[block] = (whole, shard_rollouts(whole))
-        rollouts, mine = cache[block]
+        first_update = block not in self._rollouts
+        if first_update:
+            self._rollouts.clear()
+            whole = self.collect(block)
+            self._rollouts[block] = (whole, self.shard(whole))
+        rollouts, mine = self._rollouts[block]
         ranks = distributed.world()
         # every process holds the whole batch's metrics: each logs its 1/N of them (the engine sums)
         metrics = {name: torch.tensor(value / ranks.size) for name, value in rollouts.metrics.items()}
-        if not mine.index:   # dynamic sampling found no group that disagrees (or none is this rank's)
-            means = guidance_of(sample_batch(len(rows), config.batch_size, config.seed, step), hypernet)
+        if not mine.index:   # dynamic sampling found no group that disagrees (or none is this process's)
+            means = self.guidance_of(sample_batch(len(self.rows), config.batch_size, config.seed, step), self.hypernet)
             zero = means[:1].sum() * 0   # 0, connected to the graph (one row: its bits never follow the threads)
-            if ranks.parallel and rollouts.index:   # other ranks have groups: send this rank's counts (0) to
-                distributed.global_count(0.0)       # their token_term_shares, collective for collective
-                distributed.global_count(0.0)
+            if ranks.parallel and rollouts.index:   # other processes have groups: share this one's zero counts
+                self.share({}, mine, rollouts)
             yield {"policy": zero, "kl": zero, "self_supervision": zero, "anchor": zero,
                    "clip_ratio": torch.zeros(()), **({"entropy": torch.zeros(())} if rollouts.index else {}),
                    **metrics}
             return
-        terms = token_terms(mine, first_update)
+        terms = self.token_terms(mine, first_update)
         if ranks.parallel:
-            terms = token_term_shares(terms, mine, rollouts)
+            terms = self.share(terms, mine, rollouts)
         yield {**terms, **metrics}
-
-    def shard_rollouts(whole: Rollouts) -> Rollouts:
-        """This rank's groups of a batch of rollouts (all of them in one process)."""
-        if not distributed.world().parallel:
-            return whole
-        mine = distributed.shard_positions(len(whole.index))
-        return Rollouts([whole.index[g] for g in mine], [r for g in mine for r in whole.replies[g * k:(g + 1) * k]],
-                        whole.rewards[mine], metrics=whole.metrics)
-
-    def token_term_shares(terms: dict[str, torch.Tensor], mine: Rollouts, whole: Rollouts) -> dict[str, torch.Tensor]:
-        """A rank's token terms (means over its groups' tokens or replies) as shares of the whole
-        batch's: token means weighted by token counts (``self_supervision``'s by the tokens of correct
-        replies), per-reply and per-group means by counts of replies."""
-        tokens = float(mine.old_log_probs.numel())
-        all_tokens = distributed.global_count(tokens)
-        groups, correct = len(mine.index), float(mine.correct_tokens)
-        all_correct = distributed.global_count(correct)
-        by_reply = groups / max(len(whole.index), 1)
-        by_token = tokens / max(all_tokens, 1.0)
-        weight = {"anchor": by_reply, "kl": by_token, "entropy": by_token, "clip_ratio": by_token,
-                  "policy": by_token if config.loss_type == "dapo" else by_reply,
-                  "self_supervision": correct / all_correct if all_correct else 0.0}
-        return {name: value * weight.get(name, 1 / distributed.world().size) for name, value in terms.items()}
-
-    weights = {"policy": config.policy_weight, "self_supervision": config.self_supervision_weight,
-               "anchor": config.anchor_weight}
-    if config.policy == "token":
-        weights["kl"] = config.kl_weight
-    return Objective(step_terms, weights=weights)
 
 
 def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.DataFrame, val_rows: pd.DataFrame,
@@ -348,7 +387,7 @@ def run_stage2(student: CausalLM, hypernet_stage1: HyperNetwork, train_rows: pd.
         if config.select_questions:
             hypernet.eval()
             rows = select_training_questions(guided, rows, config, generation)
-        objective = stage2_objective(guided, reference, rows, config, generation)
+        objective = GroupPolicy(guided, reference, rows, config, generation)
         result = train(hypernet, objective, config, name="stage2", validate=validate, checkpoints=checkpoints,
                        saved_with_model={"reference": reference}, on_validation=on_validation)
     result.model.cpu()
