@@ -9,7 +9,12 @@ from pilot.config import GuidanceParams, LatentsParams, LMTrainConfig
 from pilot.interventions import interventions
 from pilot.latents import LatentCache, plan_cache_build, write_cache
 from pilot.methods.caa import caa_guidance, steered, steering_vector
-from pilot.methods.lora import LoraAdapter, lora_rank_for_budget, lora_targets, train_lora
+from pilot.methods.lora import (
+    LoraAdapter,
+    lora_rank_for_budget,
+    lora_targets,
+    train_lora,
+)
 from pilot.models import decoder_layers
 from pilot.prompts import answer_prompt
 from pilot.sequences import encode_pairs
@@ -69,9 +74,10 @@ def test_lora_is_selected_by_pilots_rule_and_an_untrained_pick_says_so(tiny_lm, 
     saved adapter must be the untrained one (B = 0, the plain student), with a warning saying so."""
     rows = task_table[task_table["split"] == "train"].head(16)
     val = task_table[task_table["split"] == "val"].head(12)
-    config = LMTrainConfig(steps=4, batch_size=8, learning_rate=5e-2, warmup_steps=0, length_buckets=1, seed=0)
+    config = LMTrainConfig(steps=4, batch_size=8, learning_rate=5e-2, warmup_steps=0, length_buckets=1, seed=0,
+                           eval_every=2)
     adapter, result = train_lora(tiny_lm, rows, 2 * _per_rank_by_hand(tiny_lm), ALL, 0.1, 2.0, config,
-                                 val_rows=val, eval_every=2)
+                                 val_rows=val)
     assert [v["step"] for v in result.validation] == [0, 2, 4]
     assert [v["val_accuracy"] for v in result.validation] == [0.0, 0.0, 0.0]
     assert result.best_step == 0 and result.best_val_accuracy == 0.0

@@ -4,17 +4,16 @@ from pathlib import Path
 import pytest
 
 from pilot.config import (
-    PARAMETER_MODELS,
-    DataParams,
     GuidanceParams,
     LatentsParams,
     ParameterError,
     Stage1Params,
     TuneParams,
-    check_top_level,
     validate,
 )
+from pilot.framework.parameters import PARAMETER_MODELS, check_top_level
 from pilot.methods.caa import CaaParams
+from pilot.tasks import DataParams
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pilot"
 KEDRO_GLUE = {"settings.py", "pipeline_registry.py", "__main__.py", "cli.py"}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pilot.config import PARAMETER_MODELS, GuidanceParams, Params, Stage1Config, Stage1Params
+from pilot.config import GuidanceParams, Params, Stage1Config, Stage1Params
+from pilot.framework.parameters import PARAMETER_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 

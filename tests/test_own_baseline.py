@@ -24,13 +24,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from torch import nn
 
-from pilot.config import AdapterTrainingParams, GuidanceParams, ParameterError, Params, adapter_loop
+from pilot.config import AdapterTrainingParams, GuidanceParams, ParameterError, Params
 from pilot.interventions import Intervention, layer_hidden, with_hidden
 from pilot.methods import Attached
 from pilot.methods.registry import method_names, registered
 from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline, TrainedModule
 from pilot.models import CausalLM, decoder_layers, freeze
-from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
+from pilot.training.base_lm import answer_examples, answer_loss_terms
 from pilot.training.engine import Objective, train
 from pilot.training.protocol import TrainingProtocol
 from tests.conftest import make_project, run
@@ -89,12 +89,12 @@ class LayerBiasMethod(TrainedBaseline):
     def train(cls, student: CausalLM, guidance: GuidanceParams, params: LayerBiasParams,
               protocol: TrainingProtocol) -> Trained:
         tasks_train, _, stage1, _, seed = protocol.unpacked()
-        config = adapter_loop(params.training, stage1.training, seed)
+        config = params.training.for_run(stage1.training, seed).model_copy(update={"eval_every": 0})
         freeze(student.model)
         bias = LayerBias(student.hidden_size, params.layer).to(student.device)
         terms = answer_loss_terms(student, answer_examples(student.tokenizer, tasks_train), config)
         with bias.attached(student):
-            result = train(bias, Objective(terms, weights={"lm": 1.0}), lm_loop(config, 0), name="train layer_bias")
+            result = train(bias, Objective(terms, weights={"lm": 1.0}), config, name="train layer_bias")
         return result.model, result.history, {"parameters": bias.num_parameters}
 
     @contextmanager
@@ -172,6 +172,7 @@ def test_a_trained_baseline_of_your_own_is_trained_evaluated_and_reported(projec
 def test_its_block_is_validated_by_its_own_class_and_a_block_of_no_method_is_refused():
     from pilot.config import BaselinesParams, validate
     from pilot.framework.parameters import validate_parameters
+    from pilot.methods.lora import Lora
 
     with registered(LayerBiasMethod):
         typed = validate_parameters({"baselines": BLOCK})["baselines"]
@@ -182,4 +183,5 @@ def test_its_block_is_validated_by_its_own_class_and_a_block_of_no_method_is_ref
             validate_parameters({"baselines": {"layer_bias": {"layer": "top"}}})
     with pytest.raises(ParameterError, match=r"^Parameter 'baselines.layer_bias' is not a known setting"):
         validate_parameters({"baselines": BLOCK})   # not registered: a block of no method
-    assert validate(BaselinesParams, {"lora": {"use_tuned": True}}, "baselines").lora.use_tuned
+    # an in-tree method's block is read the same way, by its own class
+    assert Lora.own_params(validate(BaselinesParams, {"lora": {"use_tuned": True}}, "baselines")).use_tuned

@@ -150,7 +150,8 @@ def test_any_reasoning_gym_task_by_its_original_text():
 
 
 def test_a_local_dataset_file_is_read_and_scored_by_equivalence(tmp_path):
-    from pilot.config import DataParams, ParameterError, validate
+    from pilot.config import ParameterError, validate
+    from pilot.tasks import DataParams
 
     path = tmp_path / "gsm.jsonl"
     rows = [{"question": f"Tom has {i} apples and buys {i} more. How many?", "answer": f"He has {i}+{i}.\n#### {2 * i}"}

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pilot.config import OutputNotWritableError, ParameterError
+from pilot.config import ParameterError
 from pilot.framework.hooks import MissingInputError
+from pilot.framework.outputs import OutputNotWritableError
 from pilot.tracking import TrackingUnavailableError
 from tests.conftest import ROOT, make_project, read_only, run
 

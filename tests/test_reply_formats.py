@@ -8,9 +8,14 @@ import pytest
 from pydantic import ValidationError
 from reasoning_gym.arithmetic.leg_counting import ANIMALS
 
-from pilot.config import AdaptParams, TaskParams
+from pilot.config import AdaptParams
 from pilot.prompts import TOY
-from pilot.tasks import build_task_table, generate_task_rows, plan_reveals_answer
+from pilot.tasks import (
+    TaskParams,
+    build_task_table,
+    generate_task_rows,
+    plan_reveals_answer,
+)
 from pilot.training.base_lm import student_examples
 
 LEGS = {"name": "leg_counting", "size": 60, "prompt": "original", "extract": "last_number",

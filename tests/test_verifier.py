@@ -9,8 +9,8 @@ import pytest
 import reasoning_gym
 
 from pilot.answers import check_scorable, parse_answer, scorable_tasks
-from pilot.config import DataParams, ParameterError, validate
-from pilot.tasks import check_task_name
+from pilot.config import ParameterError, validate
+from pilot.tasks import DataParams, check_task_name
 from pilot.verifier import Verifier, score_answers
 
 # The accepted families whose reasoning-gym scorer evaluates the answer (sympy or eval).

@@ -1,24 +1,18 @@
-"""Typed parameter models for every pipeline, and the other checks made before any compute.
+"""The parameter schema: a pydantic model per parameter block, and how a bad value is told.
 
-Each top-level parameter block (``data``, ``base``, ``guidance`` ...) has a pydantic model
-here. The project's ``before_pipeline_run`` hook validates every block the pipeline's nodes
-read, so a wrong type, a negative loss weight, a non-finite number, an unknown task, generator
-settings reasoning-gym or the renderer would refuse, or an injection layer outside the student
-stops the run at once, with one sentence naming the key, the bad value and what is allowed.
-Unknown keys are errors too, top-level blocks included (a typo is never silently ignored).
-The same hook checks that every folder the run will write to is writable
-(:func:`output_folders`, :func:`check_writable`), so a read-only ``data/`` fails before the
-compute, not at the last save.
+Each top-level block (``base``, ``guidance``, ``stage1`` ...) has its model here; the ``data`` block's
+lives beside the tasks (:class:`pilot.tasks.DataParams`, which checks generator settings against
+reasoning-gym) and each method's settings beside the method (:attr:`pilot.methods.base.Method.params`).
+The project's ``before_pipeline_run`` hook validates every block the pipeline's nodes read
+(:mod:`pilot.framework.parameters`), so a wrong type, a negative loss weight, a non-finite number or an
+injection layer outside the student stops the run at once, with one sentence naming the key, the bad
+value and what is allowed (:func:`validate`). Unknown keys are errors too (a typo is never silently
+ignored).
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-import tempfile
 import types
-from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
@@ -29,16 +23,6 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_validator,
-)
-from pydantic_core import PydanticCustomError
-
-from pilot.answers import check_extraction_rule
-from pilot.tasks import (
-    GeneratorSettingError,
-    check_generator_kwargs,
-    check_local_dataset,
-    check_reply_format,
-    check_task_name,
 )
 
 NonNegative = Annotated[float, Field(ge=0)]
@@ -133,95 +117,6 @@ def with_run_seed(config: Seeded, run_seed: int, offset: int = 0) -> Seeded:
     run's ``seed`` (``conf/base/parameters.yml``), so ``--params seed=1`` reseeds everything.
     """
     return config.model_copy(update={"seed": run_seed + config.seed + offset})
-
-
-# ---------------------------------------------------------------------------------- data
-class TaskParams(Params):
-    """One task: a reasoning-gym generator by ``name``, or a local dataset ``file``.
-
-    ``prompt``: ``compact`` (the renderer's short question, for the embedded models) or
-    ``original`` (reasoning-gym's own question text; any task with an answer grammar).
-    ``extract``: how the answer is read out of a reply (first_line, last_number, boxed, after:<marker>).
-    ``file``: a JSONL or parquet file with ``question`` and ``answer`` columns (GSM8K's ``#### n``
-    and MATH's ``\\boxed{}`` answers understood), scored by numeric equivalence; ``name`` labels it.
-    ``ood_kwargs``: generator settings laid over ``kwargs`` for an out-of-distribution test split
-    (``test_ood``: the same generator, harder, e.g. more terms); none: no such split for this task.
-    ``reply``: with the original prompt, ``last_step`` (the reply works out the plan's last step; the
-    plan gives every intermediate result) or ``worked`` (the reply works every step; the plan gives
-    only knowledge and strategy: :data:`pilot.tasks.REPLY_FORMATS`).
-    """
-
-    # Declared before ``name`` so that the checks of name and kwargs can see them.
-    prompt: Literal["compact", "original"] = "compact"
-    extract: str = "first_line"
-    file: str | None = None
-    name: str
-    size: PositiveInt
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    ood_kwargs: dict[str, Any] | None = None
-    reply: Literal["last_step", "worked"] = "last_step"
-
-    @field_validator("reply")
-    @classmethod
-    def _renderable_reply(cls, reply: str, info: ValidationInfo) -> str:
-        if reply != "last_step" and "name" in info.data:
-            check_reply_format(info.data["name"], reply, info.data.get("prompt", "compact"))
-        return reply
-
-    @field_validator("extract")
-    @classmethod
-    def _known_rule(cls, rule: str) -> str:
-        return check_extraction_rule(rule)
-
-    @field_validator("name")
-    @classmethod
-    def _known_task(cls, name: str, info: ValidationInfo) -> str:
-        if info.data.get("file") is None and "file" in info.data:  # a local file names its own task
-            check_task_name(name, info.data.get("prompt", "compact"))
-        return name
-
-    @field_validator("kwargs")
-    @classmethod
-    def _generator_accepts(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """reasoning-gym's generator and the task's renderer must accept the settings (a dry run)."""
-        if kwargs and info.data.get("file"):
-            raise ValueError("a local dataset file has no generator settings; remove kwargs")
-        if "name" in info.data and "file" in info.data and info.data["file"] is None:  # a bad name or file: reported on its own
-            try:
-                check_generator_kwargs(info.data["name"], kwargs, info.data.get("prompt", "compact"))
-            except GeneratorSettingError as error:
-                raise PydanticCustomError("generator_setting", "{message}",
-                                          {"message": str(error), "key": error.key, "value": error.value}) from None
-        return kwargs
-
-    @field_validator("ood_kwargs")
-    @classmethod
-    def _ood_generator_accepts(cls, ood: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        if ood is None or "kwargs" not in info.data:  # the task's own settings failed: reported on their own
-            return ood
-        if info.data.get("file"):
-            raise ValueError("a local dataset file has no generator for an out-of-distribution split; remove ood_kwargs")
-        try:
-            check_generator_kwargs(info.data["name"], {**info.data["kwargs"], **ood}, info.data.get("prompt", "compact"))
-        except GeneratorSettingError as error:
-            raise PydanticCustomError("generator_setting", "{message}",
-                                      {"message": str(error), "key": error.key, "value": error.value}) from None
-        return ood
-
-    @field_validator("file")
-    @classmethod
-    def _readable_file(cls, file: str | None) -> str | None:
-        if file is not None:
-            check_local_dataset(file)
-        return file
-
-
-class DataParams(Params):
-    seed: int = 0
-    val_per_task: PositiveInt = 150
-    test_per_task: PositiveInt = 600
-    ood_per_task: NonNegativeInt = 300   # rows of each task's test_ood split (tasks with ood_kwargs)
-    tasks: list[TaskParams] = Field(min_length=1)
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -481,27 +376,26 @@ class Stage2Params(Params):
 
 
 # ---------------------------------------------------------------------------------- baselines
-class AdapterTrainingParams(Params):
-    """A trained baseline's loop; ``None`` steps/batch size mean "the same as PILOT's stage 1"."""
+class AdapterTrainingParams(LMTrainConfig):
+    """A trained baseline's loop: next-token training whose steps, batch size and validation cadence,
+    left ``None``, are PILOT's stage 1's (the common protocol); :meth:`for_run` fills them in."""
 
-    steps: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
-    learning_rate: Positive = 1e-3
-    warmup_steps: NonNegativeInt = 20
-    weight_decay: NonNegative = 0.0
-    length_buckets: PositiveInt = 1   # question -> answer rows have similar lengths: one pass is fastest
-    share_prefix: bool = False        # the rows' common first tokens run once a pass (LMTrainConfig.share_prefix)
-    seed: int = 0
+    steps: PositiveInt | None = Field(None, description="Optimizer steps; null: stage 1's.")
+    batch_size: PositiveInt | None = Field(None, description="Rows per step; null: stage 1's.")
+    eval_every: NonNegativeInt | None = Field(None, description="Validate every N steps; null: as often as stage 1.")
+    learning_rate: Positive = Field(1e-3, description="AdamW's peak learning rate, after a linear warm-up.")
+    warmup_steps: NonNegativeInt = Field(20, description="Steps of linear warm-up to the learning rate.")
+    weight_decay: NonNegative = Field(0.0, description="AdamW's weight decay.")
+    length_buckets: PositiveInt = Field(1, description="Sub-batches of similar length per step; question -> answer "
+                                                       "rows have similar lengths, so one pass is fastest.")
 
-
-def adapter_loop(training: AdapterTrainingParams, stage1: Stage1Config, seed: int) -> LMTrainConfig:
-    """A trained baseline's next-token loop: its own settings, stage 1's steps and batch size where
-    they are left ``None``, and the run's seed (so every baseline draws the same batches)."""
-    loop = with_run_seed(training, seed)
-    return LMTrainConfig(steps=loop.steps or stage1.steps, batch_size=loop.batch_size or stage1.batch_size,
-                         learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps,
-                         weight_decay=loop.weight_decay, length_buckets=loop.length_buckets,
-                         share_prefix=loop.share_prefix, seed=loop.seed)
+    def for_run(self, stage1: Stage1Config, seed: int) -> LMTrainConfig:
+        """The loop the trainer runs: stage 1's steps, batch size and validation cadence where these are
+        ``None``, and the run's seed (so every baseline draws the same batches)."""
+        loop = with_run_seed(self, seed)
+        return LMTrainConfig(**{**loop.model_dump(), "steps": loop.steps or stage1.steps,
+                                "batch_size": loop.batch_size or stage1.batch_size,
+                                "eval_every": stage1.eval_every if loop.eval_every is None else loop.eval_every})
 
 
 class BaselinesParams(Params):
@@ -628,110 +522,3 @@ class EvaluationParams(Params):
 
 class TrackingParams(Params):
     on_unavailable: Literal["fail", "disable"] = "fail"
-
-
-PARAMETER_MODELS: dict[str, type[Params]] = {
-    "tracking": TrackingParams,
-    "data": DataParams,
-    "base": BaseParams,
-    "guidance": GuidanceParams,
-    "generation": GenerationParams,
-    "plans": PlansParams,
-    "latents": LatentsParams,
-    "stage1": Stage1Params,
-    "stage2": Stage2Params,
-    "baselines": BaselinesParams,
-    "tune": TuneParams,
-    "evaluation": EvaluationParams,
-    "ablations": AblationsParams,
-}
-
-
-# Top-level keys that are not a block above. `seed` is the run's base seed (conf/base/parameters.yml).
-OTHER_TOP_LEVEL_KEYS = ("seed", "threads")
-
-
-def check_top_level(params: Mapping[str, Any]) -> None:
-    """Every top-level parameter key must be a known block (``--params stage_1.x=5`` is a typo, not a no-op)."""
-    known = sorted((*PARAMETER_MODELS, *OTHER_TOP_LEVEL_KEYS))
-    for key in params:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-        hint = f"the closest known block is '{close[0]}'" if close else "remove it or fix its spelling"
-        raise ParameterError(f"Parameter '{key}' is not a known parameter block; {hint} (known: {', '.join(known)}).")
-    seed = params.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParameterError(f"Parameter 'seed' = {seed!r} is invalid: it must be an integer.")
-    threads = params.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ParameterError(f"Parameter 'threads' = {threads!r} is invalid: it must be a positive integer, or null "
-                             "for the CPU cores this process may use.")
-
-
-# ---------------------------------------------------------------------------------- output folders
-class OutputNotWritableError(PermissionError):
-    """A folder the run will write to cannot be written; raised before the first node runs."""
-
-
-def output_folders(datasets: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any] | None = None,
-                   blocks: Iterable[str] = ()) -> dict[Path, str]:
-    """The local folders a run writes to, each with the setting that puts it there.
-
-    ``datasets`` maps each output dataset's name to its ``_describe()`` dict: a ``filepath`` is
-    written into its parent folder, a ``path`` is a folder dataset. Remote protocols and models
-    marked ``pretrained`` (never written) are left out. The stages' checkpoint folders and the
-    tune study's SQLite file are added for the parameter ``blocks`` the pipeline reads.
-    """
-    folders: dict[Path, str] = {}
-    for name, described in sorted(datasets.items()):
-        if described.get("protocol", "file") != "file" or described.get("pretrained"):
-            continue
-        if described.get("filepath"):
-            folders.setdefault(Path(str(described["filepath"])).parent, f"catalog entry '{name}'")
-        elif described.get("path"):
-            folders.setdefault(Path(str(described["path"])), f"catalog entry '{name}'")
-    params, blocks = params or {}, set(blocks)
-    for block in ("stage1", "stage2"):
-        directory = (params.get(block) or {}).get("checkpoint_dir") if block in blocks else None
-        if directory:
-            folders.setdefault(Path(directory), f"parameter '{block}.checkpoint_dir'")
-    storage = str((params.get("tune") or {}).get("storage") or "") if "tune" in blocks else ""
-    if storage.startswith("sqlite:///"):
-        folders.setdefault(Path(storage.removeprefix("sqlite:///")).parent, "parameter 'tune.storage'")
-    return folders
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why nothing can be written at ``folder`` (None if it can): its nearest existing ancestor must
-    be a folder that takes a new file. Probed with a real temporary file rather than `os.access`,
-    which says yes to root whatever the permissions and knows nothing of ACLs or network mounts."""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"'{existing}' is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"'{existing}' is not writable"
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        return f"'{existing}' is not writable ({error.strerror or error})"
-    return None
-
-
-def check_writable(folders: Mapping[Path | str, str]) -> None:
-    """Raise :class:`OutputNotWritableError` (one sentence) for the first folder nothing can be written to.
-
-    ``folders`` maps each folder to what writes there (as :func:`output_folders` returns). Folders
-    that do not exist yet are fine when they can be created (their nearest existing ancestor is a
-    writable folder); nothing is created here.
-    """
-    for folder, owner in folders.items():
-        reason = _unwritable(Path(folder))
-        if reason is not None:
-            raise OutputNotWritableError(
-                f"Output folder '{folder}' ({owner}) cannot be written: {reason}; fix its permissions or "
-                "point that setting at a writable folder in conf/<env>/ before running again."
-            )

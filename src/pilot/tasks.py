@@ -27,12 +27,15 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import reasoning_gym
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from pilot.answers import check_scorable
+from pilot.answers import check_extraction_rule, check_scorable
+from pilot.config import NonNegativeInt, Params, PositiveInt
 
 logger = logging.getLogger(__name__)
 
@@ -502,3 +505,92 @@ def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
     if table["question"].duplicated().any():
         raise ValueError("A question appears twice in the task table, so splits would not be disjoint.")
     return table
+
+
+# ---------------------------------------------------------------------------------- the data block
+class TaskParams(Params):
+    """One task: a reasoning-gym generator by ``name``, or a local dataset ``file``.
+
+    ``prompt``: ``compact`` (the renderer's short question, for the embedded models) or
+    ``original`` (reasoning-gym's own question text; any task with an answer grammar).
+    ``extract``: how the answer is read out of a reply (first_line, last_number, boxed, after:<marker>).
+    ``file``: a JSONL or parquet file with ``question`` and ``answer`` columns (GSM8K's ``#### n``
+    and MATH's ``\\boxed{}`` answers understood), scored by numeric equivalence; ``name`` labels it.
+    ``ood_kwargs``: generator settings laid over ``kwargs`` for an out-of-distribution test split
+    (``test_ood``: the same generator, harder, e.g. more terms); none: no such split for this task.
+    ``reply``: with the original prompt, ``last_step`` (the reply works out the plan's last step; the
+    plan gives every intermediate result) or ``worked`` (the reply works every step; the plan gives
+    only knowledge and strategy: :data:`pilot.tasks.REPLY_FORMATS`).
+    """
+
+    # Declared before ``name`` so that the checks of name and kwargs can see them.
+    prompt: Literal["compact", "original"] = "compact"
+    extract: str = "first_line"
+    file: str | None = None
+    name: str
+    size: PositiveInt
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    ood_kwargs: dict[str, Any] | None = None
+    reply: Literal["last_step", "worked"] = "last_step"
+
+    @field_validator("reply")
+    @classmethod
+    def _renderable_reply(cls, reply: str, info: ValidationInfo) -> str:
+        if reply != "last_step" and "name" in info.data:
+            check_reply_format(info.data["name"], reply, info.data.get("prompt", "compact"))
+        return reply
+
+    @field_validator("extract")
+    @classmethod
+    def _known_rule(cls, rule: str) -> str:
+        return check_extraction_rule(rule)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str, info: ValidationInfo) -> str:
+        if info.data.get("file") is None and "file" in info.data:  # a local file names its own task
+            check_task_name(name, info.data.get("prompt", "compact"))
+        return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _generator_accepts(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """reasoning-gym's generator and the task's renderer must accept the settings (a dry run)."""
+        if kwargs and info.data.get("file"):
+            raise ValueError("a local dataset file has no generator settings; remove kwargs")
+        if "name" in info.data and "file" in info.data and info.data["file"] is None:  # a bad name or file: reported on its own
+            try:
+                check_generator_kwargs(info.data["name"], kwargs, info.data.get("prompt", "compact"))
+            except GeneratorSettingError as error:
+                raise PydanticCustomError("generator_setting", "{message}",
+                                          {"message": str(error), "key": error.key, "value": error.value}) from None
+        return kwargs
+
+    @field_validator("ood_kwargs")
+    @classmethod
+    def _ood_generator_accepts(cls, ood: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if ood is None or "kwargs" not in info.data:  # the task's own settings failed: reported on their own
+            return ood
+        if info.data.get("file"):
+            raise ValueError("a local dataset file has no generator for an out-of-distribution split; remove ood_kwargs")
+        try:
+            check_generator_kwargs(info.data["name"], {**info.data["kwargs"], **ood}, info.data.get("prompt", "compact"))
+        except GeneratorSettingError as error:
+            raise PydanticCustomError("generator_setting", "{message}",
+                                      {"message": str(error), "key": error.key, "value": error.value}) from None
+        return ood
+
+    @field_validator("file")
+    @classmethod
+    def _readable_file(cls, file: str | None) -> str | None:
+        if file is not None:
+            check_local_dataset(file)
+        return file
+
+
+class DataParams(Params):
+    seed: int = 0
+    val_per_task: PositiveInt = 150
+    test_per_task: PositiveInt = 600
+    ood_per_task: NonNegativeInt = 300   # rows of each task's test_ood split (tasks with ood_kwargs)
+    tasks: list[TaskParams] = Field(min_length=1)

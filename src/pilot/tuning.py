@@ -314,11 +314,11 @@ def make_lora_objective(student: CausalLM, train_rows: pd.DataFrame, val_rows: p
                  "lora_alpha_ratio": trial.suggest_float("lora_alpha_ratio", config.lora_alpha_ratio.low,
                                                          config.lora_alpha_ratio.high, log=config.lora_alpha_ratio.log)}
         training, alpha_ratio = lora_settings(lora, stage1, seed, point)
-        training = training.model_copy(update={"steps": config.trial_steps})
+        training = training.model_copy(update={"steps": config.trial_steps, "eval_every": config.eval_every})
 
 
         _, result = train_lora(student, train_rows, budget, lora.target_modules, lora.match_tolerance, alpha_ratio,
-                               training, val_rows=val_rows, generation=generation, eval_every=config.eval_every,
+                               training, val_rows=val_rows, generation=generation,
                                on_validation=pruning_reporter(trial))
         return result.best_val_accuracy
 

@@ -12,8 +12,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a user causes and fixes from the message (imported here: the CLI starts fast)."""
     from pilot.artifacts import ArtifactChecksumError
     from pilot.checkpoint import CorruptCheckpointError
-    from pilot.config import OutputNotWritableError, ParameterError
+    from pilot.config import ParameterError
     from pilot.framework.hooks import MissingInputError, StaleInputError
+    from pilot.framework.outputs import OutputNotWritableError
     from pilot.latents import CorruptCacheError, StaleCacheError
     from pilot.tracking import TrackingUnavailableError
     from pilot.tuning import StorageUnavailableError

@@ -23,7 +23,6 @@ loaded, :mod:`.student_shape`.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import tempfile
@@ -31,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.io import MemoryDataset
 from kedro.pipeline import Pipeline
 
+from pilot import distributed, tracking
 from pilot.config import (
-    PARAMETER_MODELS,
     AblationsParams,
     BaselinesParams,
     GuidanceParams,
@@ -46,21 +44,18 @@ from pilot.config import (
     Params,
     TrackingParams,
     TuneParams,
-    check_top_level,
-    check_writable,
-    output_folders,
     validate,
 )
+from pilot.framework.outputs import check_writable, output_folders
+from pilot.framework.parameters import PARAMETER_MODELS, as_plain, check_top_level, load_parameters, validate_parameters
+from pilot.framework.student_shape import config_json, student_on_meta, student_shape
 from pilot.guidance import HyperNetConfig, make_hypernet
 from pilot.methods.registry import trained_baselines
 from pilot.methods.trained import StudentShapes
-from pilot import distributed, tracking
 from pilot.models import count_parameters
 from pilot.runtime import configure_threads
 from pilot.tracking import TrackingUnavailableError, check_tracking_store
 from pilot.tuning import check_storage
-from pilot.framework.parameters import as_plain, load_parameters, validate_parameters
-from pilot.framework.student_shape import config_json, student_on_meta, student_shape
 
 logger = logging.getLogger(__name__)
 

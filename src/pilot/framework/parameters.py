@@ -1,12 +1,71 @@
 """The run's parameters as the hooks read them: loaded (an override Kedro cannot merge named in one
-sentence), every block validated, and typed blocks turned back into plain dicts for YAML and MLflow."""
+sentence), every block validated by its class (:data:`PARAMETER_MODELS`: the schema in
+:mod:`pilot.config`, the data block beside its tasks, each method's settings beside the method), and
+typed blocks turned back into plain dicts for YAML and MLflow."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Any
 
-from pilot.config import PARAMETER_MODELS, ParameterError, Params, validate
+from pilot.config import (
+    AblationsParams,
+    BaselinesParams,
+    BaseParams,
+    EvaluationParams,
+    GenerationParams,
+    GuidanceParams,
+    LatentsParams,
+    ParameterError,
+    Params,
+    PlansParams,
+    Stage1Params,
+    Stage2Params,
+    TrackingParams,
+    TuneParams,
+    validate,
+)
 from pilot.methods.registry import check_baseline_blocks
+from pilot.tasks import DataParams
+
+PARAMETER_MODELS: dict[str, type[Params]] = {
+    "tracking": TrackingParams,
+    "data": DataParams,
+    "base": BaseParams,
+    "guidance": GuidanceParams,
+    "generation": GenerationParams,
+    "plans": PlansParams,
+    "latents": LatentsParams,
+    "stage1": Stage1Params,
+    "stage2": Stage2Params,
+    "baselines": BaselinesParams,
+    "tune": TuneParams,
+    "evaluation": EvaluationParams,
+    "ablations": AblationsParams,
+}
+
+
+# Top-level keys that are not a block above. `seed` is the run's base seed (conf/base/parameters.yml).
+OTHER_TOP_LEVEL_KEYS = ("seed", "threads")
+
+
+def check_top_level(params: Mapping[str, Any]) -> None:
+    """Every top-level parameter key must be a known block (``--params stage_1.x=5`` is a typo, not a no-op)."""
+    known = sorted((*PARAMETER_MODELS, *OTHER_TOP_LEVEL_KEYS))
+    for key in params:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"the closest known block is '{close[0]}'" if close else "remove it or fix its spelling"
+        raise ParameterError(f"Parameter '{key}' is not a known parameter block; {hint} (known: {', '.join(known)}).")
+    seed = params.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParameterError(f"Parameter 'seed' = {seed!r} is invalid: it must be an integer.")
+    threads = params.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ParameterError(f"Parameter 'threads' = {threads!r} is invalid: it must be a positive integer, or null "
+                             "for the CPU cores this process may use.")
 
 
 def _unmergeable_override(base: Any, override: Any, path: tuple[str, ...] = ()) -> str | None:

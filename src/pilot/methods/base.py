@@ -21,10 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+# At run time: Kedro reads a method's type hints (its fields, and :attr:`Method.params`) to type its inputs.
+from pilot.config import BaselinesParams, Params, validate
+
 if TYPE_CHECKING:
     import pandas as pd
 
-    from pilot.config import BaselinesParams, GenerationParams, Params
+    from pilot.config import GenerationParams
     from pilot.guidance import Guidance
     from pilot.models import CausalLM
     from pilot.soft_tokens import SoftPrompt
@@ -75,8 +78,6 @@ class Method:
     @classmethod
     def own_params(cls, baselines: BaselinesParams) -> Params:
         """Its block, ``baselines.<name>``, validated by :attr:`params` (its defaults where the block is absent)."""
-        from pilot.config import validate
-
         if cls.params is None:
             raise TypeError(f"Method '{cls.name}' has no settings (its `params` class is None).")
         block = getattr(baselines, cls.name, None)
@@ -97,7 +98,9 @@ class Method:
         for the whole table, with what it adds per row (plans, time paid outside the student) and the run's
         decoding. Data-parallel processes share the generation (each answers its batches; every one gets the
         table)."""
-        from pilot.evaluation import answer_and_score  # generation's imports are heavy: the served model skips them
+        from pilot.evaluation import (
+            answer_and_score,  # generation's imports are heavy: the served model skips them
+        )
 
         inputs = self.row_inputs(rows)
         with self.attach(student) as attached:

@@ -34,7 +34,6 @@ from pilot.config import (
     Params,
     Positive,
     Stage1Config,
-    adapter_loop,
 )
 from pilot.evaluation import validator
 from pilot.methods.base import Attached
@@ -132,7 +131,7 @@ def lora_settings(params: LoraParams, stage1: Stage1Config, seed: int,
     if tuned is not None and not tuned:
         raise ValueError("baselines.lora.use_tuned is true but no tuned LoRA settings exist; run "
                          "`kedro run --pipelines tune_lora` first or set it to false.")
-    config = adapter_loop(params.training, stage1, seed)
+    config = params.training.for_run(stage1, seed)
     if tuned:
         config = config.model_copy(update={"learning_rate": tuned.get("learning_rate", config.learning_rate)})
     return config, (tuned or {}).get("lora_alpha_ratio", params.lora_alpha_ratio)
@@ -140,11 +139,11 @@ def lora_settings(params: LoraParams, stage1: Stage1Config, seed: int,
 
 def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_modules: Sequence[str],
                tolerance: float, alpha_ratio: float, config: LMTrainConfig, val_rows: pd.DataFrame | None = None,
-               generation: GenerationParams | None = None, eval_every: int = 0,
+               generation: GenerationParams | None = None,
                on_validation: Callable[[int, float], None] | None = None) -> tuple[LoraAdapter, TrainingResult]:
     """Fine-tune LoRA adapters on question -> answer with a trainable budget matched to ``budget``.
 
-    With ``val_rows`` the adapter of the best validation step (every ``eval_every`` steps; step 0
+    With ``val_rows`` the adapter of the best validation step (every ``config.eval_every`` steps; step 0
     is the untrained adapter, i.e. the plain student) is kept; otherwise the last.
     """
     rank, count = lora_rank_for_budget(student.model, target_modules, budget, tolerance)
@@ -157,7 +156,7 @@ def train_lora(student: CausalLM, rows: pd.DataFrame, budget: int, target_module
     logger.info("LoRA rank %d on %s: %d trainable parameters (hyper-network: %d)", rank, present, trainable, budget)
     lm = CausalLM(model=model, tokenizer=student.tokenizer)
     result = train_causal_lm(lm, answer_examples(lm.tokenizer, rows), config, "lora",
-                             validate=validator(lm, val_rows, generation), eval_every=eval_every,
+                             validate=validator(lm, val_rows, generation),
                              on_validation=on_validation)
     config_dict = json.loads(json.dumps(lora_config.to_dict(), default=list))
     return LoraAdapter(config=config_dict, state=get_peft_model_state_dict(result.model)), result
@@ -201,8 +200,7 @@ class Lora(TrainedBaseline):
         budget = hypernet_budget(student, guidance, seed)
         training, alpha_ratio = lora_settings(params, stage1.training, seed, tuned_lora if params.use_tuned else None)
         adapter, result = train_lora(student, tasks_train, budget, params.target_modules, params.match_tolerance,
-                                     alpha_ratio, training, val_rows=tasks_val, generation=generation,
-                                     eval_every=stage1.training.eval_every)
+                                     alpha_ratio, training, val_rows=tasks_val, generation=generation)
         metrics = {"hypernet_parameters": budget, "lora_parameters": adapter.num_parameters,
                    "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy}
         return adapter, result.history_with_validation(), metrics

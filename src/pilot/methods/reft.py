@@ -35,7 +35,6 @@ from pilot.config import (
     LMTrainConfig,
     ParameterError,
     Params,
-    adapter_loop,
 )
 from pilot.evaluation import validator
 from pilot.interventions import Intervention, layer_hidden, with_hidden
@@ -50,7 +49,7 @@ from pilot.methods.trained import (
 )
 from pilot.models import CausalLM, decoder_layers, freeze
 from pilot.runtime import one_thread
-from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
+from pilot.training.base_lm import answer_examples, answer_loss_terms
 from pilot.training.engine import Objective, TrainingResult, train
 from pilot.training.protocol import TrainingProtocol
 
@@ -191,7 +190,7 @@ def reft_rank_for_budget(hidden_size: int, num_layers: int, budget: int, toleran
 
 def train_reft(student: CausalLM, rows: pd.DataFrame, budget: int, layers: Sequence[int], tolerance: float,
                config: LMTrainConfig, val_rows: pd.DataFrame | None = None,
-               generation: GenerationParams | None = None, eval_every: int = 0,
+               generation: GenerationParams | None = None,
                on_validation: Callable[[int, float], None] | None = None) -> tuple[ReftModule, TrainingResult]:
     """Train LoReFT edits on question -> answer with the student frozen; with ``val_rows``
     the edits of the best validation step (step 0: the plain student) are kept."""
@@ -203,7 +202,7 @@ def train_reft(student: CausalLM, rows: pd.DataFrame, budget: int, layers: Seque
                 reft.num_parameters, budget)
     terms = answer_loss_terms(student, answer_examples(student.tokenizer, rows), config)
     with reft.attached(student):
-        result = train(reft, Objective(terms, weights={"lm": 1.0}), lm_loop(config, eval_every), name="train reft",
+        result = train(reft, Objective(terms, weights={"lm": 1.0}), config, name="train reft",
                        validate=validator(student, val_rows, generation, around=reft.frozen_weights),
                        on_validation=on_validation)
     return result.model, result
@@ -236,8 +235,8 @@ class Reft(TrainedBaseline):
         budget = hypernet_budget(student, guidance, seed)
         layers = reft_layers(params.layers, guidance.inject_layer, student.num_layers)
         reft, result = train_reft(student, tasks_train, budget, layers, params.match_tolerance,
-                                  adapter_loop(params.training, stage1.training, seed), val_rows=tasks_val,
-                                  generation=generation, eval_every=stage1.training.eval_every)
+                                  params.training.for_run(stage1.training, seed), val_rows=tasks_val,
+                                  generation=generation)
         return reft, result.history_with_validation(), budget_metrics(reft.num_parameters, budget, result)
 
     def prepare(self, student: CausalLM) -> None:

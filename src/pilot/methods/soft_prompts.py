@@ -37,7 +37,6 @@ from pilot.config import (
     ParameterError,
     Params,
     PositiveInt,
-    adapter_loop,
 )
 from pilot.evaluation import validator
 from pilot.generation import left_pad
@@ -53,7 +52,7 @@ from pilot.methods.trained import (
 )
 from pilot.models import CausalLM, freeze
 from pilot.soft_tokens import SoftTokenSlots, placeholders
-from pilot.training.base_lm import answer_examples, answer_loss_terms, lm_loop
+from pilot.training.base_lm import answer_examples, answer_loss_terms
 from pilot.training.engine import Objective, TrainingResult, train
 from pilot.training.protocol import TrainingProtocol
 
@@ -232,7 +231,7 @@ def make_soft_prompt(kind: str, student: CausalLM, num_tokens: int, budget: int,
 
 def train_soft_prompt(student: CausalLM, module: PauseTokenModule | SoftThoughtModule, rows: pd.DataFrame,
                       config: LMTrainConfig, assistant: CausalLM | None = None, val_rows: pd.DataFrame | None = None,
-                      generation: GenerationParams | None = None, eval_every: int = 0,
+                      generation: GenerationParams | None = None,
                       on_validation: Callable[[int, float], None] | None = None,
                       ) -> tuple[PauseTokenModule | SoftThoughtModule, TrainingResult]:
     """Train ``module``'s soft tokens on question -> answer with the student (and assistant) frozen;
@@ -254,7 +253,7 @@ def train_soft_prompt(student: CausalLM, module: PauseTokenModule | SoftThoughtM
 
         terms = answer_loss_terms(student, examples, config, placeholders=placeholders(soft), around=filled)
         logger.info("%s: %d soft tokens, %d trainable parameters", module.kind, module.num_tokens, module.num_parameters)
-        result = train(module, Objective(terms, weights={"lm": 1.0}), lm_loop(config, eval_every),
+        result = train(module, Objective(terms, weights={"lm": 1.0}), config,
                        name=f"train {module.kind}", validate=validator(student, val_rows, generation, soft_prompt=soft),
                        on_validation=on_validation)
     return result.model, result
@@ -274,9 +273,8 @@ class SoftPromptMethod(TrainedBaseline):
         tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
         budget = hypernet_budget(student, guidance, seed)
         module = make_soft_prompt(cls.name, student, params.num_tokens, budget, seed, assistant=assistant)
-        module, result = train_soft_prompt(student, module, tasks_train, adapter_loop(params.training, stage1.training, seed),
-                                           assistant=assistant, val_rows=tasks_val, generation=generation,
-                                           eval_every=stage1.training.eval_every)
+        module, result = train_soft_prompt(student, module, tasks_train, params.training.for_run(stage1.training, seed),
+                                           assistant=assistant, val_rows=tasks_val, generation=generation)
         return module, result.history_with_validation(), budget_metrics(module.num_parameters, budget, result)
 
     def prepare(self, student: CausalLM) -> None:

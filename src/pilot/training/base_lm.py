@@ -20,8 +20,8 @@ from pilot import distributed
 from pilot.config import AdaptParams, LMTrainConfig
 from pilot.models import CausalLM, decoder_layers
 from pilot.prompts import TOY, PromptFormat, prompt_format
-from pilot.tasks import reply_targets
 from pilot.sequences import encode_pairs, labelled_logits, next_token_loss
+from pilot.tasks import reply_targets
 from pilot.training.engine import Objective, TrainingResult, sample_batch, train
 
 logger = logging.getLogger(__name__)
@@ -95,22 +95,17 @@ def answer_loss_terms(lm: CausalLM, examples: list[tuple[str, str]], config: LMT
     return step_terms
 
 
-def lm_loop(config: LMTrainConfig, eval_every: int = 0) -> LMTrainConfig:
-    """``config`` validated every ``eval_every`` steps (the adapter baselines pass stage 1's interval)."""
-    return config.model_copy(update={"eval_every": eval_every})
-
-
 def train_causal_lm(lm: CausalLM, examples: list[tuple[str, str]], config: LMTrainConfig, name: str,
-                    validate: Callable[[], float] | None = None, eval_every: int = 0,
+                    validate: Callable[[], float] | None = None,
                     on_validation: Callable[[int, float], None] | None = None) -> TrainingResult:
     """Next-token training (``lm``) on the targets of ``examples``.
 
     Trains every parameter of ``lm.model`` that requires gradients: the whole model for the
     embedded base models, only the adapter for LoRA. With ``validate`` the weights of the best
-    validation step (every ``eval_every`` steps, step 0 included) are selected, as for PILOT.
+    validation step (every ``config.eval_every`` steps, step 0 included) are selected, as for PILOT.
     """
     return train(lm.model, Objective(answer_loss_terms(lm, examples, config), weights={"lm": 1.0}),
-                 lm_loop(config, eval_every), name=f"train {name}", validate=validate, on_validation=on_validation)
+                 config, name=f"train {name}", validate=validate, on_validation=on_validation)
 
 
 def adapt(lm: CausalLM, tasks_train: pd.DataFrame, config: AdaptParams, role: str) -> list[dict]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pilot.config import DataParams, with_run_seed
-from pilot.tasks import TEST_SPLITS, build_task_table, validate_task_table
+from pilot.config import with_run_seed
+from pilot.tasks import TEST_SPLITS, DataParams, build_task_table, validate_task_table
 
 
 def generate_tasks(params: DataParams, seed: int) -> pd.DataFrame:
