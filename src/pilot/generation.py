@@ -81,12 +81,13 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bo
 
 
 def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], prefix: Sequence[int] = (),
-             suffix: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of ``prompts`` (each between ``prefix`` and ``suffix``), left-padded."""
+             suffix: Sequence[int] = (), width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``prompts`` (each between ``prefix`` and ``suffix``), left-padded to
+    the longest, or to ``width`` tokens if that is more."""
     rows = [list(prefix) + tokenizer(p)["input_ids"] + list(suffix) for p in prompts]
     if min(map(len, rows)) < 2:
         raise ValueError("Every prompt must be at least two tokens long.")
-    width = max(map(len, rows))
+    width = max(width, *map(len, rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, ids in enumerate(rows):
@@ -98,17 +99,18 @@ def left_pad(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], prefix:
 @torch.no_grad()
 def _generate_batch(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, guidance: Guidance | None,
                     vectors: torch.Tensor | None, temperature: float, generator: torch.Generator | None,
-                    stop_strings: Sequence[str] = (), soft_prompt: SoftPrompt | None = None):
+                    stop_strings: Sequence[str] = (), soft_prompt: SoftPrompt | None = None, pad_to: int = 0):
     if soft_prompt is None:
-        return _decode(lm, prompts, max_new_tokens, guidance, vectors, temperature, generator, stop_strings, {})
+        return _decode(lm, prompts, max_new_tokens, guidance, vectors, temperature, generator, stop_strings,
+                       {"width": pad_to})
     with soft_prompt.slots.fill(soft_prompt.embeddings(prompts)):
         return _decode(lm, prompts, max_new_tokens, guidance, vectors, temperature, generator, stop_strings,
-                       placeholders(soft_prompt))
+                       {**placeholders(soft_prompt), "width": pad_to})
 
 
 def _decode(lm: CausalLM, prompts: Sequence[str], max_new_tokens: int, guidance: Guidance | None,
             vectors: torch.Tensor | None, temperature: float, generator: torch.Generator | None,
-            stop_strings: Sequence[str], around_prompt: dict[str, list[int]]):
+            stop_strings: Sequence[str], around_prompt: dict[str, list[int] | int]):
     model, tokenizer, device = lm.model, lm.tokenizer, lm.device
     line_answers = prompt_format(tokenizer).line_answers
     input_ids, mask = (t.to(device) for t in left_pad(tokenizer, prompts, **around_prompt))
@@ -171,6 +173,7 @@ def generate(
     progress: str | None = None,
     soft_prompt: SoftPrompt | None = None,
     spread: bool = False,
+    pad_to: int = 0,
 ) -> GenerationResult:
     """Generate one continuation per prompt (greedy unless ``temperature > 0``), ``generation.batch_size``
     prompts at a time.
@@ -189,6 +192,9 @@ def generate(
     every process generates them all (the same replies everywhere). Without a process group, or
     for a caller that already holds only its rank's rows (validation during training), it changes
     nothing.
+
+    ``pad_to``: every batch left-padded to at least this many tokens. A prompt's bits then depend on its
+    padded width, not on the longest prompt beside it (the served model, :mod:`pilot.serving`).
     """
     max_new_tokens, batch_size, stop_strings = generation.max_new_tokens, generation.batch_size, tuple(generation.stop)
     was_training = lm.model.training
@@ -210,7 +216,7 @@ def generate(
             vectors = vectors.to(lm.device)
         began = time.perf_counter()
         texts, counts, used = _generate_batch(lm, batch, max_new_tokens, guidance, vectors, temperature, generator,
-                                              stop_strings, soft_prompt)
+                                              stop_strings, soft_prompt, pad_to)
         done.append((texts, counts, time.perf_counter() - began, used.detach().cpu() if used is not None else None))
         bar.update(len(batch))
         share_cores()

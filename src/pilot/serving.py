@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,8 @@ class RequestError(MlflowException):
 LIMIT_VARIABLES = {"max_questions": "PILOT_SERVE_MAX_QUESTIONS", "max_question_chars": "PILOT_SERVE_MAX_QUESTION_CHARS"}
 BATCHING_VARIABLES = {"batch_wait_ms": "PILOT_SERVE_BATCH_WAIT_MS",
                       "max_batch_questions": "PILOT_SERVE_MAX_BATCH_QUESTIONS",
-                      "max_waiting_questions": "PILOT_SERVE_MAX_WAITING_QUESTIONS"}
+                      "max_waiting_questions": "PILOT_SERVE_MAX_WAITING_QUESTIONS",
+                      "pad_multiple": "PILOT_SERVE_PAD_MULTIPLE"}
 
 
 def _overridden(variables: Mapping[str, str], settings: Mapping[str, Any], environ: Mapping[str, str],
@@ -155,20 +156,26 @@ class Batching:
 
     A batch starts when its oldest request has waited ``batch_wait_ms``, or when it holds
     ``max_batch_questions``; a request that arrived while no other was in the server starts at once, so
-    a lone client never waits. Stored with a logged model (``settings.json``); a server overrides each
-    with its variable in :data:`BATCHING_VARIABLES`.
+    a lone client never waits. Each prompt is left-padded to the next multiple of ``pad_multiple`` tokens,
+    a width fixed by the question alone; prompts of one width share a generation. Stored with a logged
+    model (``settings.json``); a server overrides each with its variable in :data:`BATCHING_VARIABLES`.
     """
 
     batch_wait_ms: float = 2.0          # how long a batch gathers, from its oldest request's arrival
     max_batch_questions: int = 128      # whole requests up to this many questions (a bigger one goes alone)
     max_waiting_questions: int = 1024   # questions waiting for a batch; a request beyond them gets a 503
+    pad_multiple: int = 32              # prompt widths: larger, fewer generations a batch and more padding
+
+    def width(self, tokens: int) -> int:
+        """The width a prompt of ``tokens`` tokens is padded to."""
+        return -(-tokens // self.pad_multiple) * self.pad_multiple
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Batching:
         """The batching a logged model was saved with, each setting overridden by its environment variable."""
         return cls(**_overridden(BATCHING_VARIABLES, settings, environ,
                                  {"batch_wait_ms": (float, 0), "max_batch_questions": (int, 1),
-                                  "max_waiting_questions": (int, 1)}))
+                                  "max_waiting_questions": (int, 1), "pad_multiple": (int, 1)}))
 
 
 def _as_question(number: int, value: Any) -> str:
@@ -219,7 +226,6 @@ class _Request:
     questions: list[str]
     arrived: float              # time.monotonic() when it joined the queue
     alone: bool                 # no other request was in the server when it arrived
-    done: threading.Event = field(default_factory=threading.Event)
     result: list[str] | Exception | None = None
 
 
@@ -229,26 +235,25 @@ AnswerBatch = Callable[[list[list[str]]], tuple[list["list[str] | Exception"], s
 
 
 class MicroBatcher:
-    """Answers requests from many threads in shared batches, generated on one thread of its own.
+    """Answers requests from many threads in shared batches, one batch at a time.
 
-    :meth:`submit` queues a request and blocks until its answers are back. The worker thread takes the
-    queued requests (whole, first come first served) up to ``max_batch_questions``, after gathering for
-    up to ``batch_wait_ms`` from the oldest one's arrival unless that one came alone, answers them with
-    one call of ``answer``, and logs one line per batch. A request that would put more than
-    ``max_waiting_questions`` in the queue is refused at once (HTTP 503). The worker starts with the
-    first request and ends after ``idle_seconds`` without one (the next request starts it again).
+    :meth:`submit` queues a request and blocks until its answers are back. Whichever waiting thread finds
+    no batch being answered leads the next one: it takes the queued requests (whole, first come first
+    served) up to ``max_batch_questions``, after gathering for up to ``batch_wait_ms`` unless the oldest
+    came alone, answers them with one call of ``answer`` in its own thread, and logs one line per batch;
+    then the next waiting thread leads. A lone request is thus answered in its caller's thread, at once.
+    A request that would put more than ``max_waiting_questions`` in the queue is refused (HTTP 503).
     """
 
-    def __init__(self, answer: AnswerBatch, batching: Batching, idle_seconds: float = 30.0) -> None:
+    def __init__(self, answer: AnswerBatch, batching: Batching) -> None:
         self.answer = answer
         self.batching = batching
-        self.idle_seconds = idle_seconds
         self.batches = 0
         self._queue: list[_Request] = []
         self._waiting_questions = 0
         self._in_server = 0       # requests submitted and not yet answered
+        self._leading = False     # a thread is gathering or answering a batch
         self._changed = threading.Condition()
-        self._worker: threading.Thread | None = None
 
     def submit(self, questions: list[str]) -> list[str]:
         """The answers to ``questions``, from the batch they joined (raises what refused them)."""
@@ -262,22 +267,23 @@ class MicroBatcher:
             self._queue.append(request)
             self._waiting_questions += len(questions)
             self._in_server += 1
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="pilot-batcher", daemon=True)
-                self._worker.start()
             self._changed.notify_all()
-        request.done.wait()
+        while True:
+            with self._changed:
+                while request.result is None and self._leading:
+                    self._changed.wait()
+                if request.result is not None:
+                    break
+                self._leading = True
+                batch = self._gather()
+            self._answer(batch)
         if isinstance(request.result, Exception):
             raise request.result
         return request.result
 
-    def _next_batch(self) -> list[_Request] | None:
-        """The next batch, once gathered (None: idle too long, the worker ends). Called holding the lock."""
-        while not self._queue:
-            if not self._changed.wait(timeout=self.idle_seconds) and not self._queue:
-                self._worker = None
-                return None
-        gather_until = self._queue[0].arrived + self.batching.batch_wait_ms / 1000
+    def _gather(self) -> list[_Request]:
+        """The next batch from the queue (not empty), once gathered. Called holding the lock."""
+        gather_until = max(time.monotonic(), self._queue[0].arrived) + self.batching.batch_wait_ms / 1000
         while not self._queue[0].alone and self._waiting_questions < self.batching.max_batch_questions:
             left = gather_until - time.monotonic()
             if left <= 0:
@@ -291,31 +297,28 @@ class MicroBatcher:
         self._waiting_questions -= questions
         return batch
 
-    def _work(self) -> None:
-        while True:
-            with self._changed:
-                batch = self._next_batch()
-            if batch is None:
-                return
-            began = time.monotonic()
-            try:
-                results, note = self.answer([request.questions for request in batch])
-            except Exception as error:  # the trace goes to the server's log, not to the clients
-                logger.exception("PILOT failed on a batch of %d requests", len(batch))
-                failed = RequestError(f"The model failed on this request ({type(error).__name__}); the server's log "
-                                      "has the details.", error_code=INTERNAL_ERROR)
-                results, note = [failed] * len(batch), "failed"
-            seconds = time.monotonic() - began
-            with self._changed:
-                self.batches += 1
-                number = self.batches
-                self._in_server -= len(batch)
+    def _answer(self, batch: list[_Request]) -> None:
+        """Answer ``batch`` (every request gets its answers or an error), then let the next batch be led."""
+        began = time.monotonic()
+        try:
+            results, note = self.answer([request.questions for request in batch])
+        except Exception as error:  # the trace goes to the server's log, not to the clients
+            logger.exception("PILOT failed on a batch of %d requests", len(batch))
+            failed = RequestError(f"The model failed on this request ({type(error).__name__}); the server's log "
+                                  "has the details.", error_code=INTERNAL_ERROR)
+            results, note = [failed] * len(batch), "failed"
+        seconds = time.monotonic() - began
+        with self._changed:
             for request, result in zip(batch, results):
                 request.result = result
-                request.done.set()
-            logger.info("PILOT batch %d: %d request%s, %d questions, waited up to %.1f ms, %s, %.1f ms", number,
-                        len(batch), "" if len(batch) == 1 else "s", sum(len(r.questions) for r in batch),
-                        1000 * (began - batch[0].arrived), note, 1000 * seconds)
+            self.batches += 1
+            number = self.batches
+            self._in_server -= len(batch)
+            self._leading = False
+            self._changed.notify_all()
+        logger.info("PILOT batch %d: %d request%s, %d questions, waited up to %.1f ms, %s, %.1f ms", number,
+                    len(batch), "" if len(batch) == 1 else "s", sum(len(r.questions) for r in batch),
+                    1000 * (began - batch[0].arrived), note, 1000 * seconds)
 
 
 def _log_to_stderr() -> None:
@@ -335,12 +338,13 @@ class PilotModel(mlflow.pyfunc.PythonModel):
     the plain student served the same way, for comparisons).
 
     MLflow's scoring server answers each request in a thread of its own; generation, which uses state
-    shared by every request (the method's hooks on the one student, its tokenizer), runs on one thread:
-    a :class:`MicroBatcher` gathers concurrent requests into one batched generation. Each question gets
+    shared by every request (the method's hooks on the one student, its tokenizer), runs one batch at a
+    time: a :class:`MicroBatcher` gathers concurrent requests into one batched generation. Each question gets
     its own guidance (the hyper-network reads each prompt alone), and the same bits whatever shares its
-    batch: questions are generated in groups of equal prompt length (left padding would move the last
-    bits of attention) of at least :data:`STABLE_ROWS` rows. Requests are checked (:class:`RequestLimits`)
-    before they join the queue, and against the student's context before they join a batch.
+    batch: its prompt is left-padded to a width fixed by its own length (:meth:`Batching.width`; padded to
+    the longest beside it, the last bits of attention would follow its companions), in a generation of at
+    least :data:`STABLE_ROWS` rows. Requests are checked (:class:`RequestLimits`) before they join the
+    queue, and against the student's context before they join a batch.
     """
 
     def load_context(self, context) -> None:
@@ -368,6 +372,7 @@ class PilotModel(mlflow.pyfunc.PythonModel):
         self.limits = limits
         self.context_length = getattr(student.model.config, "max_position_embeddings", None)
         self._generating = threading.Lock()   # held while a batch generates
+        self.batching = batching
         self.batcher = MicroBatcher(self._answer_batch, batching)
         return self
 
@@ -379,10 +384,10 @@ class PilotModel(mlflow.pyfunc.PythonModel):
         return self.batcher.submit(questions)
 
     def _answer_batch(self, requests: list[list[str]]) -> tuple[list[list[str] | Exception], str]:
-        """Each request's answers (or the error refusing it), from generations of equal-length prompts."""
+        """Each request's answers (or the error refusing it), from one generation per prompt width."""
         fmt = prompt_format(self.student.tokenizer)
         results: list[list[str] | Exception] = []
-        rows: dict[int, list[tuple[int, int, str]]] = {}   # prompt length -> (request, question, prompt)
+        rows: dict[int, list[tuple[int, int, str]]] = {}   # prompt width -> (request, question, prompt)
         for number, questions in enumerate(requests):
             prompts = [fmt.answer_prompt(q) for q in questions]
             lengths = [len(ids) for ids in self.student.tokenizer(prompts)["input_ids"]]
@@ -393,21 +398,22 @@ class PilotModel(mlflow.pyfunc.PythonModel):
                 continue
             results.append([""] * len(questions))
             for index, (prompt, length) in enumerate(zip(prompts, lengths)):
-                rows.setdefault(length, []).append((number, index, prompt))
+                rows.setdefault(self.batching.width(length), []).append((number, index, prompt))
         generations, size = 0, self._batch_generation.batch_size
         with self._generating, self.method.attach(self.student) as attached:
-            for length in sorted(rows):
-                for start in range(0, len(rows[length]), size):
-                    chunk = rows[length][start:start + size]
+            for width in sorted(rows):
+                for start in range(0, len(rows[width]), size):
+                    chunk = rows[width][start:start + size]
                     prompts = [prompt for *_, prompt in chunk]
                     prompts += [prompts[0]] * (STABLE_ROWS - len(prompts))
                     answers = generate(attached.student, prompts, generation=self._batch_generation,
-                                       guidance=attached.guidance, soft_prompt=attached.soft_prompt).answers
+                                       guidance=attached.guidance, soft_prompt=attached.soft_prompt,
+                                       pad_to=width).answers
                     generations += 1
                     for (number, index, _), answer in zip(chunk, answers):
                         results[number][index] = answer
-        lengths = ", ".join(map(str, sorted(rows)))
-        return results, f"{generations} generations (prompt lengths {lengths or 'none'})"
+        widths = ", ".join(map(str, sorted(rows)))
+        return results, f"{generations} generation{'' if generations == 1 else 's'} (widths {widths or 'none'})"
 
     def _check_context(self, lengths: list[int]) -> None:
         """Refuse a prompt that, with the answer's tokens, would not fit in the student's context."""
