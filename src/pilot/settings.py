@@ -7,6 +7,7 @@ from pilot.framework.hooks import PreflightHooks
 from pilot.framework.interrupt import InterruptHooks
 from pilot.framework.memory import MemoryHooks
 from pilot.framework.mlflow_session import KEDRO_MLFLOW, MlflowSessionHook
+from pilot.framework.model_lifecycle import ModelLifecycleHooks
 from pilot.framework.report_locks import SharedReportHooks
 from pilot.framework.run_record import RunRecordHooks
 
@@ -14,12 +15,13 @@ from pilot.framework.run_record import RunRecordHooks
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 
 # Ours: parameter validation and the tracking-store check before any node, the run record, peak
-# memory, one lock for the tune reports that parallel workers share, and SIGTERM/SIGINT ending a run
-# as KILLED (pilot.framework: hooks, run_record, memory, report_locks, interrupt). kedro-mlflow's hook is registered here, started afresh by every
+# memory, one lock for the tune reports that parallel workers share, SIGTERM/SIGINT ending a run
+# as KILLED, and the trained models' life in MLflow 3 with system metrics for every run (pilot.framework:
+# hooks, run_record, memory, report_locks, interrupt, model_lifecycle). kedro-mlflow's hook is registered here, started afresh by every
 # session (pilot.framework.mlflow_session), in place of the one process-wide object its entry point
 # registers; last, so that it runs where the entry point's did: before ours.
 HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks(), InterruptHooks(),
-         MlflowSessionHook())
+         ModelLifecycleHooks(), MlflowSessionHook())
 DISABLE_HOOKS_FOR_PLUGINS = KEDRO_MLFLOW
 
 CONFIG_LOADER_ARGS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
@@ -191,3 +191,42 @@ def log_folder(folder: Path, artifact_path: str | None = None) -> None:
 def metric_records(values: Mapping[str, float], step: int = 0) -> dict[str, dict[str, float]]:
     """Scalars in the form kedro-mlflow's metrics datasets save: ``{name: {"value": v, "step": s}}``."""
     return {name: {"value": float(value), "step": step} for name, value in values.items()}
+
+
+# ------------------------------------------------------------------------------ MLflow 3 logged models
+def log_checkpoint_model(folder: Path, *, name: str, step: int, metrics: Mapping[str, float],
+                         params: Mapping[str, object] | None = None, tags: Mapping[str, object] | None = None,
+                         model_type: str | None = None) -> str | None:
+    """The saved model in ``folder`` as an MLflow 3 logged model of the active run: the run's output at
+    ``step``, with ``metrics`` linked to it at that step (so the UI's model tables show and rank them).
+
+    The metrics are logged under the run too, at ``step``: under a key the run already logs at that step
+    (``stage1.val_accuracy``) they repeat its value. Returns the model's id (None when tracking is off).
+    """
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    client = MlflowClient()
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id,
+                                           experiment_id=run.info.experiment_id, model_type=model_type,
+                                           params={k: str(v) for k, v in (params or {}).items()},
+                                           tags={k: str(v) for k, v in (tags or {}).items()})
+    try:
+        client.log_model_artifacts(model.model_id, str(folder))
+    except Exception:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run.info.run_id, models=[LoggedModelOutput(model.model_id, step=step)])
+    link_metrics(model.model_id, metrics, step=step)
+    return model.model_id
+
+
+def link_metrics(model_id: str, metrics: Mapping[str, float], step: int = 0, run_id: str | None = None) -> None:
+    """Log ``metrics`` for the logged model ``model_id``, under ``run_id`` (the active run's by default)."""
+    run_id = run_id or active_run_id()
+    if run_id is None or not metrics:
+        return
+    timestamp = int(pd.Timestamp.now().timestamp() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(key, float(value), timestamp, int(step), model_id=model_id)
+                                              for key, value in metrics.items()], synchronous=True)
