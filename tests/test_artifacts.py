@@ -12,10 +12,10 @@ from pilot.artifacts import ArtifactChecksumError, atomic_folder
 from pilot.framework.datasets import (
     CausalLMDataset,
     HyperNetworkDataset,
-    TensorsDataset,
     TrainedBaselineDataset,
 )
 from pilot.guidance import HyperNetConfig, HyperNetwork
+from pilot.methods.caa import CaaSteering
 from pilot.methods.lora import LoraAdapter
 from pilot.methods.soft_prompts import make_soft_prompt
 
@@ -50,13 +50,13 @@ def test_a_flipped_byte_hypernetwork_stops_with_its_path_and_the_rebuilding_comm
     assert str(weights) in message and "kedro run --pipelines stage1" in message
 
 
-def test_lora_adapter_and_steering_vector_are_verified_too(tmp_path, tiny_lm, task_table):
-    steering = TensorsDataset(str(tmp_path / "steering_vector.safetensors"), producer="baselines")
-    steering.save({"vector": torch.randn(32), "reference_rms": torch.tensor(1.5)})
-    assert steering.load()["vector"].shape == (32,)
-    assert (tmp_path / "steering_vector.safetensors.sha256").is_file()
-    _flip_bytes(tmp_path / "steering_vector.safetensors", 3)
-    with pytest.raises(Exception, match=r"steering_vector.safetensors' does not match its checksum.*"
+def test_lora_adapter_and_caa_steering_are_verified_too(tmp_path, tiny_lm, task_table):
+    steering = TrainedBaselineDataset("caa", str(tmp_path / "caa"), producer="baselines")
+    steering.save(CaaSteering.of({"vector": torch.randn(32), "reference_rms": torch.tensor(1.5)}, scale=0.25))
+    loaded = steering.load()
+    assert loaded.vector.shape == (32,) and loaded.scale == 0.25 and float(loaded.reference_rms) == 1.5
+    _flip_bytes(tmp_path / "caa" / "model.safetensors", 3)
+    with pytest.raises(Exception, match=r"model.safetensors' does not match its checksum.*"
                                         r"kedro run --pipelines baselines"):
         steering.load()
 

@@ -26,7 +26,7 @@ from pilot.framework.hooks import validate_parameters
 from pilot.guidance import HyperNetwork
 from pilot.latents import LatentCache
 from pilot.methods import Attached, Method, TrainingData
-from pilot.methods.caa import steered
+from pilot.methods.caa import Caa, CaaSteering, steered
 from pilot.methods.registry import method_names, registered
 from pilot.models import CausalLM
 from pilot.pipelines import base, baselines, data, evaluation, latents, plans, stage1, stage2
@@ -129,8 +129,10 @@ def test_baselines_match_the_budget_and_choose_a_configured_caa_scale(outputs, c
     out = outputs["baselines"]
     budget = out["lora_metrics"]["hypernet_parameters"]["value"]
     assert abs(out["lora_metrics"]["lora_parameters"]["value"] - budget) <= 0.1 * budget
-    assert out["caa_config"]["scale"] in catalog.load("params:baselines").caa.scales
-    assert out["steering_vector"]["vector"].shape == (catalog.load("params:base").student.hidden_size,)
+    caa = out["caa_artefact"]
+    assert caa.scale in Caa.own_params(catalog.load("params:baselines")).scales
+    assert caa.scale == out["caa_history"].loc[out["caa_history"]["val_accuracy"].idxmax(), "scale"]
+    assert caa.vector.shape == (catalog.load("params:base").student.hidden_size,)
 
 
 def test_evaluation_scores_every_method_on_the_same_questions(outputs):
@@ -161,13 +163,13 @@ class ReversedSteering(Method):
     """A method made up for this test, in one class: CAA's steering vector subtracted instead of added."""
 
     name: ClassVar[str] = "reversed_steering"
-    inputs: ClassVar[tuple[str, ...]] = ("steering_vector", "params:guidance")
-    steering_vector: dict[str, torch.Tensor]
+    inputs: ClassVar[tuple[str, ...]] = ("caa_artefact", "params:guidance")
+    caa_artefact: CaaSteering
     guidance: GuidanceParams
 
     @contextmanager
     def attach(self, student: CausalLM) -> Iterator[Attached]:
-        reversed_vector = {**self.steering_vector, "vector": -self.steering_vector["vector"]}
+        reversed_vector = {**self.caa_artefact.steering, "vector": -self.caa_artefact.vector}
         with steered(student, reversed_vector, self.guidance.inject_layer, 1.0, 1) as steering:
             yield Attached(student, guidance=steering)
 

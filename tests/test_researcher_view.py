@@ -64,7 +64,7 @@ def test_every_method_run_has_the_same_parameter_keys_with_sensible_values(finis
         assert params[method]["guidance_reader"] == configured["reader"]
         assert params[method]["guidance_read_layer"] == str(hypernet.config.resolved_read_layer())
     assert params["zero_shot"]["guidance_reader"] == params["lora"]["guidance_inject_layer"] == ""
-    caa_scale = json.loads((finished_run / "data/06_models/caa_config.json").read_text())["scale"]
+    caa_scale = json.loads((finished_run / "data/06_models/caa/config.json").read_text())["scale"]
     assert float(params["caa"]["guidance_scale"]) == caa_scale
     stage1 = yaml.safe_load((ROOT / "conf/test/parameters_stage1.yml").read_text())["stage1"]["training"]["steps"]
     stage2 = yaml.safe_load((ROOT / "conf/test/parameters_stage2.yml").read_text())["stage2"]["training"]["steps"]

@@ -38,7 +38,7 @@ def test_every_artefact_is_written_in_a_safe_format(finished_run):
     data = finished_run / "data"
     for path in ("06_models/student/model.safetensors", "06_models/teacher/model.safetensors",
                  "06_models/hypernet_stage1/hypernet.safetensors", "06_models/hypernet_stage2/hypernet_config.json",
-                 "06_models/lora_adapter/adapter_model.safetensors", "06_models/steering_vector.safetensors",
+                 "06_models/lora_adapter/adapter_model.safetensors", "06_models/caa/model.safetensors",
                  "06_models/reft/model.safetensors", "06_models/pause_tokens/config.json",
                  "06_models/soft_thoughts/model.safetensors",
                  "05_model_input/latent_cache/manifest.json", "04_feature/teacher_plans.parquet",

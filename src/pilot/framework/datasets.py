@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from kedro.io import AbstractDataset, DatasetError
-from safetensors.torch import load_file, save_file
 
 from pilot import distributed, tracking
-from pilot.artifacts import CHECKSUMS, atomic_folder, verify_file, write_file
+from pilot.artifacts import CHECKSUMS, atomic_folder
 from pilot.guidance import HyperNetwork
 from pilot.latents import CacheManifest, LatentCache, LatentShard, save_chunk, shard_fingerprints
 from pilot.methods.registry import trained_baselines
@@ -152,29 +150,6 @@ class TrainedBaselineDataset(_FolderDataset):
 
     def _describe(self) -> dict[str, Any]:
         return {"baseline": self._baseline, "path": str(self._path)}
-
-
-class TensorsDataset(AbstractDataset):
-    """A dict of tensors in one safetensors file, written atomically with ``<file>.sha256`` beside it."""
-
-    def __init__(self, filepath: str, producer: str | None = None, metadata: dict[str, Any] | None = None) -> None:
-        self._filepath = Path(filepath)
-        self._rebuild = f"kedro run --pipelines {producer}" if producer else "rerun the pipeline that writes it"
-        self.metadata = metadata
-
-    def _load(self) -> dict[str, torch.Tensor]:
-        verify_file(self._filepath, self._rebuild)
-        return load_file(self._filepath)
-
-    def _save(self, data: dict[str, torch.Tensor]) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in data.items()}
-        write_file(self._filepath, lambda scratch: save_file(tensors, scratch))
-
-    def _exists(self) -> bool:
-        return self._filepath.is_file()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
 
 
 class MlflowHistoryDataset(AbstractDataset):

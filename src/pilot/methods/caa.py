@@ -22,8 +22,10 @@ from pilot.config import GenerationParams, GuidanceParams, Params, Positive
 from pilot.evaluation import accuracy
 from pilot.guidance import Guidance, GuidanceInjector
 from pilot.latents import LatentCache
-from pilot.methods.base import Attached, Method, TrainingData
+from pilot.methods.base import Attached, TrainingData
+from pilot.methods.trained import Trained, TrainedBaseline, TrainedModule
 from pilot.models import CausalLM
+from pilot.training.protocol import TrainingProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +83,80 @@ def choose_caa_scale(student: CausalLM, val_rows: pd.DataFrame, steering: dict[s
     return best, table
 
 
+class CaaSteering(TrainedModule):
+    """CAA's trained part: the steering vector, the plan-free states' mean RMS norm it is measured
+    against, and the scale chosen for it on the validation split."""
+
+    kind = "caa"
+
+    def __init__(self, hidden_size: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.hidden_size, self.scale = int(hidden_size), float(scale)
+        self.register_buffer("vector", torch.zeros(self.hidden_size))
+        self.register_buffer("reference_rms", torch.zeros(()))
+
+    @classmethod
+    def of(cls, steering: dict[str, torch.Tensor], scale: float) -> CaaSteering:
+        module = cls(steering["vector"].numel(), scale)
+        module.load_state_dict(steering)
+        return module
+
+    @property
+    def steering(self) -> dict[str, torch.Tensor]:
+        return {"vector": self.vector, "reference_rms": self.reference_rms}
+
+    @property
+    def num_parameters(self) -> int:
+        return self.vector.numel()
+
+    @property
+    def config(self) -> dict:
+        return {"kind": self.kind, "hidden_size": self.hidden_size, "scale": self.scale}
+
+    @classmethod
+    def from_config(cls, config: dict) -> CaaSteering:
+        return cls(config["hidden_size"], config["scale"])
+
+
 @dataclass
-class Caa(Method):
+class Caa(TrainedBaseline):
     """One steering vector for every question (PILOT without the query), scaled as chosen on validation."""
 
     name: ClassVar[str] = "caa"
     params: ClassVar[type[CaaParams]] = CaaParams
-    inputs: ClassVar[tuple[str, ...]] = ("steering_vector", "caa_config", "params:guidance")
-    steering_vector: dict[str, torch.Tensor]
-    caa_config: dict
+    artefact: ClassVar[str] = "caa_artefact"
+    train_inputs: ClassVar[tuple[str, ...]] = ("latent_cache",)
+    inputs: ClassVar[tuple[str, ...]] = ("params:baselines", "params:stage1", "caa_artefact", "params:guidance")
+    caa_artefact: CaaSteering
     guidance: GuidanceParams
+
+    @classmethod
+    def train(cls, student: CausalLM, guidance: GuidanceParams, params: CaaParams, protocol: TrainingProtocol,
+              latent_cache: LatentCache) -> Trained:
+        """CAA's vector, the mean plan-conditioned minus plan-free state at the injection layer over the
+        latent cache, and its scale: the configured one with the best validation accuracy.
+
+        Returns:
+            ``caa_artefact``, the validation sweep (one row per scale tried), and the chosen scale.
+        """
+        _, tasks_val, _, generation, _ = protocol.unpacked()
+        steering = steering_vector(latent_cache)
+        scale, sweep = choose_caa_scale(student, tasks_val, steering, guidance.inject_layer, params.scales, generation)
+        history = [{"step": tried, **row} for tried, row in enumerate(sweep.to_dict("records"))]
+        return CaaSteering.of(steering, scale), history, {"scale": scale,
+                                                          "best_val_accuracy": float(sweep["val_accuracy"].max())}
 
     @contextmanager
     def attach(self, student: CausalLM) -> Iterator[Attached]:
         # one vector, which generation gives every prompt
-        with steered(student, self.steering_vector, self.guidance.inject_layer, self.caa_config["scale"], 1) as steering:
+        with steered(student, self.caa_artefact.steering, self.guidance.inject_layer, self.caa_artefact.scale,
+                     1) as steering:
             yield Attached(student, guidance=steering)
 
     @property
     def trainable_parameters(self) -> int:
-        return int(self.steering_vector["vector"].numel())
+        return self.caa_artefact.num_parameters
 
     def comparable_settings(self, data: TrainingData) -> dict[str, Any]:
-        return {"guidance_inject_layer": self.guidance.inject_layer, "guidance_scale": self.caa_config["scale"],
+        return {"guidance_inject_layer": self.guidance.inject_layer, "guidance_scale": self.caa_artefact.scale,
                 "training_data_rows": data.cached_rows}

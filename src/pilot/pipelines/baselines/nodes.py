@@ -1,7 +1,7 @@
-"""Nodes of the ``baselines`` pipeline: every trained baseline (LoRA, ReFT, pause tokens, soft thoughts,
-yours) on PILOT's protocol (the same training rows, steps, batch size, seed and selection rule; a
-parameter budget matched to the hyper-network's where the method's design allows it), through its
-method's train hook, and the CAA vector and scale."""
+"""Nodes of the ``baselines`` pipeline: every trained baseline (LoRA, ReFT, CAA, pause tokens, soft
+thoughts, yours) on PILOT's protocol (the same training rows, validation rows, steps, batch size, seed
+and selection rule; a parameter budget matched to the hyper-network's where the method's design allows
+it), through its method's train hook."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
-import torch
 
-from pilot.config import BaselinesParams, GenerationParams, GuidanceParams
-from pilot.latents import LatentCache
-from pilot.methods.caa import Caa, choose_caa_scale, steering_vector
+from pilot.config import BaselinesParams, GuidanceParams
 from pilot.methods.trained import TrainedBaseline
 from pilot.models import CausalLM
 from pilot.tracking import metric_records
@@ -42,25 +39,3 @@ def trainer(method: type[TrainedBaseline]) -> Callable[..., tuple[Any, pd.DataFr
     train.__name__ = train.__qualname__ = f"train_{method.name}"
     train.__doc__ = method.train.__doc__
     return train
-
-
-def compute_steering_vector(latent_cache: LatentCache) -> dict[str, torch.Tensor]:
-    """CAA's vector: the mean plan-conditioned minus plan-free state at the injection layer, over the cache.
-
-    Returns:
-        ``steering_vector`` (safetensors).
-    """
-    return steering_vector(latent_cache)
-
-
-def tune_caa_scale(steering_vector: dict[str, torch.Tensor], student: CausalLM, tasks_val: pd.DataFrame,
-                   guidance: GuidanceParams, params: BaselinesParams,
-                   generation: GenerationParams) -> tuple[dict, pd.DataFrame]:
-    """Choose the static steering vector's scale on the validation split.
-
-    Returns:
-        ``caa_config`` (``{"scale": ...}``) and the validation sweep.
-    """
-    scale, sweep = choose_caa_scale(student, tasks_val, steering_vector, guidance.inject_layer, Caa.own_params(params).scales,
-                                    generation)
-    return {"scale": scale}, sweep
