@@ -159,3 +159,37 @@ def test_each_method_is_named_only_in_its_own_files(name):
     assert naming <= OWN_FILES[name] | SHARED_FILES, f"'{name}' is named outside its files: " \
                                                      f"{sorted(naming - OWN_FILES[name] - SHARED_FILES)}"
     assert len(naming) <= 4
+
+
+def _conf_base_parameters() -> dict:
+    from kedro.config import OmegaConfigLoader
+
+    from pilot.settings import CONFIG_LOADER_ARGS
+
+    return OmegaConfigLoader(str(ROOT / "conf"), env="base", **CONFIG_LOADER_ARGS)["parameters"]
+
+
+@pytest.mark.parametrize("name", ["lora", "reft", "caa", "pause_tokens", "soft_thoughts"])
+def test_each_in_tree_baseline_is_its_module_its_block_and_one_registration(name, monkeypatch):
+    """An in-tree baseline is added as docs/own_models.md adds yours: its module, its block in
+    parameters_baselines.yml and its line in the registry. Taken out of the registry, no node names it
+    and its block names no method; registered again, its nodes are back and its block validates."""
+    from pilot.framework.parameters import validate_parameters
+    from pilot.methods import registry
+    from pilot.pipelines import baselines, evaluation
+
+    method = registry.compared_methods()[name]
+    monkeypatch.setattr(registry, "COMPARED", [other for other in registry.COMPARED if other is not method])
+
+    def nodes() -> set[str]:
+        return {node.name for pipeline in (baselines, evaluation) for node in pipeline.create_pipeline().nodes}
+
+    without = nodes()
+    assert not any(re.search(rf"_{name}_node$", node) for node in without)
+    parameters = _conf_base_parameters()
+    with pytest.raises(Exception, match=rf"'baselines.{name}' is not a known setting"):
+        validate_parameters(parameters)
+    with registry.registered(method):
+        added = {node for node in nodes() - without if not node.startswith("gather_")}   # gathers regroup
+        assert added == {f"train_{name}_node", f"method_{name}_node", f"evaluate_{name}_node"}
+        validate_parameters(parameters)
