@@ -28,14 +28,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from pilot.config import (
-    AdapterTrainingParams,
-    GenerationParams,
-    GuidanceParams,
-    LMTrainConfig,
-    ParameterError,
-    Params,
-)
+from pilot.config import AdapterTrainingParams, GenerationParams, GuidanceParams, LMTrainConfig, ParameterError, Params
 from pilot.evaluation import validator
 from pilot.interventions import Intervention, layer_hidden, with_hidden
 from pilot.methods.base import Attached, TrainingData
