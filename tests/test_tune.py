@@ -202,7 +202,8 @@ def test_a_worker_that_ends_first_reports_the_whole_study(tmp_path):
 def test_the_injection_layer_is_searched_with_a_latent_cache_per_layer(tiny_lm, task_table, tmp_path):
     from pilot.config import GenerationParams, ParameterError, Stage1Config, Stage2Config, TuneParams
     from pilot.latents import LatentCache
-    from pilot.tuning import apply_tuned, make_objective, site_cache
+    from pilot.training.stage1 import apply_tuned
+    from pilot.tuning import make_objective, site_cache
     from tests.conftest import stage1_inputs
 
     plans, site, latents = stage1_inputs(tiny_lm, task_table, tmp_path)

@@ -49,30 +49,12 @@ from pilot.config import (
 from pilot.latents import LatentCache, plan_cache_build, write_cache
 from pilot.methods.lora import LoraParams, lora_settings, train_lora
 from pilot.models import CausalLM
-from pilot.training.stage1 import run_stage1
+from pilot.training.stage1 import apply_tuned, run_stage1
 from pilot.training.stage2 import run_stage2
 
 logger = logging.getLogger(__name__)
 
 TUNED_KEYS = ("contrastive_weight", "rl_weight", "guidance_scale", "inject_layer")
-LOSS_KEYS = ("contrastive_weight", "rl_weight")        # Stage1Config fields
-SITE_KEYS = ("guidance_scale", "inject_layer")         # GuidanceParams fields
-
-
-def apply_tuned(tuned: dict, training: Stage1Config, guidance: GuidanceParams) -> tuple[Stage1Config, GuidanceParams]:
-    """Stage 1's settings with the ``tune`` pipeline's best values in place of the configured ones."""
-    if not tuned:
-        raise ValueError("stage1.use_tuned_weights is true but no tuned weights exist; run "
-                         "`kedro run --pipelines tune` first or set it to false.")
-    if "inject_layer" in tuned and tuned["inject_layer"] != guidance.inject_layer:
-        raise ParameterError(
-            f"The tuned injection layer is {tuned['inject_layer']} but guidance.inject_layer is {guidance.inject_layer}; "
-            "the latent cache and the baselines follow guidance.inject_layer, so set it there "
-            f"(`--params guidance.inject_layer={tuned['inject_layer']}`) and rerun from the latents pipeline.")
-    return (training.model_copy(update={k: v for k, v in tuned.items() if k in LOSS_KEYS}),
-            guidance.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
-
-
 _studies_opened = itertools.count()  # a process that tunes twice is two workers
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pilot import distributed
 from pilot.checkpoint import CheckpointManager, run_fingerprint
-from pilot.config import GenerationParams, GuidanceParams, LatentsParams, Stage1Config
+from pilot.config import GenerationParams, GuidanceParams, LatentsParams, ParameterError, Stage1Config
 from pilot.evaluation import accuracy, answer_and_score
 from pilot.guidance import GuidedStudent, make_hypernet
 from pilot.latents import CachedLatents, LatentBatch, LatentCache, plan_cache_build, select_examples
@@ -47,6 +47,24 @@ from pilot.training.losses import (
     mean_baseline_advantages,
     reinforce_loss,
 )
+
+# What `kedro run --pipelines tune` searches, and where stage 1 takes its best values from.
+LOSS_KEYS = ("contrastive_weight", "rl_weight")        # Stage1Config fields
+SITE_KEYS = ("guidance_scale", "inject_layer")         # GuidanceParams fields
+
+
+def apply_tuned(tuned: dict, training: Stage1Config, guidance: GuidanceParams) -> tuple[Stage1Config, GuidanceParams]:
+    """Stage 1's settings with the ``tune`` pipeline's best values in place of the configured ones."""
+    if not tuned:
+        raise ValueError("stage1.use_tuned_weights is true but no tuned weights exist; run "
+                         "`kedro run --pipelines tune` first or set it to false.")
+    if "inject_layer" in tuned and tuned["inject_layer"] != guidance.inject_layer:
+        raise ParameterError(
+            f"The tuned injection layer is {tuned['inject_layer']} but guidance.inject_layer is {guidance.inject_layer}; "
+            "the latent cache and the baselines follow guidance.inject_layer, so set it there "
+            f"(`--params guidance.inject_layer={tuned['inject_layer']}`) and rerun from the latents pipeline.")
+    return (training.model_copy(update={k: v for k, v in tuned.items() if k in LOSS_KEYS}),
+            guidance.model_copy(update={k: v for k, v in tuned.items() if k in SITE_KEYS}))
 
 
 def guided_answer_pass(guided: GuidedStudent, batch: LatentBatch, vectors: torch.Tensor, questions: list[str],

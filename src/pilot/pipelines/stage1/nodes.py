@@ -11,8 +11,7 @@ from pilot.guidance import HyperNetwork
 from pilot.latents import LatentCache
 from pilot.models import CausalLM
 from pilot.pipelines.protocol import TrainingProtocol
-from pilot.training.stage1 import run_stage1
-from pilot.tuning import apply_tuned
+from pilot.training.stage1 import apply_tuned, run_stage1
 
 logger = logging.getLogger(__name__)
 
