@@ -316,8 +316,9 @@ class MicroBatcher:
             self._in_server -= len(batch)
             self._leading = False
             self._changed.notify_all()
-        logger.info("PILOT batch %d: %d request%s, %d questions, waited up to %.1f ms, %s, %.1f ms", number,
-                    len(batch), "" if len(batch) == 1 else "s", sum(len(r.questions) for r in batch),
+        questions = sum(len(r.questions) for r in batch)
+        logger.info("PILOT batch %d: %d request%s, %d question%s, waited up to %.1f ms, %s, %.1f ms", number,
+                    len(batch), "" if len(batch) == 1 else "s", questions, "" if questions == 1 else "s",
                     1000 * (began - batch[0].arrived), note, 1000 * seconds)
 
 
