@@ -1,19 +1,29 @@
 import ast
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
+from pydantic import Field
 
 from pilot.config import (
+    AblationVariant,
+    AdapterTrainingParams,
+    AdaptParams,
     GuidanceParams,
     LatentsParams,
+    LoopParams,
+    ModelParams,
     ParameterError,
+    Params,
+    PositiveInt,
+    SearchRange,
     Stage1Params,
     TuneParams,
     validate,
 )
 from pilot.framework.parameters import PARAMETER_MODELS, check_top_level
 from pilot.methods.caa import CaaParams
-from pilot.tasks import DataParams
+from pilot.tasks import DataParams, TaskParams
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pilot"
 KEDRO_GLUE = {"settings.py", "pipeline_registry.py", "__main__.py", "cli.py"}
@@ -155,3 +165,53 @@ def test_layer_messages_offer_only_values_that_are_accepted(key, bad):
         validated.check_against(2)
     if key == "inject_layer":
         assert "from the end" not in str(error.value) and all(v >= 0 for v in offered)
+
+
+def parameter_models(blocks: list[type[Params]]) -> list[type[Params]]:
+    """``blocks`` and every parameter model their fields hold, recursively (inside ``X | None``, ``list[X]``, ...)."""
+    def held(annotation: Any) -> list[type[Params]]:
+        if isinstance(annotation, type) and issubclass(annotation, Params):
+            return [annotation]
+        return [model for argument in get_args(annotation) for model in held(argument)]
+
+    found, waiting = [], list(blocks)
+    while waiting:
+        model = waiting.pop(0)
+        if model not in found:
+            found.append(model)
+            waiting += [inner for field in model.model_fields.values() for inner in held(field.annotation)]
+    return found
+
+
+def without_help(models: list[type[Params]]) -> list[str]:
+    """``Model.field`` for every field of ``models`` whose description is missing or blank."""
+    return [f"{model.__name__}.{name}" for model in models for name, field in model.model_fields.items()
+            if not (field.description or "").strip()]
+
+
+def test_every_parameter_has_a_help_text():
+    """As in TRL's configs, every setting says what it controls: each field of every block a run validates
+    (pilot.framework.parameters and each method's settings), nested blocks included, has a description."""
+    from pilot.methods.registry import compared_methods
+
+    blocks = [*PARAMETER_MODELS.values(), *(method.params for method in compared_methods().values() if method.params)]
+    models = parameter_models(blocks)
+    # the walk reaches the blocks held only inside a list or an optional field
+    assert {TaskParams, ModelParams, AdaptParams, SearchRange, AblationVariant, AdapterTrainingParams} <= set(models)
+    missing = without_help(models)
+    assert missing == [], "settings without a help text (give each `Field(<default>, description=...)`): " + \
+                          ", ".join(missing)
+
+
+def test_a_missing_help_text_is_named_even_in_a_nested_block_or_an_overridden_default():
+    class Inner(Params):
+        bare: int = 0
+
+    class Child(LoopParams):  # pydantic drops the parent's description when a subclass redeclares the field
+        steps: PositiveInt = 5
+
+    class Outer(Params):
+        inner: list[Inner] | None = Field(None, description="Nested blocks.")
+        loop: Child = Field(Child(learning_rate=0.1), description="A loop.")
+
+    assert without_help(parameter_models([Outer])) == ["Inner.bare", "Child.steps"]

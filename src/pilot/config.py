@@ -124,47 +124,57 @@ class LoopParams(Params):
     """How long and how fast to train: what the training engine (:func:`pilot.training.engine.train`)
     reads. Every stage's and model's training block is one of these, with its own defaults."""
 
-    steps: PositiveInt
-    learning_rate: Positive
-    warmup_steps: NonNegativeInt = 0
-    weight_decay: NonNegative = 0.0
-    seed: int = 0
-    eval_every: NonNegativeInt = 0           # validate every N steps (0: only before the first and after the last)
-    grad_norm_every: NonNegativeInt = 0      # log each term's gradient norm every N steps (0: never)
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)   # AdamW's
-    clip_norm: Positive = 1.0                # the gradient's global norm is clipped to this
-    # an exponential moving average of the trained weights (Polyak averaging), updated after every step
-    # with this decay: what is validated, selected and returned. None: the weights as trained
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] | None = None
+    steps: PositiveInt = Field(description="Optimizer steps to train.")
+    learning_rate: Positive = Field(description="AdamW's peak learning rate, reached after the linear warm-up, then "
+                                                "decayed by a cosine to a tenth of it.")
+    warmup_steps: NonNegativeInt = Field(0, description="Steps of linear warm-up to the learning rate (0: none).")
+    weight_decay: NonNegative = Field(0.0, description="AdamW's decoupled weight decay (0: none).")
+    seed: int = Field(0, description="Added to the run's seed (parameters.yml) to seed this loop's batches and "
+                                     "sampling.")
+    eval_every: NonNegativeInt = Field(0, description="Validate every N steps, where the loop validates (0: only "
+                                                      "before the first step and after the last).")
+    grad_norm_every: NonNegativeInt = Field(0, description="Log each loss term's gradient norm (grad_norm/<term>) "
+                                                           "every N steps (0: never); the update is the same.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW's (beta1, beta2): decay rates of its gradient and squared-gradient averages.")
+    clip_norm: Positive = Field(1.0, description="The gradient's global norm is clipped to this before each step.")
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None, description="Decay of an exponential moving average of the weights (Polyak averaging), updated after "
+                          "every step: what is validated, selected and returned. null: the weights as trained.")
 
 
 # ---------------------------------------------------------------------------------- base
 class LMTrainConfig(LoopParams):
     """Next-token training of a whole model or adapter (base models, LoRA)."""
 
-    steps: PositiveInt = 900
-    batch_size: PositiveInt = 64
-    learning_rate: Positive = 3e-3
-    warmup_steps: NonNegativeInt = 50
-    weight_decay: NonNegative = 0.01
-    length_buckets: PositiveInt = 4   # sub-batches of similar length per step (same gradient, less padding)
-    # true: the tokens every row of a (sub-)batch starts with run once per pass and the rows read their
-    # keys and values (the same logits and gradients; pilot.sequences.labelled_logits)
-    share_prefix: bool = False
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
+    steps: PositiveInt = Field(900, description="Optimizer steps to train.")
+    batch_size: PositiveInt = Field(64, description="Examples (prompt and target) per step.")
+    learning_rate: Positive = Field(3e-3, description="AdamW's peak learning rate, reached after the linear warm-up, "
+                                                      "then decayed by a cosine to a tenth of it.")
+    warmup_steps: NonNegativeInt = Field(50, description="Steps of linear warm-up to the learning rate (0: none).")
+    weight_decay: NonNegative = Field(0.01, description="AdamW's decoupled weight decay (0: none).")
+    length_buckets: PositiveInt = Field(4, description="Sub-batches of similar length per step: the same gradient, "
+                                                       "less padding (1: the batch in one pass).")
+    share_prefix: bool = Field(False, description="true: the tokens every row of a (sub-)batch starts with run once "
+                                                  "per pass and the rows read their keys and values (the same logits "
+                                                  "and gradients; pilot.sequences.labelled_logits).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.98), description="AdamW's (beta1, beta2): decay rates of its gradient and squared-gradient averages.")
 
 
 class AdaptParams(LMTrainConfig):
     """Warm-starting a pretrained student on the task format (questions with and without plans)."""
 
-    steps: PositiveInt = 150
-    batch_size: PositiveInt = 16
-    learning_rate: Positive = 5e-5
-    warmup_steps: NonNegativeInt = 10
-    train_layers: PositiveInt | None = 8   # only the top N decoder blocks learn (null: all); the rest stay as pretrained
-    # false: each question is trained only with its plan in context, so what the plan carries is not
-    # absorbed into the weights (the student never learns to answer without it); true: with and without.
-    without_plan: bool = True
+    steps: PositiveInt = Field(150, description="Optimizer steps of the warm start.")
+    batch_size: PositiveInt = Field(16, description="Examples (prompt and target) per step.")
+    learning_rate: Positive = Field(5e-5, description="AdamW's peak learning rate, reached after the linear warm-up, "
+                                                      "then decayed by a cosine to a tenth of it.")
+    warmup_steps: NonNegativeInt = Field(10, description="Steps of linear warm-up to the learning rate (0: none).")
+    train_layers: PositiveInt | None = Field(8, description="Only the top N decoder blocks (and the final norm) learn; "
+                                                            "the rest stay as pretrained. null: every block.")
+    without_plan: bool = Field(True, description="true: each question is trained with its plan in context and "
+                                                 "without it; false: only with it, so what the plan carries is not "
+                                                 "absorbed into the weights.")
 
 
 class ModelParams(Params):
@@ -172,18 +182,28 @@ class ModelParams(Params):
     (``pretrained: true``), or imported from ``source`` (a Hugging Face folder or a GGUF file) into
     ``path``, optionally adapted to the task format (``adapt``)."""
 
-    pretrained: bool = False
-    source: str | None = None
-    path: str | None = None
-    adapt: AdaptParams | None = None
-    family: Literal["llama", "qwen2", "gpt2"] = "llama"
-    hidden_size: PositiveInt = 128
-    num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 4
-    intermediate_size: PositiveInt | None = None
-    max_positions: PositiveInt = 128
-    plan_loss: bool = True
-    training: LMTrainConfig = LMTrainConfig()
+    pretrained: bool = Field(False, description="true: `path` is a local Hugging Face model used as it is, never "
+                                                "trained or written (set in globals.yml).")
+    source: str | None = Field(None, description="A Hugging Face folder, a GGUF file or package://<module>/<file>.gguf "
+                                                 "imported once into `path` (kept while its sha256 is unchanged); "
+                                                 "null: not imported.")
+    path: str | None = Field(None, description="The model's folder: written when trained or imported, read as it is "
+                                               "with `pretrained: true` (set in globals.yml).")
+    adapt: AdaptParams | None = Field(None, description="Warm-start the imported model on the task format before use; "
+                                                        "null: use it as imported. Needs `source`.")
+    family: Literal["llama", "qwen2", "gpt2"] = Field("llama", description="Architecture of a model trained here.")
+    hidden_size: PositiveInt = Field(128, description="Width of the residual stream of a model trained here.")
+    num_layers: PositiveInt = Field(2, description="Decoder blocks of a model trained here.")
+    num_heads: PositiveInt = Field(4, description="Attention heads of a model trained here; must divide hidden_size.")
+    intermediate_size: PositiveInt | None = Field(None, description="Width of each block's MLP in a model trained "
+                                                                    "here; null: 4 x hidden_size.")
+    max_positions: PositiveInt = Field(128, description="Longest sequence, in tokens, a model trained here is built "
+                                                        "for.")
+    plan_loss: bool = Field(True, description="A student trained here learns its plan-conditioned examples on plan "
+                                              "and answer (teaching the step arithmetic plans are written in); "
+                                              "false: on the answer only. The teacher ignores it.")
+    training: LMTrainConfig = Field(LMTrainConfig(), description="The loop that trains a model here from scratch; "
+                                                                 "unused for an imported or pretrained one.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelParams:
@@ -203,32 +223,49 @@ class ModelParams(Params):
 
 
 class TokenizerParams(Params):
-    vocab_size: Annotated[int, Field(ge=300)] = 512
+    vocab_size: Annotated[int, Field(ge=300)] = Field(
+        512, description="Tokens in the byte-level BPE vocabulary trained for the models trained here (at least 300, "
+                         "above the 256 bytes it starts from).")
 
 
 class BaseParams(Params):
-    tokenizer: TokenizerParams = TokenizerParams()
-    student: ModelParams
-    teacher: ModelParams
+    tokenizer: TokenizerParams = Field(TokenizerParams(), description="The tokenizer trained when a model is trained "
+                                                                      "from scratch (none otherwise).")
+    student: ModelParams = Field(description="The student: the model every method guides or adapts.")
+    teacher: ModelParams = Field(description="The teacher, which writes the plans (plans.teacher: hf).")
 
 
 # ---------------------------------------------------------------------------------- shared
 class GuidanceParams(Params):
     """Where the guidance is read and injected, shared by latents, stages and baselines."""
 
-    read_layer: int = 0
-    inject_layer: NonNegativeInt = 0
-    align_layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
-    reader: Literal["mean", "attention"] = "attention"
-    mlp_hidden: PositiveInt = 256
-    attention_heads: PositiveInt = 8
-    guidance_scale: Positive = 1.0
-    init_log_std: float = -3.0
-    # The paper's components, each a switch (pilot.guidance.hypernet): further injection sites,
-    # FiLM (a per-dimension scale and shift, not only an added vector), a learned query-independent prior.
-    extra_inject_layers: list[NonNegativeInt] = Field(default_factory=list)
-    modulation: Literal["add", "film"] = "film"
-    prior: bool = False
+    read_layer: int = Field(0, description="Decoder block whose output over the query's tokens (unguided pass) the "
+                                           "hyper-network reads; 0-based, negative counts from the end.")
+    inject_layer: NonNegativeInt = Field(0, description="Decoder block whose output the guidance changes at the answer "
+                                                        "positions (0-based).")
+    align_layers: list[int] = Field(default_factory=lambda: [-1], min_length=1,
+                                    description="Layers whose guided states stage 1 aligns with the plan-conditioned "
+                                                "ones (at or after inject_layer; negative counts from the end); the "
+                                                "last also feeds the contrastive and latent-RL terms.")
+    reader: Literal["mean", "attention"] = Field("attention", description="How the hyper-network reads the query: "
+                                                                          "attention (its last token attends over it, "
+                                                                          "then an MLP) or mean (an MLP on the mean "
+                                                                          "of the query's states).")
+    mlp_hidden: PositiveInt = Field(256, description="Hidden width of the hyper-network's MLP.")
+    attention_heads: PositiveInt = Field(8, description="Heads of the attention reader; must divide the student's "
+                                                        "hidden size.")
+    guidance_scale: Positive = Field(1.0, description="Strength of the guidance relative to the hidden state h: add "
+                                                      "puts guidance_scale * rms(h) * g on h; film multiplies its "
+                                                      "scale and its shift by it alike.")
+    init_log_std: float = Field(-3.0, description="Starting log standard deviation (learned) of the Gaussian around g "
+                                                  "that the latent-RL terms sample from.")
+    extra_inject_layers: list[NonNegativeInt] = Field(default_factory=list,
+                                                      description="Further decoder blocks guided too, each by its own "
+                                                                  "slice of g ([]: inject_layer only).")
+    modulation: Literal["add", "film"] = Field("film", description="How g changes the hidden state: add (an added "
+                                                                   "vector) or film (a per-dimension scale and shift).")
+    prior: bool = Field(False, description="true: g is a learned query-independent prior p modulated by the query, "
+                                           "p * (1 + m) + a; false: the hyper-network's output itself.")
 
     def resolved_align_layers(self, num_layers: int) -> list[int]:
         return sorted({layer % num_layers for layer in self.align_layers})
@@ -279,100 +316,149 @@ class GenerationParams(Params):
     sequence, at a newline in the embedded models' one-line format, at the first of ``stop``, or
     after ``max_new_tokens``."""
 
-    max_new_tokens: PositiveInt = 16
-    batch_size: PositiveInt = 128
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    max_new_tokens: PositiveInt = Field(16, description="Longest reply, in tokens.")
+    batch_size: PositiveInt = Field(128, description="Prompts decoded together.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list,
+                                                            description="Strings that end a reply, cut at the first "
+                                                                        "found ([]: none).")
 
 
 # ---------------------------------------------------------------------------------- plans
 class PlansParams(Params):
-    teacher: Literal["hf", "oracle"] = "hf"
-    keep: Literal["verified", "all"] = "verified"
-    max_plan_tokens: PositiveInt = 64
+    teacher: Literal["hf", "oracle"] = Field("hf", description="Who writes the plans: hf (the teacher model) or oracle "
+                                                               "(derived from the task's metadata; an ablation).")
+    keep: Literal["verified", "all"] = Field("verified", description="verified: keep a plan only when the student "
+                                                                     "answers right with it (construct-and-verify); "
+                                                                     "all: keep every plan (an ablation).")
+    max_plan_tokens: PositiveInt = Field(64, description="Longest plan the teacher writes, in tokens.")
 
 
 class LatentsParams(Params):
-    shard_size: PositiveInt = 1024
-    batch_size: PositiveInt = 256
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    on_stale: Literal["rebuild", "error"] = "rebuild"
-    # Also cache what guidance cannot change (the prompt's keys and values above the lowest guided
-    # layer, that layer's unguided states at the answer positions), so each stage-1 step runs only
-    # the blocks above the site over the answer positions (pilot.guidance.prefix). Same losses and
-    # gradients as the full pass; false runs the full pass every step.
-    frozen_prefix: bool = True
+    shard_size: PositiveInt = Field(1024, description="Examples per shard of the latent cache; a rebuild skips the "
+                                                      "shards already current.")
+    batch_size: PositiveInt = Field(256, description="Examples per student pass while the cache is built (changes "
+                                                     "nothing stored).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Precision the states are stored "
+                                                                                    "in (float16 and bfloat16: half "
+                                                                                    "the size on disk).")
+    on_stale: Literal["rebuild", "error"] = Field("rebuild", description="A cache on disk built for other inputs is "
+                                                                         "rebuilt, or stops the run (error).")
+    frozen_prefix: bool = Field(True, description="Also cache what guidance cannot change (the prompt's keys and "
+                                                  "values above the lowest guided layer, its unguided answer states), "
+                                                  "so a stage-1 step runs only the blocks above it: the same losses "
+                                                  "and gradients. false: the full pass every step.")
 
 
 # ---------------------------------------------------------------------------------- stages
 class Stage1Config(LoopParams):
     """Stage-1 loop settings; the loss weights carry the paper's names."""
 
-    steps: PositiveInt = 3000
-    batch_size: PositiveInt = 64
-    learning_rate: Positive = 1e-3
-    warmup_steps: NonNegativeInt = 20
-    weight_decay: NonNegative = 0.0
-    alignment_weight: NonNegative = 0.5
-    contrastive_weight: NonNegative = 0.05
-    temperature: Positive = 0.1
-    lm_weight: NonNegative = 1.0
-    rl_weight: NonNegative = 0.1
-    rl_every: PositiveInt = 4
-    rl_batch: PositiveInt = 8
-    rl_samples: Annotated[int, Field(ge=2)] = 4
-    latent_reward_weight: NonNegative = 0.5
-    eval_every: PositiveInt = 250
-    grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
-    checkpoint_every: NonNegativeInt = 250
-    seed: int = 0
+    steps: PositiveInt = Field(3000, description="Optimizer steps of stage 1; the trained baselines get as many "
+                                                 "(their training.steps: null).")
+    batch_size: PositiveInt = Field(64, description="Questions (cached trajectories) per step.")
+    learning_rate: Positive = Field(1e-3, description="AdamW's peak learning rate, reached after the linear warm-up, "
+                                                      "then decayed by a cosine to a tenth of it.")
+    warmup_steps: NonNegativeInt = Field(20, description="Steps of linear warm-up to the learning rate (0: none).")
+    weight_decay: NonNegative = Field(0.0, description="AdamW's decoupled weight decay (0: none).")
+    alignment_weight: NonNegative = Field(0.5, description="Weight of `alignment`: the guided states at align_layers "
+                                                           "against the plan-conditioned ones (1 - cosine + relative "
+                                                           "squared error).")
+    contrastive_weight: NonNegative = Field(0.05, description="Weight of `contrastive` (InfoNCE): each guided answer's "
+                                                              "mean state must pick its own plan-conditioned one out "
+                                                              "of the batch's.")
+    temperature: Positive = Field(0.1, description="InfoNCE's temperature in `contrastive` (lower: sharper).")
+    lm_weight: NonNegative = Field(1.0, description="Weight of `lm`: next-token loss on the gold answer, guided.")
+    rl_weight: NonNegative = Field(0.1, description="Weight of `latent_rl`: REINFORCE on guidance vectors sampled "
+                                                    "around g, rewarded by the verifier (0: not computed).")
+    rl_every: PositiveInt = Field(4, description="Compute `latent_rl` every N steps.")
+    rl_batch: PositiveInt = Field(8, description="Questions `latent_rl` samples for: the first N of the step's batch.")
+    rl_samples: Annotated[int, Field(ge=2)] = Field(4, description="Guidance vectors sampled per latent-RL question "
+                                                                   "(at least 2: their mean is the baseline).")
+    latent_reward_weight: NonNegative = Field(0.5, description="Weight, in the latent-RL reward, of the sampled guided "
+                                                               "states' cosine similarity to the plan-conditioned "
+                                                               "ones (added to verified success, 0 or 1).")
+    eval_every: PositiveInt = Field(250, description="Validate every N steps (and before the first); the best "
+                                                     "validated hyper-network is kept.")
+    grad_norm_every: NonNegativeInt = Field(10, description="Log each loss term's gradient norm (grad_norm/<term>) "
+                                                            "every N steps (0: never); the update is the same.")
+    checkpoint_every: NonNegativeInt = Field(250, description="Save a resumable checkpoint every N steps (0: never).")
+    seed: int = Field(0, description="Added to the run's seed (parameters.yml) to seed stage 1's batches and "
+                                     "sampling.")
 
 
 class Stage1Params(Params):
-    use_tuned_weights: bool = False
-    resume: bool = True
-    checkpoint_dir: str = "data/06_models/checkpoints/stage1"
-    training: Stage1Config = Stage1Config()
+    use_tuned_weights: bool = Field(False, description="true: the contrastive and latent-RL weights (and any tuned "
+                                                       "guidance scale) found by `kedro run --pipelines tune`.")
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same run (same data and settings) "
+                                           "if there is one; false: start over.")
+    checkpoint_dir: str = Field("data/06_models/checkpoints/stage1", description="Stage 1's checkpoints, one "
+                                                                                 "subfolder per run (a fingerprint of "
+                                                                                 "its data and settings).")
+    training: Stage1Config = Field(Stage1Config(), description="Stage 1's loop and loss weights.")
 
 
 class Stage2Config(LoopParams):
     """Stage-2 loop settings (:mod:`pilot.training.stage2`); the loss names follow TRL's GRPO."""
 
-    # token: the guided student's reply tokens are the actions (their log-probabilities reach the
-    # hyper-network through the injected guidance); latent: a Gaussian over g, REINFORCE (the earlier default)
-    policy: Literal["token", "latent"] = "token"
-    steps: PositiveInt = 100
-    batch_size: PositiveInt = 128            # questions (groups) per step
-    group_size: Annotated[int, Field(ge=2)] = 8   # replies sampled per question (GRPO group)
-    rollout_temperature: NonNegative = 0.7   # sampled replies, so a group can disagree (0: greedy)
-    learning_rate: Positive = 3e-4
-    warmup_steps: NonNegativeInt = 10
-    policy_weight: NonNegative = 1.0
-    kl_weight: NonNegative = 0.1             # beta: per-token KL to the stage-1 hyper-network's policy (token only)
-    self_supervision_weight: NonNegative = 1.0   # language modelling on its own verified-correct replies
-    anchor_weight: NonNegative = 0.1         # squared distance of g to the stage-1 guidance
-    updates_per_batch: PositiveInt = 1       # optimizer steps on one batch of rollouts (>1: the ratio is clipped)
-    clip_epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2   # PPO clip range, low side
-    clip_epsilon_high: Positive | None = None  # high side (DAPO's clip-higher); None: clip_epsilon
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"   # how token terms are averaged (TRL's names)
-    scale_rewards: bool = True               # divide advantages by the group's std (false: Dr. GRPO)
-    dynamic_sampling: bool = True            # drop groups whose replies all score the same, refill with new ones
-    dynamic_sampling_rounds: PositiveInt = 3   # at most this many rollout rounds per batch when refilling
-    select_questions: bool = False           # train only on questions stage-1 PILOT answers right sometimes
-    selection_questions: NonNegativeInt = 1024   # questions scored in that first pass (0: all)
-    selection_samples: Annotated[int, Field(ge=2)] = 4   # sampled replies per question in that pass
-    # greedy_wrong: only groups whose question the current guidance answers wrong greedily (one greedy
-    # reply per question and round; token policy), so a step moves wrong greedy answers; all: every group
-    policy_groups: Literal["all", "greedy_wrong"] = "greedy_wrong"
-    eval_every: PositiveInt = 25
-    grad_norm_every: NonNegativeInt = 10   # log each term's gradient norm every N steps (0: never)
-    checkpoint_every: NonNegativeInt = 25
-    seed: int = 0
+    policy: Literal["token", "latent"] = Field(
+        "token", description="token: the guided student's reply tokens are the actions, their log-probabilities "
+                             "reaching the hyper-network through the guidance; latent: REINFORCE on a Gaussian over g.")
+    steps: PositiveInt = Field(100, description="Optimizer steps of stage 2.")
+    batch_size: PositiveInt = Field(128, description="Questions (groups) per step.")
+    group_size: Annotated[int, Field(ge=2)] = Field(8, description="Replies sampled per question (GRPO's group).")
+    rollout_temperature: NonNegative = Field(0.7, description="Sampling temperature of the replies, so a group can "
+                                                              "disagree (0: greedy).")
+    learning_rate: Positive = Field(3e-4, description="AdamW's peak learning rate, reached after the linear warm-up, "
+                                                      "then decayed by a cosine to a tenth of it.")
+    warmup_steps: NonNegativeInt = Field(10, description="Steps of linear warm-up to the learning rate (0: none).")
+    policy_weight: NonNegative = Field(1.0, description="Weight of `policy`: the group-relative policy gradient on "
+                                                        "verifier rewards.")
+    kl_weight: NonNegative = Field(0.1, description="Weight of `kl` (GRPO's beta): the per-token KL to the stage-1 "
+                                                    "hyper-network's policy (token policy only).")
+    self_supervision_weight: NonNegative = Field(1.0, description="Weight of `self_supervision`: language modelling, "
+                                                                  "guided, on the group's own verified-correct "
+                                                                  "replies.")
+    anchor_weight: NonNegative = Field(0.1, description="Weight of `anchor`: the squared distance of g to the frozen "
+                                                        "stage-1 guidance.")
+    updates_per_batch: PositiveInt = Field(1, description="Optimizer steps on one batch of rollouts (above 1: the "
+                                                          "probability ratio is clipped).")
+    clip_epsilon: Annotated[float, Field(gt=0, lt=1)] = Field(0.2, description="PPO's clip range of the probability "
+                                                                               "ratio, low side: 1 - clip_epsilon.")
+    clip_epsilon_high: Positive | None = Field(None, description="The clip range's high side, 1 + clip_epsilon_high "
+                                                                 "(DAPO's clip-higher, e.g. 0.28); null: clip_epsilon.")
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
+        "dapo", description="How token terms are averaged (TRL's names): dapo, over the batch's tokens; grpo, each "
+                            "reply's mean, then over replies; dr_grpo, the sum over replies x the longest possible "
+                            "reply (no length bias).")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std (false: Dr. GRPO).")
+    dynamic_sampling: bool = Field(True, description="Drop groups whose replies all score the same and refill the "
+                                                     "batch with new questions (DAPO).")
+    dynamic_sampling_rounds: PositiveInt = Field(3, description="At most this many rollout rounds per batch when "
+                                                                "refilling.")
+    select_questions: bool = Field(False, description="Train only on the questions stage-1 PILOT answers right "
+                                                      "sometimes (found by a first scoring pass).")
+    selection_questions: NonNegativeInt = Field(1024, description="Training questions scored in that first pass "
+                                                                  "(0: all).")
+    selection_samples: Annotated[int, Field(ge=2)] = Field(4, description="Sampled replies per question in that first "
+                                                                          "pass.")
+    policy_groups: Literal["all", "greedy_wrong"] = Field(
+        "greedy_wrong", description="greedy_wrong: only groups whose question the current guidance answers wrong "
+                                    "greedily, as validation and test decode (token policy); all: every group.")
+    eval_every: PositiveInt = Field(25, description="Validate every N steps (and before the first); the best "
+                                                    "validated hyper-network is kept.")
+    grad_norm_every: NonNegativeInt = Field(10, description="Log each loss term's gradient norm (grad_norm/<term>) "
+                                                            "every N steps (0: never); the update is the same.")
+    checkpoint_every: NonNegativeInt = Field(25, description="Save a resumable checkpoint every N steps (0: never).")
+    seed: int = Field(0, description="Added to the run's seed (parameters.yml) to seed stage 2's sampling.")
 
 
 class Stage2Params(Params):
-    resume: bool = True
-    checkpoint_dir: str = "data/06_models/checkpoints/stage2"
-    training: Stage2Config = Stage2Config()
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same run (same data and settings) "
+                                           "if there is one; false: start over.")
+    checkpoint_dir: str = Field("data/06_models/checkpoints/stage2", description="Stage 2's checkpoints, one "
+                                                                                 "subfolder per run (a fingerprint of "
+                                                                                 "its data and settings).")
+    training: Stage2Config = Field(Stage2Config(), description="Stage 2's loop and loss weights.")
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -409,9 +495,9 @@ class BaselinesParams(Params):
 
 # ---------------------------------------------------------------------------------- tuning
 class SearchRange(Params):
-    low: Positive
-    high: Positive
-    log: bool = True
+    low: Positive = Field(description="The range's lower end.")
+    high: Positive = Field(description="The range's upper end, above low.")
+    log: bool = Field(True, description="Sample on a log scale (false: uniformly).")
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchRange:
@@ -421,39 +507,56 @@ class SearchRange(Params):
 
 
 class TuneParams(Params):
-    study_name: str = "pilot-stage1-loss-balance"
-    storage: str = "sqlite:///data/07_model_output/optuna.db"
-    n_trials: NonNegativeInt = 12  # 0: run no trial, only read an existing study's best
-    timeout_s: PositiveInt | None = None
-    sampler_seed: int = 0
-    # This process's name in a study shared by several workers; its sampler seed is derived from
-    # (sampler_seed, worker), so workers never propose the same points. None: host and process id
-    # (unique, not reproducible); set distinct names (`--params tune.worker=a`) for reproducible workers.
-    worker: str | int | None = None
-    trial_steps: PositiveInt = 300
-    eval_every: PositiveInt = 100
-    stage2_steps: NonNegativeInt = 0
-    pruner_warmup_steps: NonNegativeInt = 100
-    enqueue_baseline: bool = True   # a new study's first trial is the configured (untuned) weights
-    # A running trial records a heartbeat every heartbeat_interval_s; one silent for grace_period_s
-    # (default twice the interval) belonged to a dead worker: it is marked FAIL and queued again
-    # (at most max_retry times; null: always) by the next worker that asks for a trial.
-    heartbeat_interval_s: PositiveInt = 30
-    grace_period_s: PositiveInt | None = None
-    max_retry: NonNegativeInt | None = 2
-    # A worker that ran its trials waits (at most this long; null: no limit) for the trials other
-    # workers are running at that moment, so the best weights it writes include them.
-    wait_for_workers_s: NonNegativeInt | None = 3600
-    contrastive_weight: SearchRange = SearchRange(low=0.01, high=1.0)
-    rl_weight: SearchRange = SearchRange(low=0.01, high=1.0)
-    guidance_scale: SearchRange | None = None
-    inject_layers: list[NonNegativeInt] | None = None   # e.g. [0, 1]: search the injection layer too
-    # `kedro run --pipelines tune_lora`: LoRA's own study with the same trials, steps and pruner
-    # (its rank is pinned by the matched parameter budget; its learning rate and scale are searched).
-    lora_study_name: str = "pilot-lora-baseline"
-    lora_learning_rate: SearchRange = SearchRange(low=1e-4, high=1e-2)
-    lora_alpha_ratio: SearchRange = SearchRange(low=0.5, high=8.0)
-    cache_dir: str = "data/05_model_input/tune_latents"  # a latent cache per searched injection layer
+    study_name: str = Field("pilot-stage1-loss-balance", description="The Optuna study over stage 1's loss "
+                                                                     "balance; a rerun continues it.")
+    storage: str = Field("sqlite:///data/07_model_output/optuna.db", description="The study's database URL (any "
+                                                                                 "RDB URL); processes sharing it "
+                                                                                 "share the study.")
+    n_trials: NonNegativeInt = Field(12, description="Trials this process runs (0: none, only read an existing "
+                                                     "study's best).")
+    timeout_s: PositiveInt | None = Field(None, description="Seconds after which this process starts no further "
+                                                            "trial; null: no limit.")
+    sampler_seed: int = Field(0, description="Seed of the TPE sampler; each worker's derives from it, the worker's "
+                                             "name and its trials so far, so workers never propose the same points.")
+    worker: str | int | None = Field(None, description="This process's name in a shared study; set distinct names "
+                                                       "(`--params tune.worker=a`) for reproducible workers. null: "
+                                                       "host and process id (unique, not reproducible).")
+    trial_steps: PositiveInt = Field(300, description="Stage-1 steps per trial.")
+    eval_every: PositiveInt = Field(100, description="Validate a trial every N steps; each result is an intermediate "
+                                                     "value for the pruner.")
+    stage2_steps: NonNegativeInt = Field(0, description="Follow each trial with this many stage-2 steps and score "
+                                                        "that (0: stage 1 alone).")
+    pruner_warmup_steps: NonNegativeInt = Field(100, description="Steps a trial runs before the median pruner may "
+                                                                 "stop it.")
+    enqueue_baseline: bool = Field(True, description="A new study's first trial is stage 1's configured (untuned) "
+                                                     "weights, the reference.")
+    heartbeat_interval_s: PositiveInt = Field(30, description="Seconds between a running trial's heartbeats.")
+    grace_period_s: PositiveInt | None = Field(None, description="Seconds of silence after which a trial's worker is "
+                                                                 "taken for dead: the trial is marked FAIL and queued "
+                                                                 "again. null: twice heartbeat_interval_s.")
+    max_retry: NonNegativeInt | None = Field(2, description="Times a dead worker's trial is queued again (null: "
+                                                            "always).")
+    wait_for_workers_s: NonNegativeInt | None = Field(3600, description="Seconds a worker that ran its trials waits "
+                                                                        "for those other workers are running, so its "
+                                                                        "best weights include them; null: no limit.")
+    contrastive_weight: SearchRange = Field(SearchRange(low=0.01, high=1.0),
+                                            description="Range searched for stage1.training.contrastive_weight.")
+    rl_weight: SearchRange = Field(SearchRange(low=0.01, high=1.0),
+                                   description="Range searched for stage1.training.rl_weight.")
+    guidance_scale: SearchRange | None = Field(None, description="Range searched for guidance.guidance_scale; null: "
+                                                                 "not searched.")
+    inject_layers: list[NonNegativeInt] | None = Field(None, description="Injection layers searched among (e.g. [0, "
+                                                                         "1]; a latent cache each); null: not "
+                                                                         "searched.")
+    lora_study_name: str = Field("pilot-lora-baseline", description="LoRA's own study (`kedro run --pipelines "
+                                                                    "tune_lora`): the same trials, steps, pruner and "
+                                                                    "storage; its rank stays pinned by the budget.")
+    lora_learning_rate: SearchRange = Field(SearchRange(low=1e-4, high=1e-2),
+                                            description="Range searched for LoRA's learning rate.")
+    lora_alpha_ratio: SearchRange = Field(SearchRange(low=0.5, high=8.0),
+                                          description="Range searched for LoRA's alpha over its rank.")
+    cache_dir: str = Field("data/05_model_input/tune_latents", description="Folder of the latent caches built for "
+                                                                           "the searched injection layers.")
 
     @model_validator(mode="after")
     def _grace_outlasts_heartbeat(self) -> TuneParams:
@@ -468,20 +571,25 @@ class LatencyParams(Params):
     """How latency is measured: every method answers the same questions one at a time, after a
     shared warm-up, interleaved round-robin over ``passes``; the median per query is reported."""
 
-    questions_per_task: PositiveInt = 16
-    passes: PositiveInt = 3
-    warmup_questions: NonNegativeInt = 2
+    questions_per_task: PositiveInt = Field(16, description="Questions timed per task: the first N of each task in "
+                                                            "the test split.")
+    passes: PositiveInt = Field(3, description="Round-robin passes over the methods; each query's median is reported.")
+    warmup_questions: NonNegativeInt = Field(2, description="Untimed questions every method answers first (0: no "
+                                                            "warm-up).")
 
 
 # ---------------------------------------------------------------------------------- ablations
 class AblationVariant(Params):
     """One row of the ablation report: settings laid over the configured ones."""
 
-    name: str
-    guidance: dict[str, Any] = Field(default_factory=dict)   # GuidanceParams fields
-    stage1: dict[str, Any] = Field(default_factory=dict)     # Stage1Config fields (the loss weights, ...)
-    # false: stage 1's hyper-network is the result; a mapping: Stage2Config fields laid over stage 2's
-    stage2: bool | dict[str, Any] = True
+    name: str = Field(description="The row's name in the report and in its nested MLflow run.")
+    guidance: dict[str, Any] = Field(default_factory=dict, description="GuidanceParams fields laid over the "
+                                                                       "configured ones.")
+    stage1: dict[str, Any] = Field(default_factory=dict, description="Stage1Config fields (the loss weights, ...) laid "
+                                                                     "over stage 1's.")
+    stage2: bool | dict[str, Any] = Field(True, description="true: stage 2 as configured; false: stage 1's "
+                                                            "hyper-network is the result; a mapping: Stage2Config "
+                                                            "fields laid over stage 2's.")
 
     @model_validator(mode="after")
     def _known_fields(self) -> AblationVariant:
@@ -498,11 +606,13 @@ class AblationVariant(Params):
 class AblationsParams(Params):
     """``kedro run --pipelines ablations``: PILOT retrained once per variant, evaluated on both test splits."""
 
-    stage1_steps: PositiveInt | None = None   # None: stage 1's configured steps
-    stage2_steps: PositiveInt | None = None
-    # A list (an environment's list replaces the base one whole): each variant's name and settings.
-    # Required: which rows the report holds is the configuration's choice (conf/base lists them).
-    variants: list[AblationVariant] = Field(min_length=1)
+    stage1_steps: PositiveInt | None = Field(None, description="Stage-1 steps of every variant; null: stage 1's "
+                                                               "configured steps.")
+    stage2_steps: PositiveInt | None = Field(None, description="Stage-2 steps of every variant; null: stage 2's "
+                                                               "configured steps.")
+    variants: list[AblationVariant] = Field(min_length=1, description="The report's rows, names unique; required "
+                                                                      "(conf/base lists them), and an environment's "
+                                                                      "list replaces the base one whole.")
 
     @field_validator("variants")
     @classmethod
@@ -515,10 +625,15 @@ class AblationsParams(Params):
 
 
 class EvaluationParams(Params):
-    latency: LatencyParams = LatencyParams()
-    model_name: str = "pilot"                     # artifact path of the logged pyfunc model in its run
-    registered_model_name: str | None = "pilot"   # MLflow model registry name; null: log, don't register
+    latency: LatencyParams = Field(LatencyParams(), description="How every method's latency is timed.")
+    model_name: str = Field("pilot", description="Artifact path of the trained PILOT's pyfunc model in its MLflow run "
+                                                 "(runs:/<run_id>/<model_name>).")
+    registered_model_name: str | None = Field("pilot", description="Its name in the MLflow model registry "
+                                                                   "(models:/<name>/<version>); null: log, don't "
+                                                                   "register.")
 
 
 class TrackingParams(Params):
-    on_unavailable: Literal["fail", "disable"] = "fail"
+    on_unavailable: Literal["fail", "disable"] = Field("fail", description="When the MLflow store cannot be reached: "
+                                                                           "fail (stop before the run) or disable "
+                                                                           "(run without tracking).")

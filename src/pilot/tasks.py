@@ -509,29 +509,28 @@ def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------- the data block
 class TaskParams(Params):
-    """One task: a reasoning-gym generator by ``name``, or a local dataset ``file``.
-
-    ``prompt``: ``compact`` (the renderer's short question, for the embedded models) or
-    ``original`` (reasoning-gym's own question text; any task with an answer grammar).
-    ``extract``: how the answer is read out of a reply (first_line, last_number, boxed, after:<marker>).
-    ``file``: a JSONL or parquet file with ``question`` and ``answer`` columns (GSM8K's ``#### n``
-    and MATH's ``\\boxed{}`` answers understood), scored by numeric equivalence; ``name`` labels it.
-    ``ood_kwargs``: generator settings laid over ``kwargs`` for an out-of-distribution test split
-    (``test_ood``: the same generator, harder, e.g. more terms); none: no such split for this task.
-    ``reply``: with the original prompt, ``last_step`` (the reply works out the plan's last step; the
-    plan gives every intermediate result) or ``worked`` (the reply works every step; the plan gives
-    only knowledge and strategy: :data:`pilot.tasks.REPLY_FORMATS`).
-    """
+    """One task: a reasoning-gym generator by ``name``, or a local dataset ``file``."""
 
     # Declared before ``name`` so that the checks of name and kwargs can see them.
-    prompt: Literal["compact", "original"] = "compact"
-    extract: str = "first_line"
-    file: str | None = None
-    name: str
-    size: PositiveInt
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    ood_kwargs: dict[str, Any] | None = None
-    reply: Literal["last_step", "worked"] = "last_step"
+    prompt: Literal["compact", "original"] = Field(
+        "compact", description="compact: the renderer's short question, for the embedded models; original: "
+                               "reasoning-gym's own question text (any task with an answer grammar).")
+    extract: str = Field("first_line", description="How the answer is read out of a reply: first_line, last_number, "
+                                                   "boxed or after:<marker>.")
+    file: str | None = Field(None, description="A local JSONL or parquet file with question and answer columns "
+                                               "(GSM8K's `#### n` and MATH's `\\boxed{}` answers understood), scored "
+                                               "by numeric equivalence; null: reasoning-gym's generator `name`.")
+    name: str = Field(description="The reasoning-gym task, or the label of a local `file`.")
+    size: PositiveInt = Field(description="Unique rows drawn for the task, its validation and test rows included.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Settings of reasoning-gym's generator (checked "
+                                                                     "by a dry run); none with a local file.")
+    ood_kwargs: dict[str, Any] | None = Field(None, description="Generator settings laid over kwargs for an "
+                                                                "out-of-distribution test split (test_ood: the same "
+                                                                "generator, harder); null: no such split.")
+    reply: Literal["last_step", "worked"] = Field(
+        "last_step", description="With the original prompt: last_step (the plan gives every intermediate result, the "
+                                 "reply works out the last step) or worked (the plan gives knowledge and strategy, "
+                                 "the reply works every step).")
 
     @field_validator("reply")
     @classmethod
@@ -589,8 +588,10 @@ class TaskParams(Params):
 
 
 class DataParams(Params):
-    seed: int = 0
-    val_per_task: PositiveInt = 150
-    test_per_task: PositiveInt = 600
-    ood_per_task: NonNegativeInt = 300   # rows of each task's test_ood split (tasks with ood_kwargs)
-    tasks: list[TaskParams] = Field(min_length=1)
+    seed: int = Field(0, description="Added to the run's seed (parameters.yml) to draw the tasks' rows and splits.")
+    val_per_task: PositiveInt = Field(150, description="Validation rows per task, out of its size.")
+    test_per_task: PositiveInt = Field(600, description="Test rows per task, out of its size.")
+    ood_per_task: NonNegativeInt = Field(300, description="Rows of each task's test_ood split (tasks with ood_kwargs), "
+                                                          "drawn besides its size (0: no such split).")
+    tasks: list[TaskParams] = Field(min_length=1, description="The task mixture; each is drawn, deduplicated and "
+                                                              "split into train, val and test.")
