@@ -508,6 +508,15 @@ def validate_task_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------- the data block
+def _check_generator_setting(name: str, kwargs: dict[str, Any], prompt: str) -> None:
+    """:func:`check_generator_kwargs`, its error as the validation error that names the setting itself."""
+    try:
+        check_generator_kwargs(name, kwargs, prompt)
+    except GeneratorSettingError as error:
+        raise PydanticCustomError("generator_setting", "{message}",
+                                  {"message": str(error), "key": error.key, "value": error.value}) from None
+
+
 class TaskParams(Params):
     """One task: a reasoning-gym generator by ``name``, or a local dataset ``file``."""
 
@@ -558,11 +567,7 @@ class TaskParams(Params):
         if kwargs and info.data.get("file"):
             raise ValueError("a local dataset file has no generator settings; remove kwargs")
         if "name" in info.data and "file" in info.data and info.data["file"] is None:  # a bad name or file: reported on its own
-            try:
-                check_generator_kwargs(info.data["name"], kwargs, info.data.get("prompt", "compact"))
-            except GeneratorSettingError as error:
-                raise PydanticCustomError("generator_setting", "{message}",
-                                          {"message": str(error), "key": error.key, "value": error.value}) from None
+            _check_generator_setting(info.data["name"], kwargs, info.data.get("prompt", "compact"))
         return kwargs
 
     @field_validator("ood_kwargs")
@@ -572,11 +577,7 @@ class TaskParams(Params):
             return ood
         if info.data.get("file"):
             raise ValueError("a local dataset file has no generator for an out-of-distribution split; remove ood_kwargs")
-        try:
-            check_generator_kwargs(info.data["name"], {**info.data["kwargs"], **ood}, info.data.get("prompt", "compact"))
-        except GeneratorSettingError as error:
-            raise PydanticCustomError("generator_setting", "{message}",
-                                      {"message": str(error), "key": error.key, "value": error.value}) from None
+        _check_generator_setting(info.data["name"], {**info.data["kwargs"], **ood}, info.data.get("prompt", "compact"))
         return ood
 
     @field_validator("file")

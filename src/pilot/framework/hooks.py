@@ -46,7 +46,7 @@ from pilot.config import (
     TuneParams,
     validate,
 )
-from pilot.framework.outputs import check_writable, output_folders
+from pilot.framework.outputs import check_writable, dataset_config, output_folders
 from pilot.framework.parameters import PARAMETER_MODELS, as_plain, check_top_level, load_parameters, validate_parameters
 from pilot.framework.student_shape import config_json, student_on_meta, student_shape
 from pilot.guidance import HyperNetConfig, make_hypernet
@@ -191,8 +191,7 @@ class PreflightHooks:
         if "tune" in wanted:  # a shared study's database server must answer before any compute
             check_storage(validate(TuneParams, params["tune"], "tune").storage)
         # Every folder the run writes to must take files before any compute, not at the last save.
-        outputs = {name: dataset._describe() for name in pipeline.all_outputs()
-                   if (dataset := catalog.get(name)) is not None}
+        outputs = {name: dataset_config(catalog, name) for name in pipeline.all_outputs()}
         if not distributed.is_main_process():   # only rank 0 writes: the other ranks' outputs stay in memory,
             for name in pipeline.all_outputs():  # but for datasets that rank 0 writes for all (the latent cache)
                 if not getattr(catalog.get(name), "main_rank_writes", False):

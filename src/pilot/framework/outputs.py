@@ -14,23 +14,34 @@ class OutputNotWritableError(PermissionError):
     """A folder the run will write to cannot be written; raised before the first node runs."""
 
 
+def dataset_config(catalog: Any, name: str) -> dict[str, Any]:
+    """Catalog entry ``name``'s configuration as the catalog resolved it (dataset factories, globals and
+    credentials applied), through Kedro's public resolver; ``{}`` for a dataset made in memory."""
+    try:
+        return dict(catalog.config_resolver.resolve_pattern(name) or {})
+    except Exception:   # a catalog built in code, without configuration
+        return {}
+
+
 def output_folders(datasets: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any] | None = None,
                    blocks: Iterable[str] = ()) -> dict[Path, str]:
     """The local folders a run writes to, each with the setting that puts it there.
 
-    ``datasets`` maps each output dataset's name to its ``_describe()`` dict: a ``filepath`` is
-    written into its parent folder, a ``path`` is a folder dataset. Remote protocols and models
-    marked ``pretrained`` (never written) are left out. The stages' checkpoint folders and the
+    ``datasets`` maps each output dataset's name to its catalog configuration (:func:`dataset_config`):
+    a ``filepath`` is written into its parent folder, a ``path`` is a folder dataset. Remote
+    locations (``s3://`` and the like) and models marked ``pretrained`` (never written) are left out. The stages' checkpoint folders and the
     tune study's SQLite file are added for the parameter ``blocks`` the pipeline reads.
     """
     folders: dict[Path, str] = {}
     for name, described in sorted(datasets.items()):
-        if described.get("protocol", "file") != "file" or described.get("pretrained"):
+        location = str(described.get("filepath") or described.get("path") or "")
+        if ("://" in location and not location.startswith("file://")) or described.get("pretrained"):
             continue
+        location = location.removeprefix("file://")
         if described.get("filepath"):
-            folders.setdefault(Path(str(described["filepath"])).parent, f"catalog entry '{name}'")
+            folders.setdefault(Path(location).parent, f"catalog entry '{name}'")
         elif described.get("path"):
-            folders.setdefault(Path(str(described["path"])), f"catalog entry '{name}'")
+            folders.setdefault(Path(location), f"catalog entry '{name}'")
     params, blocks = params or {}, set(blocks)
     for block in ("stage1", "stage2"):
         directory = (params.get(block) or {}).get("checkpoint_dir") if block in blocks else None

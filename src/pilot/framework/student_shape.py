@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from pilot.config import BaseParams, validate
+from pilot.framework.outputs import dataset_config
 from pilot.models import build_causal_lm, resolve_source, source_num_layers
 
 
 def config_json(catalog, dataset_name: str, filename: str) -> dict | None:
     """A JSON file inside a folder dataset, read without loading the dataset (None if absent)."""
     try:
-        path = Path(catalog.get(dataset_name)._describe()["path"]) / filename
+        path = Path(dataset_config(catalog, dataset_name)["path"]) / filename
     except Exception:  # no such entry in this catalog, or not a folder dataset
         return None
     return json.loads(path.read_text()) if path.is_file() else None
@@ -70,7 +71,7 @@ def student_on_meta(catalog, params: dict[str, Any]) -> torch.nn.Module | None:
         if config is not None:
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            folder = Path(catalog.get("student_model")._describe()["path"])
+            folder = Path(dataset_config(catalog, "student_model")["path"])
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
         student = validate(BaseParams, params["base"], "base").student if "base" in params else None
         if student is None or not student.trained_here:
