@@ -112,7 +112,7 @@ def test_decoding_settings_have_one_default_the_generation_block():
     from pilot.serving import PilotModel, log_pilot_model
 
     for function in (generate, answer_and_score, answerer, choose_caa_scale, construct_and_verify, HFTeacher,
-                     PilotModel.attach, log_pilot_model):
+                     PilotModel.set_up, log_pilot_model):
         parameters = inspect.signature(function).parameters
         assert parameters["generation"].default is inspect.Parameter.empty, f"{function.__name__} has its own default"
         loose = set(parameters) & {"max_new_tokens", "batch_size", "stop", "stop_strings"}

@@ -30,7 +30,7 @@ SIZES = (1, 2, 3, 5, 4, 1, 2, 5)   # questions per request: prompts of several l
 
 
 def _model(lm, batching: Batching = Batching(batch_wait_ms=50)) -> PilotModel:
-    return PilotModel().attach(lm, _guiding_hypernet(lm), generation=GENERATION, batching=batching)
+    return PilotModel().set_up(lm, _guiding_hypernet(lm), generation=GENERATION, batching=batching)
 
 
 def _requests(task_table, count: int = 32) -> list[list[str]]:
@@ -98,7 +98,7 @@ def test_a_full_queue_is_refused_at_once_with_a_503(tiny_lm, task_table):
 
 
 def test_a_request_over_its_limits_is_refused_before_it_joins_the_queue(tiny_lm):
-    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
+    model = PilotModel().set_up(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
                                 limits=RequestLimits(max_question_chars=20))
     with model._generating:   # a batch is generating: the refusal does not wait for it
         with pytest.raises(RequestError, match=r"^Question 1 has 21 characters; the limit is 20 "):
@@ -122,7 +122,7 @@ def test_batching_comes_from_the_logged_settings_and_the_server_environment():
 def test_in_python_a_dict_is_read_and_a_plain_list_refused_naming_the_accepted_forms(tiny_lm, task_table, tmp_path):
     hypernet = _guiding_hypernet(tiny_lm)
     questions = task_table["question"].head(3).tolist()
-    expected = PilotModel().attach(tiny_lm, hypernet, generation=GENERATION).predict(None, questions)
+    expected = PilotModel().set_up(tiny_lm, hypernet, generation=GENERATION).predict(None, questions)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         mlflow.set_experiment("serving-batching")

@@ -42,7 +42,7 @@ def _guiding_hypernet(lm) -> HyperNetwork:
 
 @pytest.fixture()
 def pilot(tiny_lm):
-    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
+    model = PilotModel().set_up(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
                                 limits=RequestLimits(max_questions=8, max_question_chars=200))
     return model
 
@@ -109,7 +109,7 @@ def test_non_strings_and_frames_without_a_question_column_are_refused_in_one_sen
 
 
 def test_a_question_longer_than_the_students_context_is_refused_before_generation(tiny_lm):
-    model = PilotModel().attach(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
+    model = PilotModel().set_up(tiny_lm, _guiding_hypernet(tiny_lm), generation=GENERATION,
                                 limits=RequestLimits(max_question_chars=10_000))
     context = tiny_lm.model.config.max_position_embeddings
     with pytest.raises(RequestError, match=rf"^Question 2 is \d+ tokens in its prompt; this model reads at most "
@@ -140,7 +140,7 @@ def test_the_decoding_settings_come_from_the_logged_settings_old_and_new():
 def test_the_logged_pyfunc_reads_the_question_column_by_name(tiny_lm, task_table, tmp_path):
     hypernet = _guiding_hypernet(tiny_lm)
     questions = task_table["question"].head(3).tolist()
-    direct = PilotModel().attach(tiny_lm, hypernet, generation=GENERATION)
+    direct = PilotModel().set_up(tiny_lm, hypernet, generation=GENERATION)
     expected = direct.predict(None, questions)
     assert not interventions(tiny_lm.model)   # the served method is attached around each request only
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

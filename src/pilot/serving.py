@@ -357,10 +357,10 @@ class PilotModel(mlflow.pyfunc.PythonModel):
             hypernet = HyperNetwork.load(context.artifacts["hypernet"], student.hidden_size, student.num_layers,
                                          rebuild="kedro run --pipelines stage2 evaluation")
         _log_to_stderr()
-        self.attach(student, hypernet, generation=generation_of(settings),
+        self.set_up(student, hypernet, generation=generation_of(settings),
                     limits=RequestLimits.from_settings(settings), batching=Batching.from_settings(settings))
 
-    def attach(self, student: CausalLM, hypernet: HyperNetwork | None, *, generation: GenerationParams,
+    def set_up(self, student: CausalLM, hypernet: HyperNetwork | None, *, generation: GenerationParams,
                limits: RequestLimits = RequestLimits(), batching: Batching = Batching()) -> PilotModel:
         """Answer with ``student`` guided by ``hypernet`` (None: the student alone), decoding with
         ``generation`` (what :meth:`load_context` does with the logged artifacts); returns the model."""
