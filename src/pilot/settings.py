@@ -3,13 +3,14 @@
 import os
 import warnings
 
-from pilot.framework.hooks import PreflightHooks
+from pilot.framework.hooks import ParameterHooks, PreflightHooks
 from pilot.framework.interrupt import InterruptHooks
 from pilot.framework.memory import MemoryHooks
 from pilot.framework.mlflow_session import KEDRO_MLFLOW, MlflowSessionHook
 from pilot.framework.model_lifecycle import ModelLifecycleHooks
 from pilot.framework.report_locks import SharedReportHooks
 from pilot.framework.run_record import RunRecordHooks
+from pilot.framework.tracking_store import TrackingStoreHooks
 
 # Deprecation noise from Kedro's and kedro-mlflow's use of OmegaConf, not actionable here.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
@@ -20,7 +21,8 @@ warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is depreca
 # hooks, run_record, memory, report_locks, interrupt, model_lifecycle). kedro-mlflow's hook is registered here, started afresh by every
 # session (pilot.framework.mlflow_session), in place of the one process-wide object its entry point
 # registers; last, so that it runs where the entry point's did: before ours.
-HOOKS = (PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks(), InterruptHooks(),
+# Hooks of one stage run last-registered first: the parameters are checked before the tracking store.
+HOOKS = (TrackingStoreHooks(), ParameterHooks(), PreflightHooks(), RunRecordHooks(), MemoryHooks(), SharedReportHooks(), InterruptHooks(),
          ModelLifecycleHooks(), MlflowSessionHook())
 DISABLE_HOOKS_FOR_PLUGINS = KEDRO_MLFLOW
 

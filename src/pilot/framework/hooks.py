@@ -1,18 +1,19 @@
-"""The preflight hooks: everything that must hold before the first node computes anything.
+"""The parameter and preflight hooks: everything that must hold before the first node computes anything.
 
-- Every parameter block is validated (``pilot.config``) as soon as the configuration is read,
-  and the guidance layers are checked against the student's layer count; a bad value stops the
-  run with one sentence before any compute. Nodes receive the validated, typed objects: their
-  signatures say ``params: Stage1Params``, which Kedro instantiates from the same configuration
-  (its typed-parameter support), so a node never parses a raw dict.
-- The MLflow store is checked: if it is unreachable or locked the run stops now, with a clear
-  message, instead of after an hour of training -- or, with ``tracking.on_unavailable: disable``,
-  runs on with tracking switched off. A tune run's study storage on a database server
-  (``tune.storage``) must accept a connection too.
-- In a data-parallel launch (``torchrun ... -m pilot.framework.launch``) only rank 0's session is the
-  run: every other rank tracks nothing and keeps its outputs in memory (no file, no MLflow run).
+- :class:`ParameterHooks`: every parameter block is validated (:mod:`.parameters`) as soon as the
+  configuration is read; a bad value stops the run with one sentence before any compute. Nodes
+  receive the validated, typed objects: their signatures say ``params: Stage1Params``, which Kedro
+  instantiates from the same configuration (its typed-parameter support), so a node never parses a
+  raw dict; kedro-mlflow is shown them as plain dicts, so it logs them flattened.
+- :class:`PreflightHooks`, before the pipeline runs: the blocks it reads are present, every
+  cross-field rule that needs the student's shape holds (the guidance site, each method's
+  settings), its inputs exist and fit the student, a tune run's study storage answers, and every
+  folder it writes to takes files. In a data-parallel launch (``torchrun ... -m
+  pilot.framework.launch``) only rank 0's session writes: every other rank keeps its outputs in
+  memory (no file, no MLflow run).
 
-The project's other hooks, one job each: :mod:`.run_record` (the resolved parameters of a tracked
+The project's other hooks, one job each: :mod:`.tracking_store` (the MLflow store checked before
+any node), :mod:`.run_record` (the resolved parameters of a tracked
 run), :mod:`.memory` (peak memory per node), :mod:`.report_locks` (one lock per shared tune report),
 :mod:`.mlflow_session` (kedro-mlflow's hook, started afresh by every session), :mod:`.interrupt` (SIGTERM and
 SIGINT end a run as KILLED, with its checkpoints kept for the rerun).
@@ -24,25 +25,19 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import mlflow
-from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.io import MemoryDataset
 from kedro.pipeline import Pipeline
 
-from pilot import distributed, tracking
+from pilot import distributed
 from pilot.config import (
     AblationsParams,
     BaselinesParams,
     GuidanceParams,
     ParameterError,
     Params,
-    TrackingParams,
     TuneParams,
     validate,
 )
@@ -54,7 +49,6 @@ from pilot.methods.registry import trained_baselines
 from pilot.methods.trained import StudentShapes
 from pilot.models import count_parameters
 from pilot.runtime import configure_threads
-from pilot.tracking import TrackingUnavailableError, check_tracking_store
 from pilot.tuning import check_storage
 
 logger = logging.getLogger(__name__)
@@ -80,90 +74,31 @@ def _producer(name: str) -> str | None:
     return None
 
 
-def _tracking_uri(context) -> str | None:
-    try:
-        config = context.config_loader["mlflow"]
-    except MissingConfigException:
-        config = {}
-    return (config.get("server") or {}).get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+class ParameterHooks:
+    """The run's parameters: validated as soon as the configuration is read, and shown to kedro-mlflow
+    as plain dicts."""
 
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        """Validate the parameters before anything else reads them, and set torch's threads."""
+        raw = load_parameters(context.config_loader)
+        check_top_level(raw)  # a misspelt top-level block (`--params stage_1.x=5`) is an error, not a no-op
+        validate_parameters(raw)
+        configure_threads(raw.get("threads"))
 
-def _export_tracking_credentials(context) -> None:
-    """Export the credentials entry that mlflow.yml's ``server.credentials`` names (e.g. the
-    tracking server's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD). kedro-mlflow does the
-    same, but only after this hook has already called the server to create the experiment."""
-    try:
-        name = (context.config_loader["mlflow"].get("server") or {}).get("credentials")
-        entries = context.config_loader["credentials"] if name else {}
-    except MissingConfigException:
-        return
-    for key, value in (entries.get(name) or {}).items():
-        os.environ[key] = str(value)
+    @hook_impl(tryfirst=True)
+    def before_node_run(self, inputs: dict[str, Any]) -> None:
+        """Show kedro-mlflow (whose hook runs next, on this same dict) typed parameters as plain
+        dicts, so it logs them flattened (``stage1.training.steps``), not as one repr string.
+
+        Only this hooks-only copy of the inputs changes: the node itself still gets the typed objects.
+        """
+        for name, value in inputs.items():
+            if name.startswith("params:") and isinstance(value, Params):
+                inputs[name] = as_plain(value)
 
 
 class PreflightHooks:
-    @hook_impl(tryfirst=True)
-    def after_context_created(self, context) -> None:
-        """Validate the parameters and check the MLflow store before anything else reads them."""
-        raw = load_parameters(context.config_loader)
-        check_top_level(raw)  # a misspelt top-level block (`--params stage_1.x=5`) is an error, not a no-op
-        validated = validate_parameters(raw)
-        configure_threads(raw.get("threads"))
-        uri = _tracking_uri(context)
-        if uri is None:
-            return
-        if not distributed.is_main_process():   # rank 0's session is the run; the others track nothing
-            self._disable_tracking(context)
-            return
-        tracking_params = validated.get("tracking", TrackingParams())
-        _export_tracking_credentials(context)
-        try:
-            check_tracking_store(uri)
-        except TrackingUnavailableError as error:
-            if tracking_params.on_unavailable == "fail":
-                raise
-            logger.warning("%s Tracking is disabled for this run (tracking.on_unavailable: disable).", error)
-            self._disable_tracking(context)
-            return
-        # kedro-mlflow creates the experiment racily; parallel tune workers on a new server must not fail
-        try:
-            experiment = (context.config_loader["mlflow"].get("tracking") or {}).get("experiment") or {}
-        except MissingConfigException:
-            experiment = {}
-        if experiment.get("name"):
-            create = experiment.get("create_experiment_kwargs") or {}
-            try:
-                tracking.ensure_experiment(uri, experiment["name"], create.get("tags"), create.get("artifact_location"))
-            except mlflow.exceptions.MlflowException as error:
-                if error.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                    raise
-                raise TrackingUnavailableError(
-                    f"MLflow server '{uri}' refused this run's credentials ({error.error_code}): set "
-                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`scripts/services.sh env` on the "
-                    "tracking host prints them; docs/shared_services.md).") from None
-
-    @staticmethod
-    def _disable_tracking(context) -> None:
-        """Switch kedro-mlflow off for this session through its own configuration, before its
-        ``after_context_created`` reads it: every registered pipeline in
-        ``tracking.disable_tracking.pipelines`` (it then opens no run and its catalog datasets log
-        nothing), and a throwaway store in place of the configured one, which it still sets up at
-        start. A key set on Kedro's config loader is returned as set instead of read from conf/."""
-        from kedro.framework.project import pipelines
-
-        try:
-            config = context.config_loader["mlflow"]
-        except MissingConfigException:
-            config = {}
-        scratch = Path(tempfile.mkdtemp(prefix="pilot-no-tracking-"))
-        tracking_config = config.get("tracking") or {}
-        context.config_loader["mlflow"] = {
-            **config,
-            "server": {**(config.get("server") or {}), "mlflow_tracking_uri": f"sqlite:///{scratch / 'unused.db'}"},
-            "tracking": {**tracking_config, "disable_tracking": {**(tracking_config.get("disable_tracking") or {}),
-                                                                 "pipelines": sorted(pipelines)}},
-        }
-
     @staticmethod
     def _check_inputs_exist(pipeline: Pipeline, catalog) -> None:
         """Every dataset the pipeline reads but does not produce must already exist."""
@@ -198,17 +133,6 @@ class PreflightHooks:
                     catalog[name] = MemoryDataset(copy_mode="assign")
             return
         check_writable(output_folders(outputs, as_plain(params), wanted))
-
-    @hook_impl(tryfirst=True)
-    def before_node_run(self, inputs: dict[str, Any]) -> None:
-        """Show kedro-mlflow (whose hook runs next, on this same dict) typed parameters as plain
-        dicts, so it logs them flattened (``stage1.training.steps``), not as one repr string.
-
-        Only this hooks-only copy of the inputs changes: the node itself still gets the typed objects.
-        """
-        for name, value in inputs.items():
-            if name.startswith("params:") and isinstance(value, Params):
-                inputs[name] = as_plain(value)
 
     @staticmethod
     def _check_against_student(wanted: list[str], params: dict[str, Any], catalog) -> None:
