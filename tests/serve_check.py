@@ -68,21 +68,23 @@ def served(project: Path, workers: int, log_path: Path, env: dict[str, str] | No
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
                               cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                port = None
-                break
-            time.sleep(1)
-        yield port
+        yield port if _answers(server, f"http://127.0.0.1:{port}/ping", start_timeout) else None
     finally:
         stop(server, log)
+
+
+def _answers(server: subprocess.Popen, url: str, timeout: float) -> bool:
+    """Whether ``url`` answers 200 before ``timeout`` seconds pass or ``server`` exits."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    return False
 
 
 def stop(server: subprocess.Popen, log) -> None:
@@ -95,6 +97,24 @@ def stop(server: subprocess.Popen, log) -> None:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
     log.close()
+
+
+@contextmanager
+def mlflow_ui(project: Path, log_path: Path, env: dict[str, str], start_timeout: float = 90) -> Iterator[int | None]:
+    """The MLflow UI (`mlflow server`) on the project's SQLite store, on 127.0.0.1; yields its port (None
+    if it did not start in time; the log is at ``log_path``). Stopped (its process group) on leaving."""
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    log = open(log_path, "wb")  # a file, not a pipe nobody drains
+    server = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"],
+                              cwd=project, env={**env, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])},
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield port if _answers(server, f"http://127.0.0.1:{port}/health", start_timeout) else None
+    finally:
+        stop(server, log)
 
 
 def check(port: int, questions: list[str], clients: int = 2, per_client: int = 20) -> dict:

@@ -5,12 +5,8 @@ as logged models with their step and validation accuracy, the served PILOT under
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import mlflow
 import pandas as pd
@@ -21,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pilot.guidance import HyperNetwork
 from tests.conftest import ROOT, require_component, same_code_env
-from tests.serve_check import free_port, stop
+from tests.serve_check import mlflow_ui
 
 
 def _client(project) -> MlflowClient:
@@ -121,25 +117,9 @@ def test_the_mlflow_ui_lists_the_runs_checkpoints_with_their_validation_accuracy
     require_component(chromium is not None,
                       "Chromium is not installed (Debian package `chromium`; `make test` installs it as root)")
     run = _client(finished_run).get_run(_trained_model(finished_run)["run_id"])
-    port = free_port()
-    log = open(tmp_path / "ui.log", "wb")
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-                               "--backend-store-uri", f"sqlite:///{finished_run / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=finished_run, env={**same_code_env(), "PATH": os.pathsep.join(
-                                  [os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"the MLflow UI did not start: {(tmp_path / 'ui.log').read_text(errors='replace')[-1500:]}")
-            time.sleep(1)
+    with mlflow_ui(finished_run, tmp_path / "ui.log", same_code_env()) as port:
+        if port is None:
+            pytest.fail(f"the MLflow UI did not start: {(tmp_path / 'ui.log').read_text(errors='replace')[-1500:]}")
         url = f"http://127.0.0.1:{port}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
         dom = _headless(chromium, tmp_path / "profile", "--dump-dom", url).stdout
         (tmp_path / "run_page.html").write_text(dom)
@@ -149,5 +129,3 @@ def test_the_mlflow_ui_lists_the_runs_checkpoints_with_their_validation_accuracy
         stage1 = next(m for m in models if m.tags["pilot.stage"] == "stage1")
         assert "stage1.val_accuracy" in dom
         assert f"{stage1.metrics[0].value:g}"[:4] in dom
-    finally:
-        stop(server, log)

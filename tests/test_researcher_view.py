@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,16 +19,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pilot.config import GenerationParams
+from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
+from pilot.latency import answerer, latency_table, measure_latency
 from pilot.methods import METHOD_SETTINGS
 from pilot.methods.pilot import Pilot
 from pilot.methods.references import ZeroShot
 from pilot.methods.registry import method_names
-from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
-from pilot.latency import answerer, latency_table, measure_latency
 from pilot.models import count_parameters
 from pilot.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 from tests.conftest import ROOT, require_component, same_code_env
-from tests.serve_check import free_port, post, served, stop
+from tests.serve_check import mlflow_ui, post, served
 
 
 def _client(project) -> MlflowClient:
@@ -198,25 +197,9 @@ def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_pa
                       "Chromium is not installed (Debian package `chromium`; `make test` installs it as root)")
     runs = _method_runs(finished_run)
     experiment_id = next(iter(runs.values())).info.experiment_id
-    port = free_port()
-    log = open(tmp_path / "ui.log", "wb")
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-                               "--backend-store-uri", f"sqlite:///{finished_run / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=finished_run, env={**same_code_env(), "PATH": os.pathsep.join(
-                                  [os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"the MLflow UI did not start: {(tmp_path / 'ui.log').read_text(errors='replace')[-1500:]}")
-            time.sleep(1)
+    with mlflow_ui(finished_run, tmp_path / "ui.log", same_code_env()) as port:
+        if port is None:
+            pytest.fail(f"the MLflow UI did not start: {(tmp_path / 'ui.log').read_text(errors='replace')[-1500:]}")
         ids = ",".join(f'"{run.info.run_id}"' for run in runs.values())
         url = (f"http://127.0.0.1:{port}/#/compare-runs?runs=[{urllib.parse.quote(ids)}]"
                f"&experiments=[{urllib.parse.quote(json.dumps(experiment_id))}]")
@@ -228,5 +211,3 @@ def test_the_mlflow_compare_view_of_the_method_runs_renders(finished_run, tmp_pa
         if os.environ.get("PILOT_UPDATE_DOCS") == "1" or not (ROOT / "docs" / "mlflow_compare.png").exists():
             (ROOT / "docs").mkdir(exist_ok=True)
             shutil.copy(screenshot, ROOT / "docs" / "mlflow_compare.png")
-    finally:
-        stop(server, log)
