@@ -72,7 +72,7 @@ def test_every_shipped_environment_resolves_to_valid_parameters(env):
      "Parameter 'stage1.training.contrastive_wieght' is not a known setting; remove it or fix its spelling."),
     (DataParams, {"tasks": [{"name": "not_a_task", "size": 10}]},
      "Parameter 'data.tasks.0.name' = 'not_a_task' is invalid: task 'not_a_task' is not a reasoning-gym task"),
-    (GuidanceParams, {"reader": "lstm"}, "Parameter 'guidance.reader' = 'lstm' is invalid: input should be 'mean' or 'attention'"),
+    (GuidanceParams, {"reader": "lstm"}, "Parameter 'guidance.reader' = 'lstm' is invalid: input should be 'mean', 'attention' or 'none'"),
     # non-finite numbers pass `ge=0` / `gt=0`; they are refused everywhere
     (Stage1Params, {"training": {"learning_rate": float("inf")}},
      "Parameter 'stage1.training.learning_rate' = inf is invalid: input should be a finite number."),

@@ -247,10 +247,12 @@ class GuidanceParams(Params):
                                     description="Layers whose guided states stage 1 aligns with the plan-conditioned "
                                                 "ones (at or after inject_layer; negative counts from the end); the "
                                                 "last also feeds the contrastive and latent-RL terms.")
-    reader: Literal["mean", "attention"] = Field("attention", description="How the hyper-network reads the query: "
-                                                                          "attention (its last token attends over it, "
-                                                                          "then an MLP) or mean (an MLP on the mean "
-                                                                          "of the query's states).")
+    reader: Literal["mean", "attention", "none"] = Field("attention", description="How the hyper-network reads the "
+                                                                                  "query: attention (its last token "
+                                                                                  "attends over it, then an MLP), mean "
+                                                                                  "(an MLP on the mean of the query's "
+                                                                                  "states) or none (it reads nothing: "
+                                                                                  "one learned vector for every query).")
     mlp_hidden: PositiveInt = Field(256, description="Hidden width of the hyper-network's MLP.")
     attention_heads: PositiveInt = Field(8, description="Heads of the attention reader; must divide the student's "
                                                         "hidden size.")

@@ -11,7 +11,11 @@ The paper's components, each a switch (all off: an added vector at one layer):
   (FiLM), not only an added vector;
 - ``prior: true``: a learned, query-independent "proto-thought" p that the query-conditioned
   part modulates: g = p * (1 + m(q)) + a(q);
-- ``extra_inject_layers``: further injection sites.
+- ``extra_inject_layers``: further injection sites;
+- ``reader: none``: the query taken out -- the network reads nothing and its output is one learned
+  vector (the trained query-free controls among the compared methods);
+- ``scaling: none`` (not a guidance parameter; the controls set it): the injector adds ``g`` itself,
+  a plain bias, instead of scaling it by the hidden state's RMS norm.
 
 Every output starts at zero, so an untrained hyper-network leaves the student unchanged.
 """
@@ -33,8 +37,9 @@ from pilot.invariant import LayerNorm, softmax
 from pilot.config import GuidanceParams
 
 
-Reader = Literal["mean", "attention"]
+Reader = Literal["mean", "attention", "none"]
 Modulation = Literal["add", "film"]
+Scaling = Literal["rms", "none"]
 
 
 # The guidance parameters' defaults (conf/base, checked by tests/test_defaults.py) are the only ones.
@@ -58,6 +63,8 @@ class HyperNetConfig:
     extra_inject_layers: list[int] = field(default_factory=lambda: list(_SITE.extra_inject_layers))
     modulation: Modulation = _SITE.modulation
     prior: bool = _SITE.prior
+    # How the injector sizes the added part: "rms" (energy-aligned, PILOT's) or "none" (g added as it is).
+    scaling: Scaling = "rms"
 
     @classmethod
     def from_site(cls, site: GuidanceParams, hidden_size: int, num_layers: int) -> HyperNetConfig:
@@ -107,8 +114,10 @@ class HyperNetConfig:
             raise ValueError(f"Injection layers {self.inject_layers} repeat a layer; list each once.")
         if self.modulation not in ("add", "film"):
             raise ValueError(f"modulation='{self.modulation}' is unknown; use 'add' or 'film'.")
-        if self.reader not in ("mean", "attention"):
-            raise ValueError(f"reader='{self.reader}' is unknown; use 'mean' or 'attention'.")
+        if self.reader not in ("mean", "attention", "none"):
+            raise ValueError(f"reader='{self.reader}' is unknown; use 'mean', 'attention' or 'none'.")
+        if self.scaling not in ("rms", "none"):
+            raise ValueError(f"scaling='{self.scaling}' is unknown; use 'rms' or 'none'.")
         if self.reader == "attention" and self.hidden_size % self.attention_heads:
             raise ValueError(
                 f"attention_heads={self.attention_heads} must divide the student's hidden size "
@@ -127,7 +136,9 @@ class HyperNetwork(nn.Module):
     """Maps the student's plan-free reading of a query to a latent guidance vector g.
 
     ``mean`` pools the query's token states and applies an MLP (as in the paper);
-    ``attention`` lets the last query token attend over all query tokens first. The output is
+    ``attention`` lets the last query token attend over all query tokens first; ``none`` reads
+    nothing: its output is one learned vector (``output``, the size the MLP's last layer would
+    emit), the same for every query, with no norm, attention or MLP beside it. The output is
     ``config.guidance_size`` long (see the module's switches); the output layer (and the prior)
     start at zero, so an untrained hyper-network leaves the student unchanged. ``log_std`` is
     the spread of the Gaussian policy used by the latent-RL terms.
@@ -138,18 +149,32 @@ class HyperNetwork(nn.Module):
         config.validate()
         self.config = config
         d = config.hidden_size
-        self.norm = LayerNorm(d)   # nn.LayerNorm whose gradients do not follow the thread count
-        if config.reader == "attention":
-            self.attention = nn.MultiheadAttention(d, config.attention_heads, batch_first=True)
         out = config.guidance_size * (2 if config.prior else 1)   # with a prior: (m, a) per dimension
-        self.mlp = nn.Sequential(nn.Linear(d, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, out))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        if config.reader == "none":   # the query taken out: only what the output layer would emit, learned
+            self.output = nn.Parameter(torch.zeros(out))
+        else:
+            self.norm = LayerNorm(d)   # nn.LayerNorm whose gradients do not follow the thread count
+            if config.reader == "attention":
+                self.attention = nn.MultiheadAttention(d, config.attention_heads, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(d, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, out))
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
         if config.prior:
             self.prior = nn.Parameter(torch.zeros(config.guidance_size))
         self.log_std = nn.Parameter(torch.tensor(float(config.init_log_std)))
 
     def forward(self, query_states: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        out = self._read(query_states, query_mask)
+        if not self.config.prior:
+            return out
+        modulation, added = out.chunk(2, dim=-1)
+        return self.prior * (1 + modulation) + added
+
+    def _read(self, query_states: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """What the output layer emits for each query: (B, out); with ``reader: none`` the one learned
+        vector for every row, whatever the states."""
+        if self.config.reader == "none":
+            return self.output.expand(len(query_states), -1)
         states = self.norm(query_states.to(self.norm.weight.dtype))
         mask = query_mask.to(states.dtype)
         if self.config.reader == "mean":
@@ -157,11 +182,7 @@ class HyperNetwork(nn.Module):
         else:
             query = last_token_states(states, query_mask)
             pooled = self._attention_pool(query, states, query_mask.bool()) + query
-        out = self.mlp(pooled)
-        if not self.config.prior:
-            return out
-        modulation, added = out.chunk(2, dim=-1)
-        return self.prior * (1 + modulation) + added
+        return self.mlp(pooled)
 
     def _attention_pool(self, query: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``self.attention(query, states, states)`` for one query per row, without projecting every token.
@@ -206,8 +227,16 @@ class HyperNetwork(nn.Module):
         log_prob = torch.distributions.Normal(expanded, std).log_prob(actions).mean(-1)
         return actions, log_prob
 
+    def settings(self) -> dict:
+        """The config as saved and fingerprinted; ``scaling`` only where it is not the default, so the
+        files and fingerprints of hyper-networks from before the switch are unchanged."""
+        settings = asdict(self.config)
+        if settings["scaling"] == "rms":
+            del settings["scaling"]
+        return settings
+
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -218,7 +247,7 @@ class HyperNetwork(nn.Module):
         with atomic_folder(path) as folder:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                       folder / "hypernet.safetensors")
-            (folder / "hypernet_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            (folder / "hypernet_config.json").write_text(json.dumps(self.settings(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path, student_hidden_size: int | None = None, student_num_layers: int | None = None,

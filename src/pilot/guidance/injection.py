@@ -25,15 +25,18 @@ class GuidanceInjector(Intervention):
     With ``extra_layers`` each further site takes the next hidden-size slice of g. With
     ``modulation="film"`` each site's slice is a (scale, shift) pair:
     ``h <- h * (1 + guidance_scale * gamma) + guidance_scale * rms(h) * beta``.
-    Attached on construction; use it as a context manager (or call :meth:`remove`) to detach.
+    With ``scaling="none"`` the added part is not sized by ``rms(h)``: ``h + guidance_scale * g``,
+    a plain bias (the bias-steering control). Attached on construction; use it as a context manager (or call :meth:`remove`) to detach.
     """
 
     def __init__(self, model: nn.Module, inject_layer: int, guidance_scale: float, *,
                  name: str = "pilot_guidance", allow_shared_site: bool = False,
-                 extra_layers: list[int] | tuple[int, ...] = (), modulation: str = "add") -> None:
+                 extra_layers: list[int] | tuple[int, ...] = (), modulation: str = "add",
+                 scaling: str = "rms") -> None:
         super().__init__(model, name, [inject_layer, *extra_layers], allow_shared_site)
         self.inject_layer = inject_layer
         self.modulation = modulation
+        self.scaling = scaling
         self.guidance_scale = guidance_scale
         self.enabled = True
         self._vectors: torch.Tensor | None = None
@@ -67,8 +70,11 @@ class GuidanceInjector(Intervention):
         if self._vectors is None or not self.enabled:
             return hidden
         vectors = self._site_vectors(site, hidden.shape[-1]).to(hidden.dtype)
-        rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
-        delta = self.guidance_scale * rms * vectors[:, None, -1, :]
+        if self.scaling == "none":
+            delta = self.guidance_scale * vectors[:, None, -1, :]
+        else:
+            rms = hidden.detach().pow(2).mean(-1, keepdim=True).sqrt()
+            delta = self.guidance_scale * rms * vectors[:, None, -1, :]
         if self.modulation == "film":
             delta = delta + self.guidance_scale * hidden * vectors[:, None, 0, :]
         if self._position_mask is not None:

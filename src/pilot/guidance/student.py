@@ -34,7 +34,8 @@ class GuidedStudent:
         self.format = prompt_format(student.tokenizer)
         config = hypernet.config
         self.injector = GuidanceInjector(student.model, config.inject_layer, config.guidance_scale,
-                                         extra_layers=config.extra_inject_layers, modulation=config.modulation)
+                                         extra_layers=config.extra_inject_layers, modulation=config.modulation,
+                                         scaling=config.scaling)
 
     def __enter__(self) -> GuidedStudent:
         return self
