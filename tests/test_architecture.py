@@ -147,6 +147,8 @@ OWN_FILES = {
     "pause_tokens": {"src/pilot/methods/soft_prompts.py"},
     "soft_thoughts": {"src/pilot/methods/soft_prompts.py"},
     "caa": {"src/pilot/methods/caa.py"},
+    "static_guidance": {"src/pilot/methods/static_guidance.py"},
+    "bias_steering": {"src/pilot/methods/static_guidance.py"},
 }
 SHARED_FILES = {"src/pilot/methods/registry.py", "conf/base/parameters_baselines.yml"}
 
@@ -169,7 +171,8 @@ def _conf_base_parameters() -> dict:
     return OmegaConfigLoader(str(ROOT / "conf"), env="base", **CONFIG_LOADER_ARGS)["parameters"]
 
 
-@pytest.mark.parametrize("name", ["lora", "reft", "caa", "pause_tokens", "soft_thoughts"])
+@pytest.mark.parametrize("name", ["lora", "reft", "caa", "pause_tokens", "soft_thoughts", "static_guidance",
+                                  "bias_steering"])
 def test_each_in_tree_baseline_is_its_module_its_block_and_one_registration(name, monkeypatch):
     """An in-tree baseline is added as docs/own_models.md adds yours: its module, its block in
     parameters_baselines.yml and its line in the registry. Taken out of the registry, no node names it

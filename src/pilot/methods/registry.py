@@ -21,10 +21,12 @@ from pilot.methods.pilot import PilotStage1, PilotStage2
 from pilot.methods.references import PlanInContext, ZeroShot
 from pilot.methods.reft import Reft
 from pilot.methods.soft_prompts import PauseTokens, SoftThoughts
+from pilot.methods.static_guidance import BiasSteering, StaticGuidance
 from pilot.methods.trained import TrainedBaseline
 
 COMPARED: list[type[Method]] = [
     ZeroShot, PlanInContext, Lora, Reft, Caa, PauseTokens, SoftThoughts, PilotStage1, PilotStage2,
+    StaticGuidance, BiasSteering,
 ]
 
 
