@@ -44,6 +44,7 @@ from pilot.config import (
     Params,
     Positive,
     Stage2Params,
+    validate,
     with_run_seed,
 )
 from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
@@ -140,6 +141,8 @@ class StaticGuidance(GuidedControl):
             (``stage1/<column>``, ``stage2/<column>``) and each stage's selected step and validation accuracy.
         """
         tasks_train, tasks_val, stage1, generation, seed = protocol.unpacked()
+        # extra parameter blocks arrive as dicts where no other node of the run types them (a baselines-only run)
+        latents, stage2 = validate(LatentsParams, latents, "latents"), validate(Stage2Params, stage2, "stage2")
         if stage1.use_tuned_weights:
             logger.warning("static_guidance trains stage 1 with the configured loss weights, not the tuned ones "
                            "(stage1.use_tuned_weights); set them in stage1.training to compare like for like.")
@@ -227,6 +230,7 @@ class BiasSteering(GuidedControl):
             the selected step and validation accuracy.
         """
         tasks_train, tasks_val, _, generation, seed = protocol.unpacked()
+        stage2 = validate(Stage2Params, stage2, "stage2")   # a dict where no other node types it
         start = bias_vectors(params, guidance, student.hidden_size, student.num_layers)
         config = with_run_seed(stage2.training, seed)
         if params.learning_rate is not None:
