@@ -207,10 +207,21 @@ def test_stage2_rows_carry_the_paired_comparison_with_stage1():
     predictions = _predictions()
     stage1 = predictions[predictions["method"] == "lora"].assign(method="pilot_stage1")
     stage2 = predictions[predictions["method"] == "plan_in_context"].assign(method="pilot_stage2")
-    table = summarize(pd.concat([predictions, stage1, stage2], ignore_index=True)).set_index(["method", "task"])
+    table = summarize(pd.concat([predictions, stage1, stage2], ignore_index=True),
+                      paired=[("pilot_stage2", "pilot_stage1")]).set_index(["method", "task"])
     row = table.loc[("pilot_stage2", "A")]   # 30/40 against 20/40: stage 2 alone right on 10, never the reverse
     assert row["paired_against"] == "pilot_stage1"
     assert row["paired_difference"] == pytest.approx(0.25)
     assert row["paired_p_value"] == pytest.approx(2 / 2**10)
     assert row["paired_ci_low"] > 0
     assert math.isnan(table.loc[("lora", "A"), "paired_difference"])
+
+
+def test_the_results_table_pairs_each_method_with_the_one_it_names():
+    """Stage 2 is read against stage 1, and each static control against PILOT (what the query adds),
+    on the same questions: the pairs come from the methods themselves (Method.paired_with)."""
+    from pilot.methods.registry import compared_methods
+
+    pairs = {name: method.paired_with for name, method in compared_methods().items() if method.paired_with}
+    assert pairs == {"pilot_stage2": "pilot_stage1", "static_guidance": "pilot_stage2", "bias_steering": "pilot_stage2"}
+    assert set(pairs.values()) <= set(compared_methods())

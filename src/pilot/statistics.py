@@ -141,14 +141,9 @@ def gap_recovered_interval(correct: pd.DataFrame, method: str, zero_shot: str, p
     return (point, low, high)
 
 
-# Paired comparisons the results table makes: (method, against). Stage 2 starts from stage 1 and
-# answers the same questions, so its effect is the paired difference, not two overlapping intervals.
-PAIRED_COMPARISONS = (("pilot_stage2", "pilot_stage1"),)
-
-
 def summarize(predictions: pd.DataFrame, zero_shot: str = "zero_shot",
               plan_in_context: str = "plan_in_context", latency: pd.DataFrame | None = None,
-              paired: Sequence[tuple[str, str]] = PAIRED_COMPARISONS) -> pd.DataFrame:
+              paired: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
     """One row per (split, method, task) plus an ``overall`` row per (split, method).
 
     Columns: accuracy with its 95 % interval, n, median latency per query (ms), mean generated

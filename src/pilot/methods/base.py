@@ -70,6 +70,9 @@ class Method:
     """One compared method. Subclasses are dataclasses whose fields are built from :attr:`inputs`."""
 
     name: ClassVar[str]
+    # The method whose answers the results table compares its own with, question by question (the paired
+    # difference, its bootstrap interval and McNemar's p on its rows); None: no such comparison.
+    paired_with: ClassVar[str | None] = None
     # Its settings' class, validating its block ``baselines.<name>``; None: a method without settings.
     params: ClassVar[type[Params] | None] = None
     # The catalog entries and ``params:<block>`` it is built from, in the order of its fields.

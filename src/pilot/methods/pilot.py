@@ -60,6 +60,7 @@ class PilotStage2(Pilot):
     """PILOT after stage 2 (teacher-free refinement on the training split); its steps are both stages'."""
 
     name: ClassVar[str] = "pilot_stage2"
+    paired_with: ClassVar[str | None] = "pilot_stage1"   # what stage 2 adds, question by question
     inputs: ClassVar[tuple[str, ...]] = ("hypernet_stage2", "params:stage1", "params:stage2")
     hypernet: HyperNetwork
     stage1: Stage1Params

@@ -123,6 +123,7 @@ class StaticGuidance(GuidedControl):
     """PILOT with the query taken out: one learned guidance vector for every question, trained by both stages."""
 
     name: ClassVar[str] = "static_guidance"
+    paired_with: ClassVar[str | None] = "pilot_stage2"   # what the query adds: PILOT against it, question by question
     params: ClassVar[type[StaticGuidanceParams]] = StaticGuidanceParams
     artefact: ClassVar[str] = "static_guidance_artefact"
     train_inputs: ClassVar[tuple[str, ...]] = ("latent_cache", "teacher_plans", "params:latents", "params:stage2")
@@ -209,6 +210,7 @@ class BiasSteering(GuidedControl):
     """One trained bias vector per decoder layer (arXiv 2505.18706), learned by stage 2's policy gradient alone."""
 
     name: ClassVar[str] = "bias_steering"
+    paired_with: ClassVar[str | None] = "pilot_stage2"
     params: ClassVar[type[BiasSteeringParams]] = BiasSteeringParams
     artefact: ClassVar[str] = "bias_steering_artefact"
     train_inputs: ClassVar[tuple[str, ...]] = ("params:stage2",)

@@ -19,6 +19,7 @@ from pilot.latency import answerer, latency_table, measure_latency
 from pilot.latents import select_examples
 from pilot.methods import Method, TrainingData
 from pilot.methods.pilot import Pilot
+from pilot.methods.registry import compared_methods
 from pilot.models import CausalLM
 from pilot.serving import log_pilot_model
 from pilot.statistics import summarize
@@ -92,7 +93,9 @@ def build_report(latency: pd.DataFrame, predictions: pd.DataFrame) -> tuple[pd.D
     Returns:
         ``results_table``, ``results_markdown``, ``results_metrics``.
     """
-    table = summarize(predictions, latency=latency)
+    # a method paired with another (Method.paired_with): their answers to the same questions, compared one by one
+    paired = [(name, method.paired_with) for name, method in compared_methods().items() if method.paired_with]
+    table = summarize(predictions, latency=latency, paired=paired)
     shown = table.copy()
     for column in ("accuracy", "ci_low", "ci_high"):
         shown[column] = shown[column].map(lambda v: f"{v:.3f}")
@@ -121,9 +124,9 @@ def build_report(latency: pd.DataFrame, predictions: pd.DataFrame) -> tuple[pd.D
                 "time per query.\n\n"
                 "Gap recovered = (acc - acc_zero_shot) / (acc_plan_in_context - acc_zero_shot), with its 95 % "
                 "paired-bootstrap interval (questions resampled, every method on the same draws); \"undefined\" "
-                "where the plan gap's own paired interval does not exclude zero. `paired_difference`: PILOT "
-                "stage 2 minus stage 1 on the same questions, its 95 % paired-bootstrap interval and McNemar's "
-                "exact p-value.\n")
+                "where the plan gap's own paired interval does not exclude zero. `paired_difference`: the "
+                "row's method minus the one it is paired with (`vs`) on the same questions, its 95 % paired-"
+                "bootstrap interval and McNemar's exact p-value.\n")
     overall = table[table["task"] == "overall"]
     prefix = {"test": "", "test_ood": "ood_"}
     metrics = {f"{row['method']}_{prefix.get(row['split'], row['split'] + '_')}{name}": row[name]
