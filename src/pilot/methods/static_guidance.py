@@ -173,7 +173,8 @@ class BiasSteeringParams(Params):
     scaling: Literal["none", "rms"] = Field("none", description="none: h + b, a plain bias as in arXiv 2505.18706; "
                                                                 "rms: h + rms(h) * b, energy-aligned as PILOT's "
                                                                 "guidance.")
-    learning_rate: Positive | None = Field(None, description="Its peak learning rate; null: stage 2's "
+    learning_rate: Positive | None = Field(3e-2, description="Its peak learning rate, chosen on the validation "
+                                                             "split (BENCHMARKS.md); null: stage 2's "
                                                              "(stage2.training.learning_rate).")
     checkpoint_dir: str | None = Field("data/06_models/checkpoints/bias_steering",
                                        description="Its checkpoints, one subfolder per run (resumed as stage2.resume "
