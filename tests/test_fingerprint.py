@@ -79,7 +79,7 @@ def test_a_table_without_replies_is_refused_with_what_it_must_be():
 
 # The README's results table rows, in the registry's order of the methods it shows.
 README_ROWS = ("zero_shot", "plan_in_context", "pilot_stage1", "pilot_stage2", "lora", "reft", "caa", "pause_tokens",
-               "soft_thoughts")
+               "soft_thoughts", "static_guidance", "bias_steering")
 
 
 def test_the_readme_shows_the_committed_default_run_and_its_fingerprint():
