@@ -10,8 +10,8 @@ in context, time paid outside the student). :attr:`Method.trainable_parameters` 
 (:data:`METHOD_SETTINGS`), so MLflow's compare view lines the methods up.
 
 Evaluation, latency, the MLflow child runs, the results table and the served model loop over
-methods; which methods are compared is :mod:`pilot.methods.registry`. This module imports nothing
-heavy, so the served model (:mod:`pilot.serving`) can use it.
+methods; which methods are compared is :mod:`pilot.methods.registry` (imported on its own: it loads
+every method's dependencies).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 # At run time: Kedro reads a method's type hints (its fields, and :attr:`Method.params`) to type its inputs.
 from pilot.config import BaselinesParams, Params, validate
+from pilot.evaluation import answer_and_score
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,10 +102,6 @@ class Method:
         for the whole table, with what it adds per row (plans, time paid outside the student) and the run's
         decoding. Data-parallel processes share the generation (each answers its batches; every one gets the
         table)."""
-        from pilot.evaluation import (
-            answer_and_score,  # generation's imports are heavy: the served model skips them
-        )
-
         inputs = self.row_inputs(rows)
         with self.attach(student) as attached:
             return answer_and_score(attached.student, rows, guidance=attached.guidance,
