@@ -13,12 +13,11 @@ from pilot.methods.base import Attached, Method, TrainingData
 from pilot.models import CausalLM, count_parameters
 
 
-@dataclass
-class Pilot(Method):
-    """The hyper-network's guidance at its injection site: no plan, no teacher (what is served)."""
+class HypernetGuided:
+    """A method that answers with a hyper-network's guidance (its ``hypernet`` field) through PILOT's
+    :class:`GuidedStudent`: PILOT itself, and any control built on its hyper-network."""
 
-    name: ClassVar[str] = "pilot"
-    inputs: ClassVar[tuple[str, ...]] = ("hypernet_stage2",)
+    name: ClassVar[str]
     hypernet: HyperNetwork
 
     def prepare(self, student: CausalLM) -> None:
@@ -34,6 +33,15 @@ class Pilot(Method):
     @property
     def trainable_parameters(self) -> int:
         return count_parameters(self.hypernet)
+
+
+@dataclass
+class Pilot(HypernetGuided, Method):
+    """The hyper-network's guidance at its injection site: no plan, no teacher (what is served)."""
+
+    name: ClassVar[str] = "pilot"
+    inputs: ClassVar[tuple[str, ...]] = ("hypernet_stage2",)
+    hypernet: HyperNetwork
 
     def guidance_settings(self) -> dict[str, Any]:
         site = self.hypernet.config

@@ -27,8 +27,6 @@ own stages, so that the query is the one thing that differs:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -47,9 +45,10 @@ from pilot.config import (
     validate,
     with_run_seed,
 )
-from pilot.guidance import GuidedStudent, HyperNetConfig, HyperNetwork
+from pilot.guidance import HyperNetConfig, HyperNetwork
 from pilot.latents import LatentCache
-from pilot.methods.base import Attached, TrainingData
+from pilot.methods.base import TrainingData
+from pilot.methods.pilot import HypernetGuided
 from pilot.methods.trained import StudentShapes, Trained, TrainedBaseline, budget_metrics, hypernet_budget
 from pilot.models import CausalLM, count_parameters
 from pilot.training.engine import TrainingResult
@@ -77,7 +76,7 @@ def checkpoint_folder(root: str | None, stage: str) -> str | None:
 
 
 @dataclass
-class GuidedControl(TrainedBaseline):
+class GuidedControl(HypernetGuided, TrainedBaseline):
     """A query-free hyper-network on the student through PILOT's :class:`GuidedStudent`; saved and loaded
     as PILOT's hyper-networks are (``hypernet.safetensors`` + ``hypernet_config.json``, checksums)."""
 
@@ -87,20 +86,6 @@ class GuidedControl(TrainedBaseline):
     @classmethod
     def load_artefact(cls, path: Path, rebuild: str) -> HyperNetwork:
         return HyperNetwork.load(path, rebuild=rebuild)
-
-    def prepare(self, student: CausalLM) -> None:
-        self.hypernet.config.check_fits(student.hidden_size, student.num_layers, where=f"for {self.name}")
-        self.hypernet.eval().to(student.device)
-
-    @contextmanager
-    def attach(self, student: CausalLM) -> Iterator[Attached]:
-        self.prepare(student)
-        with GuidedStudent(student, self.hypernet) as guided:
-            yield Attached(student, guidance=guided.guidance())
-
-    @property
-    def trainable_parameters(self) -> int:
-        return count_parameters(self.hypernet)
 
     def guidance_settings(self) -> dict[str, Any]:
         site = self.hypernet.config
